@@ -1,0 +1,26 @@
+# `make test` works on a fresh machine with only Python and pip: it creates .venv,
+# installs the package with its test extras (once, or again when pyproject.toml changes)
+# and runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# On x86_64 Linux the CPU wheels of torch 2.13 and PyPI's torchvision do not import together;
+# these releases do, and pip finds them in the machine's local wheel store when it has one.
+TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+
+.PHONY: test lint demo clean-venv
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet $(TORCH_PINS)
+	$(PY) -m pip install --quiet -e '.[test]'
+	touch $@
+
+test: $(VENV)/.installed
+	$(PY) -m pytest -q
+
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check denseclip tests benchmarks
+
+clean-venv:
+	rm -rf $(VENV)

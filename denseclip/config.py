@@ -1,0 +1,308 @@
+"""Typed configuration: small dataclass sections, YAML presets and dotted overrides.
+
+A preset is a YAML file under ``denseclip/configs``; it may name one ``_base_`` file whose
+values it extends (nested mappings are merged, everything else replaced). Overrides are
+``section.key=value`` strings whose value is parsed as YAML (``optim.lr=2e-4``,
+``data.crop_size=[256,256]``). Unknown keys are errors that list the valid ones.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PRESET_DIR = Path(__file__).parent / "configs"
+
+
+class ConfigError(ValueError):
+    """A configuration file, preset name or override is invalid."""
+
+
+@dataclass
+class BackboneConfig:
+    """A CLIP visual tower (DESIGN §2)."""
+
+    type: str = "resnet"  # "resnet" (CLIP ModifiedResNet) or "vit" (CLIP ViT)
+    # ResNet: blocks per stage and stem width. ViT: ``layers[0]`` is the depth.
+    layers: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
+    width: int = 64  # ResNet base width, or ViT token width
+    heads: int = 32  # attention-pool heads (ResNet) or transformer heads (ViT)
+    embed_dim: int = 1024  # CLIP embedding dim D of the global/dense embeddings
+    input_resolution: int = 512  # the stored position-embedding grid is resolution/stride
+    embeddings: bool = True  # also return (global, dense) embeddings (attention pool / ln_post+proj)
+    # How the spatial position embedding meets a run-time grid of another size:
+    # "interpolate" (segmentation) or "crop" to the top-left cells (official detection).
+    pos_embed: str = "interpolate"
+    patch_size: int = 16  # ViT only
+    out_indices: list[int] = field(default_factory=lambda: [3, 5, 7, 11])  # ViT only
+    drop_path_rate: float = 0.0  # ViT only
+    # ViT only: the official code adds the class embedding a second time to the class
+    # position (DESIGN §9). Official ViT checkpoints need it; set False for the fix.
+    class_embedding_quirk: bool = True
+
+
+@dataclass
+class TextConfig:
+    """The CLIP text transformer with learnable context vectors (DESIGN §3)."""
+
+    context_length: int = 13  # total sequence: n_ctx contexts + SOT/name/EOT positions
+    n_ctx: int = 8
+    width: int = 512
+    layers: int = 12
+    heads: int = 8
+    vocab_size: int = 49408
+
+
+@dataclass
+class GuidanceConfig:
+    """Text guidance: context decoder, gamma, score maps and their losses (DESIGN §1, §4)."""
+
+    enabled: bool = True  # False builds the plain CLIP baseline (no text at all)
+    prompting: str = "post"  # "post" (official) or "pre" (paper §3.3, image-conditioned contexts)
+    decoder_width: int = 256
+    decoder_heads: int = 4
+    decoder_layers: int = 3
+    decoder_dropout: float = 0.1
+    pre_queries: int = 8  # pre-model prompting only: learnable queries (one per context)
+    gamma_init: float = 1e-4
+    tau: float = 0.07
+    score_level: int = 3  # backbone level that receives the score map (3 = x4; 2 for ViT)
+    aux_loss_weight: float = 0.4  # identity-head loss on score/tau
+
+
+@dataclass
+class ModelConfig:
+    task: str = "segmentation"
+    classes: str = "ade20k"  # a bundled list name ("ade20k", "coco") or a file, one per line
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    text: TextConfig = field(default_factory=TextConfig)
+    guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
+    neck_channels: int = 256
+    head_channels: int = 256
+    head_dropout: float = 0.1
+    ignore_index: int = 255
+    # Cross-entropy mean over "all" pixels, ignored ones included (mmseg 0.19, official),
+    # or over "valid" pixels only.
+    loss_average: str = "all"
+    align_corners: bool = False
+    pretrained: str | None = None  # CLIP weights loaded by build_model, if given
+
+
+@dataclass
+class DataConfig:
+    dataset: str = "ade20k"  # "ade20k" or "folder"
+    root: str = "data/ade/ADEChallengeData2016"
+    train_split: str = "training"
+    val_split: str = "validation"
+    reduce_zero_label: bool = True  # label 0 -> ignore, 1..K -> 0..K-1
+    img_suffix: str = ".jpg"
+    seg_suffix: str = ".png"
+    scale: list[int] = field(default_factory=lambda: [2048, 512])  # (long, short) bound
+    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (H, W)
+    cat_max_ratio: float = 0.75
+    flip_prob: float = 0.5
+    photometric: bool = True
+    test_scale: list[int] = field(default_factory=lambda: [2048, 512])
+    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    batch_size: int = 4  # per process
+    num_workers: int = 4
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    weight_decay: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    backbone_lr_mult: float = 0.1
+    norm_decay_mult: float = 0.0
+    grad_clip: float | None = None  # max gradient norm, or None
+    accumulate: int = 1  # gradient-accumulation steps per optimiser step
+
+
+@dataclass
+class ScheduleConfig:
+    max_iters: int = 80000
+    warmup_iters: int = 1500
+    warmup_ratio: float = 1e-6
+    power: float = 0.9
+    min_lr: float = 1e-6
+    checkpoint_interval: int = 8000
+    eval_interval: int = 8000
+    log_interval: int = 50
+
+
+@dataclass
+class EvalConfig:
+    mode: str = "slide"  # "slide" or "whole"
+    crop_size: list[int] = field(default_factory=lambda: [512, 512])
+    stride: list[int] = field(default_factory=lambda: [341, 341])
+    aug_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    aug_flip: bool = True
+
+
+@dataclass
+class Config:
+    name: str = "custom"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    evaluation: EvalConfig = field(default_factory=EvalConfig)
+    seed: int = 0
+    amp: str = "none"  # "none", "bf16" or "fp16"
+    nonfinite_loss: str = "stop"  # "stop" or "skip"
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def available_presets() -> list[str]:
+    """Names of the bundled presets (files under ``denseclip/configs``), sorted."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: a config must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
+    if path in seen:
+        raise ConfigError(f"{path}: circular _base_ chain {[str(p) for p in seen]}")
+    data = _read_yaml(path)
+    base = data.pop("_base_", None)
+    if base is None:
+        return data
+    base_path = (path.parent / base).resolve()
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: _base_ file {base_path} does not exist")
+    return _merge(_load_raw(base_path, seen + (path,)), data)
+
+
+def _resolve_path(name_or_path: str | Path) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        return path.resolve()
+    preset = PRESET_DIR / f"{name_or_path}.yaml"
+    if preset.is_file():
+        return preset
+    raise ConfigError(
+        f"unknown preset {str(name_or_path)!r}; available presets: "
+        + ", ".join(available_presets())
+    )
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, where)
+            except ConfigError:
+                pass
+        raise ConfigError(f"{where}: expected {tp}, got {value!r}")
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)
+        return [_coerce(v, item, f"{where}[{i}]") for i, v in enumerate(value)]
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return _build(tp, value, where)
+    if tp is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if tp is float and isinstance(value, str):
+        try:
+            return float(value)  # YAML reads "1e-4" (no dot) as a string
+        except ValueError:
+            pass
+    if tp in (int, str, bool) and type(value) is tp:
+        return value
+    raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}"
+        )
+    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
+    return cls(**kwargs)
+
+
+def _apply_override(data: dict[str, Any], override: str) -> None:
+    if "=" not in override:
+        raise ConfigError(f"override {override!r} must look like section.key=value")
+    key, _, text = override.partition("=")
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from None
+    parts = key.strip().split(".")
+    node = data
+    for part in parts[:-1]:
+        node = node.setdefault(part, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"override {override!r}: {part} is not a section")
+    node[parts[-1]] = value
+
+
+def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
+    """Build a validated :class:`Config` from a plain (e.g. saved) dictionary."""
+    try:
+        return _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{source}: {e}") from None
+
+
+def load_config(name_or_path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
+    """Load a preset by name (see :func:`available_presets`) or a YAML file, then apply
+    dotted ``key=value`` overrides."""
+    path = _resolve_path(name_or_path)
+    data = _load_raw(path)
+    data.setdefault("name", path.stem)
+    for override in overrides:
+        _apply_override(data, override)
+    return config_from_dict(data, str(path))
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (loadable again with :func:`load_config`)."""
+    Path(path).write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))

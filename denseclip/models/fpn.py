@@ -1,0 +1,69 @@
+"""Feature pyramid neck and the Semantic FPN decode head (DESIGN §5)."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class FPN(nn.Module):
+    """Lateral 1×1 convs (with bias), top-down nearest upsample-and-add, 3×3 output convs;
+    no norm or activation. One output per input level."""
+
+    def __init__(self, in_channels: list[int], out_channels: int = 256) -> None:
+        super().__init__()
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
+        self.fpn_convs = nn.ModuleList(
+            nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels
+        )
+
+    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+        laterals = [conv(x) for conv, x in zip(self.lateral_convs, features)]
+        for i in range(len(laterals) - 1, 0, -1):
+            laterals[i - 1] = laterals[i - 1] + F.interpolate(
+                laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
+            )
+        return [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
+
+
+class ConvBNReLU(nn.Module):
+    def __init__(self, in_channels: int, out_channels: int) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels)
+        self.relu = nn.ReLU(inplace=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.relu(self.bn(self.conv(x)))
+
+
+class SemanticFPNHead(nn.Module):
+    """Semantic FPN: per level, [3×3 conv, BN, ReLU, (2× bilinear upsample)] until the
+    finest stride, summed, then dropout and a 1×1 classifier. Logits at stride 4."""
+
+    def __init__(self, in_channels: int, channels: int, num_classes: int,
+                 strides: tuple[int, ...] = (4, 8, 16, 32), dropout: float = 0.1) -> None:
+        super().__init__()
+        self.scale_heads = nn.ModuleList()
+        for stride in strides:
+            steps = max(1, int(math.log2(stride) - math.log2(strides[0])))
+            layers: list[nn.Module] = []
+            for k in range(steps):
+                layers.append(ConvBNReLU(in_channels if k == 0 else channels, channels))
+                if stride != strides[0]:
+                    layers.append(nn.Upsample(scale_factor=2, mode="bilinear",
+                                              align_corners=False))
+            self.scale_heads.append(nn.Sequential(*layers))
+        self.dropout = nn.Dropout2d(dropout)
+        self.conv_seg = nn.Conv2d(channels, num_classes, 1)
+        self.num_classes = num_classes
+
+    def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
+        out = self.scale_heads[0](features[0])
+        for head, x in zip(self.scale_heads[1:], features[1:]):
+            out = out + F.interpolate(head(x), size=out.shape[-2:], mode="bilinear",
+                                      align_corners=False)
+        return self.conv_seg(self.dropout(out))

@@ -1,0 +1,213 @@
+"""Language guidance shared by every dense task: prompts, context decoder, score maps.
+
+Nothing here knows about segmentation or detection: a task passes the visual encoder's
+(global, dense) embeddings in and gets text embeddings and pixel-text score maps back.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .losses import cross_entropy
+from .text_encoder import CLIPTextEncoder, tokenize
+
+
+class Attention(nn.Module):
+    """Multi-head attention with bias-free q/k/v projections and a biased output
+    projection followed by dropout (batch-first)."""
+
+    def __init__(self, dim: int, heads: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        self.heads = heads
+        self.q_proj = nn.Linear(dim, dim, bias=False)
+        self.k_proj = nn.Linear(dim, dim, bias=False)
+        self.v_proj = nn.Linear(dim, dim, bias=False)
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(dropout)
+
+    def forward(self, q: torch.Tensor, kv: torch.Tensor) -> torch.Tensor:
+        B, N, C = q.shape
+
+        def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, heads, L, C/heads)
+            return t.reshape(B, t.shape[1], self.heads, -1).transpose(1, 2)
+
+        q, k, v = heads(self.q_proj(q)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
+        attn = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(dim=-1)
+        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm transformer decoder layer: self-attention, cross-attention, MLP."""
+
+    def __init__(self, dim: int, heads: int, dropout: float) -> None:
+        super().__init__()
+        self.self_attn = Attention(dim, heads, dropout)
+        self.cross_attn = Attention(dim, heads, dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.mlp = nn.Sequential(
+            nn.Linear(dim, dim * 4), nn.GELU(), nn.Dropout(dropout), nn.Linear(dim * 4, dim)
+        )
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        y = self.norm1(x)
+        x = x + self.self_attn(y, y)
+        x = x + self.cross_attn(self.norm2(x), memory)
+        return x + self.dropout(self.mlp(self.norm3(x)))
+
+
+def _init_decoder_weights(module: nn.Module) -> None:
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.trunc_normal_(m.weight, std=0.02)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+
+
+class ContextDecoder(nn.Module):
+    """Post-model prompting: text embeddings (B, K, D) attend to the visual context
+    (B, N, D); returns the update (B, K, D) that is added with weight gamma (DESIGN §4)."""
+
+    def __init__(self, embed_dim: int, width: int = 256, heads: int = 4, layers: int = 3,
+                 dropout: float = 0.1) -> None:
+        super().__init__()
+        self.memory_proj = nn.Sequential(
+            nn.LayerNorm(embed_dim), nn.Linear(embed_dim, width), nn.LayerNorm(width)
+        )
+        self.text_proj = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, width))
+        self.decoder = nn.ModuleList(DecoderLayer(width, heads, dropout) for _ in range(layers))
+        self.out_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, embed_dim))
+        _init_decoder_weights(self)
+
+    def forward(self, text: torch.Tensor, visual: torch.Tensor) -> torch.Tensor:
+        memory = self.memory_proj(visual)
+        x = self.text_proj(text)
+        for layer in self.decoder:
+            x = layer(x, memory)
+        return self.out_proj(x)
+
+
+class PromptGenerator(nn.Module):
+    """Pre-model prompting (paper §3.3): learnable queries attend to the visual context
+    (B, N, D) and become image-specific context vectors (B, n_ctx, text_width)."""
+
+    def __init__(self, embed_dim: int, text_width: int, n_ctx: int, width: int = 256,
+                 heads: int = 4, layers: int = 3, dropout: float = 0.1) -> None:
+        super().__init__()
+        self.queries = nn.Parameter(torch.empty(1, n_ctx, width))
+        self.memory_proj = nn.Sequential(
+            nn.LayerNorm(embed_dim), nn.Linear(embed_dim, width), nn.LayerNorm(width)
+        )
+        self.decoder = nn.ModuleList(DecoderLayer(width, heads, dropout) for _ in range(layers))
+        self.out_proj = nn.Sequential(nn.LayerNorm(width), nn.Linear(width, text_width))
+        _init_decoder_weights(self)
+        nn.init.trunc_normal_(self.queries, std=0.02)
+
+    def forward(self, visual: torch.Tensor) -> torch.Tensor:
+        memory = self.memory_proj(visual)
+        x = self.queries.expand(visual.shape[0], -1, -1)
+        for layer in self.decoder:
+            x = layer(x, memory)
+        return self.out_proj(x)
+
+
+@dataclass
+class GuidanceOutput:
+    text: torch.Tensor  # (B, K, D) image-conditioned text embeddings
+    score: torch.Tensor  # (B, K, h, w) cosine pixel-text similarities, no temperature
+
+
+class TextGuidance(nn.Module):
+    """Pixel-text matching with context-aware prompting.
+
+    ``prompting="post"`` (official default): class-name embeddings behind learnable
+    contexts, computed once per class list, are refined by the :class:`ContextDecoder`
+    against the visual context and added with a learnable per-channel ``gamma``.
+    ``prompting="pre"``: a :class:`PromptGenerator` turns the visual context into
+    per-image contexts for the text encoder.
+
+    The text encoder is frozen (``requires_grad_(False)``); gradients still flow through
+    it to the contexts. Its weights are CLIP's, so it is not re-initialised.
+    """
+
+    def __init__(self, text_encoder: CLIPTextEncoder, class_names: Sequence[str],
+                 embed_dim: int, n_ctx: int = 8, prompting: str = "post",
+                 decoder_width: int = 256, decoder_heads: int = 4, decoder_layers: int = 3,
+                 decoder_dropout: float = 0.1, gamma_init: float = 1e-4,
+                 tau: float = 0.07) -> None:
+        super().__init__()
+        if prompting not in ("post", "pre"):
+            raise ValueError(f"prompting must be 'post' or 'pre', got {prompting!r}")
+        if text_encoder.embed_dim != embed_dim:
+            raise ValueError(
+                f"text embedding dim {text_encoder.embed_dim} != visual embedding dim {embed_dim}"
+            )
+        self.prompting = prompting
+        self.tau = tau
+        self.n_ctx = n_ctx
+        self.text_encoder = text_encoder.requires_grad_(False)
+        decoder = dict(width=decoder_width, heads=decoder_heads, layers=decoder_layers,
+                       dropout=decoder_dropout)
+        if prompting == "post":
+            self.contexts = nn.Parameter(torch.empty(1, n_ctx, text_encoder.width))
+            nn.init.trunc_normal_(self.contexts)  # std 1, cut at ±2
+            self.gamma = nn.Parameter(torch.full((embed_dim,), gamma_init))
+            self.context_decoder = ContextDecoder(embed_dim, **decoder)
+        else:
+            self.prompt_generator = PromptGenerator(
+                embed_dim, text_encoder.width, n_ctx, **decoder
+            )
+        self.class_names: list[str] = []
+        self.set_classes(class_names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def set_classes(self, class_names: Sequence[str]) -> None:
+        """Change the class list the score maps are computed for."""
+        names = [str(n) for n in class_names]
+        tokens = tokenize(names, self.text_encoder.context_length - self.n_ctx)
+        device = self.text_encoder.token_embedding.weight.device
+        self.register_buffer("tokens", tokens.to(device), persistent=False)
+        self.class_names = names
+
+    def text_embeddings(self) -> torch.Tensor:
+        """Text embeddings (1, K, D) of the class list behind the learned contexts
+        (post-model prompting; they do not depend on the image)."""
+        return self.text_encoder(self.tokens, self.contexts)
+
+    def forward(self, global_embed: torch.Tensor, dense_embed: torch.Tensor) -> GuidanceOutput:
+        """``global_embed`` (B, D) and ``dense_embed`` (B, D, h, w) → text and score maps."""
+        B = dense_embed.shape[0]
+        # Visual context: [global; every position] → (B, 1+hw, D).
+        visual = torch.cat([global_embed[:, :, None], dense_embed.flatten(2)], dim=2)
+        visual = visual.transpose(1, 2)
+        if self.prompting == "post":
+            text = self.text_embeddings().expand(B, -1, -1)  # (B, K, D)
+            text = text + self.gamma * self.context_decoder(text, visual)
+        else:
+            text = self.text_encoder(self.tokens, self.prompt_generator(visual))
+        score = torch.einsum(
+            "bchw,bkc->bkhw", F.normalize(dense_embed, dim=1), F.normalize(text, dim=2)
+        )
+        return GuidanceOutput(text=text, score=score)
+
+    def identity_loss(self, score: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
+                      average: str = "all") -> torch.Tensor:
+        """Cross-entropy of score/τ, resized bilinearly to the label size (the official
+        "identity head"), unweighted."""
+        logits = F.interpolate(score / self.tau, size=target.shape[-2:], mode="bilinear",
+                               align_corners=False)
+        return cross_entropy(logits, target, ignore_index, average)

@@ -1,0 +1,141 @@
+"""Building blocks shared by the CLIP towers and the context decoder."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class LayerNorm(nn.LayerNorm):
+    """LayerNorm computed in float32 (as CLIP does) and cast back to the input dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x.float()).type(x.dtype)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(1.702 * x)
+
+
+class DropPath(nn.Module):
+    """Stochastic depth per sample (identity at eval time or with p = 0)."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.p == 0.0 or not self.training:
+            return x
+        keep = 1.0 - self.p
+        # x is (L, B, C): one draw per sample along the batch dimension.
+        mask = x.new_empty((1, x.shape[1]) + (1,) * (x.ndim - 2)).bernoulli_(keep)
+        return x * mask / keep
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              mask: torch.Tensor | None = None) -> torch.Tensor:
+    """Scaled dot-product attention over (..., L, d) tensors.
+
+    Written with explicit matrix products rather than a fused kernel so that
+    ``torch.utils.flop_counter`` sees (and counts) the two attention matmuls.
+    """
+    scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)
+    if mask is not None:
+        scores = scores + mask
+    return scores.softmax(dim=-1) @ v
+
+
+class MultiheadAttention(nn.Module):
+    """Multi-head attention with ``nn.MultiheadAttention``'s parameter layout
+    (``in_proj_weight``, ``in_proj_bias``, ``out_proj``), sequence-first (L, B, C)."""
+
+    def __init__(self, width: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
+        self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
+        self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        L, B, C = x.shape
+        q, k, v = F.linear(x, self.in_proj_weight, self.in_proj_bias).chunk(3, dim=-1)
+        # (L, B, C) -> (B * heads, L, C / heads), nn.MultiheadAttention's head order
+        q, k, v = (t.reshape(L, B * self.heads, -1).transpose(0, 1) for t in (q, k, v))
+        out = attention(q, k, v, mask)  # (B * heads, L, d)
+        out = out.transpose(0, 1).reshape(L, B, C)
+        return self.out_proj(out)
+
+
+class ResidualAttentionBlock(nn.Module):
+    """CLIP's pre-norm transformer block (QuickGELU MLP), with optional drop-path."""
+
+    def __init__(self, width: int, heads: int, drop_path: float = 0.0) -> None:
+        super().__init__()
+        self.attn = MultiheadAttention(width, heads)
+        self.ln_1 = LayerNorm(width)
+        self.mlp = nn.Sequential()
+        self.mlp.add_module("c_fc", nn.Linear(width, width * 4))
+        self.mlp.add_module("gelu", QuickGELU())
+        self.mlp.add_module("c_proj", nn.Linear(width * 4, width))
+        self.ln_2 = LayerNorm(width)
+        self.drop_path = DropPath(drop_path)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path(self.attn(self.ln_1(x), mask))
+        return x + self.drop_path(self.mlp(self.ln_2(x)))
+
+
+class Transformer(nn.Module):
+    """A stack of residual attention blocks over (L, B, C) tokens."""
+
+    def __init__(self, width: int, layers: int, heads: int, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        rates = torch.linspace(0, drop_path_rate, layers).tolist()  # grows with depth
+        self.resblocks = nn.ModuleList(
+            ResidualAttentionBlock(width, heads, rate) for rate in rates
+        )
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        for block in self.resblocks:
+            x = block(x, mask)
+        return x
+
+
+def resize_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Bilinearly resize a square (n*n, C) position-embedding grid to ``size`` → (h*w, C)."""
+    n = int(round(pos.shape[0] ** 0.5))
+    if n * n != pos.shape[0]:
+        raise ValueError(f"position embedding of {pos.shape[0]} cells is not a square grid")
+    if (n, n) == tuple(size):
+        return pos
+    grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    return grid.reshape(pos.shape[1], -1).transpose(0, 1)
+
+
+def spatial_pos_embed(pos: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Fit the stored spatial position grid (n*n, C) to a run-time (h, w) grid.
+
+    ``interpolate`` resizes bilinearly (segmentation); ``crop`` keeps the top-left h×w
+    cells (official detection), which cannot serve grids larger than the stored one.
+    """
+    if mode == "interpolate":
+        return resize_grid(pos, size)
+    if mode == "crop":
+        n = int(round(pos.shape[0] ** 0.5))
+        h, w = size
+        if h > n or w > n:
+            raise ValueError(
+                f"input needs a {h}x{w} position grid but only {n}x{n} is stored "
+                f"(crop mode): use smaller images or backbone.pos_embed=interpolate"
+            )
+        return pos.reshape(n, n, -1)[:h, :w].reshape(h * w, -1)
+    raise ValueError(f"unknown position-embedding mode {mode!r} (interpolate or crop)")

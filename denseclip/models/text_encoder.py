@@ -1,0 +1,102 @@
+"""CLIP text transformer with learnable context vectors (DESIGN §3).
+
+Tokenisation uses open_clip's CLIP BPE tokenizer (its bundled vocabulary).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from .layers import LayerNorm, Transformer
+
+
+@functools.lru_cache(maxsize=1)
+def _tokenizer():
+    from open_clip.tokenizer import SimpleTokenizer
+
+    return SimpleTokenizer()
+
+
+def tokenize(names: Sequence[str], length: int) -> torch.Tensor:
+    """Tokenise class names into (K, length) ids: SOT, BPE tokens, EOT, zero padding.
+
+    A name whose tokens do not fit raises ``ValueError`` naming it and the limit (the
+    official code tokenises without truncation, too).
+    """
+    tok = _tokenizer()
+    if len(names) == 0:
+        raise ValueError("the class list is empty")
+    out = torch.zeros(len(names), length, dtype=torch.long)
+    for i, name in enumerate(names):
+        ids = [tok.sot_token_id, *tok.encode(name), tok.eot_token_id]
+        if len(ids) > length:
+            raise ValueError(
+                f"class name {name!r} needs {len(ids) - 2} BPE tokens but the text context "
+                f"holds at most {length - 2} (text.context_length - text.n_ctx - 2)"
+            )
+        out[i, : len(ids)] = torch.tensor(ids)
+    return out
+
+
+class CLIPTextEncoder(nn.Module):
+    """CLIP's text tower; learnable contexts are inserted right after the SOT token.
+
+    The sequence is ``[SOT, ctx_1..ctx_n, name tokens, EOT, padding]`` of length
+    ``context_length``; class-name tokens therefore have ``context_length - n_ctx``
+    positions. The feature is read at the EOT position (the largest token id).
+    """
+
+    def __init__(self, context_length: int = 77, vocab_size: int = 49408, width: int = 512,
+                 layers: int = 12, heads: int = 8, embed_dim: int = 512) -> None:
+        super().__init__()
+        self.context_length = context_length
+        self.width = width
+        self.embed_dim = embed_dim
+        self.token_embedding = nn.Embedding(vocab_size, width)
+        self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
+        self.transformer = Transformer(width, layers, heads)
+        self.ln_final = LayerNorm(width)
+        self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
+        # Causal mask: each position sees itself and the positions before it.
+        mask = torch.full((context_length, context_length), float("-inf")).triu_(1)
+        self.register_buffer("attn_mask", mask, persistent=False)
+        nn.init.normal_(self.token_embedding.weight, std=0.02)
+        nn.init.normal_(self.positional_embedding, std=0.01)
+        nn.init.normal_(self.text_projection, std=width**-0.5)
+
+    def forward(self, tokens: torch.Tensor, contexts: torch.Tensor | None = None) -> torch.Tensor:
+        """Embed ``tokens`` (K, T) behind ``contexts`` (B, n_ctx, width).
+
+        Returns (K, D) without contexts, or (B, K, D) with them.
+        """
+        K, T = tokens.shape
+        x = self.token_embedding(tokens)  # (K, T, W)
+        eot = tokens.argmax(dim=-1)  # (K,)
+        if contexts is None:
+            B, n_ctx = 1, 0
+        else:
+            B, n_ctx, _ = contexts.shape
+            x = torch.cat(
+                [
+                    x[None, :, :1].expand(B, -1, -1, -1),
+                    contexts[:, None].expand(-1, K, -1, -1).to(x.dtype),
+                    x[None, :, 1:].expand(B, -1, -1, -1),
+                ],
+                dim=2,
+            ).reshape(B * K, n_ctx + T, -1)
+            eot = (eot + n_ctx).repeat(B)
+        L = x.shape[1]
+        if L > self.context_length:
+            raise ValueError(
+                f"{T} token positions + {n_ctx} contexts exceed the text context length "
+                f"{self.context_length}"
+            )
+        x = x + self.positional_embedding[:L].to(x.dtype)
+        x = self.transformer(x.transpose(0, 1), self.attn_mask[:L, :L]).transpose(0, 1)
+        x = self.ln_final(x)
+        x = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
+        return x if contexts is None else x.reshape(B, K, -1)
