@@ -98,7 +98,8 @@ class Transformer(nn.Module):
 
     def __init__(self, width: int, layers: int, heads: int, drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        rates = torch.linspace(0, drop_path_rate, layers).tolist()  # grows with depth
+        # Drop-path rate grows linearly with depth (as torch.linspace(0, rate, layers)).
+        rates = [drop_path_rate * i / max(layers - 1, 1) for i in range(layers)]
         self.resblocks = nn.ModuleList(
             ResidualAttentionBlock(width, heads, rate) for rate in rates
         )

@@ -1,0 +1,285 @@
+"""Reading and writing weights: our checkpoints, plain state dicts, official DenseCLIP
+releases (mmcv format) and OpenAI CLIP releases, converted in one place.
+
+Every format is converted to this package's key names with a rename table, tensors whose
+shape can be reconciled (position embeddings) are resized, and the result is loaded
+strictly: a model key that receives nothing must be on the allow-list of parameters that
+the format does not carry (e.g. the decode head when initialising from CLIP), and a file
+key that has no home is an error.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tempfile
+import warnings
+import zipfile
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+FORMAT = "denseclip"
+
+
+class CheckpointError(ValueError):
+    """A file is not a usable checkpoint for the model."""
+
+
+@dataclass
+class LoadReport:
+    """What :func:`load_checkpoint` did."""
+
+    path: str
+    format: str  # "denseclip", "state_dict", "official", "openai"
+    loaded: list[str] = field(default_factory=list)
+    new: list[str] = field(default_factory=list)  # model keys left at their initialisation
+    ignored: list[str] = field(default_factory=list)  # file keys with no use in this model
+    resized: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # our checkpoints: everything else
+
+    def __str__(self) -> str:
+        lines = [f"{self.path}: {self.format} checkpoint, {len(self.loaded)} tensors loaded"]
+        if self.resized:
+            lines.append("resized: " + ", ".join(f"{k} {list(a)}→{list(b)}"
+                                                 for k, a, b in self.resized))
+        if self.new:
+            lines.append(f"left at initialisation ({len(self.new)}): {_summarise(self.new)}")
+        if self.ignored:
+            lines.append(f"ignored ({len(self.ignored)}): {_summarise(self.ignored)}")
+        return "\n".join(lines)
+
+
+def _summarise(keys: Iterable[str], limit: int = 8) -> str:
+    """Group keys by their first two components so long lists stay readable."""
+    groups: dict[str, int] = {}
+    for k in keys:
+        prefix = ".".join(k.split(".")[:2])
+        groups[prefix] = groups.get(prefix, 0) + 1
+    items = [f"{p}({n})" if n > 1 else p for p, n in groups.items()]
+    more = f", … {len(items) - limit} more" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+# ---------------------------------------------------------------------------- rename tables
+# Official DenseCLIP (mmseg) key → ours. The backbone keeps CLIP's own names.
+OFFICIAL_RENAMES = [
+    (r"^contexts$", "guidance.contexts"),
+    (r"^gamma$", "guidance.gamma"),
+    (r"^text_encoder\.", "guidance.text_encoder."),
+    (r"^context_decoder\.", "guidance.context_decoder."),
+    (r"^neck\.(lateral|fpn)_convs\.(\d+)\.conv\.", r"neck.\1_convs.\2."),
+    (r"^decode_head\.", "head."),
+]
+
+# OpenAI CLIP key → ours.
+OPENAI_RENAMES = [
+    (r"^visual\.", "backbone."),
+    (r"^(transformer|token_embedding|ln_final)\.", r"guidance.text_encoder.\1."),
+    (r"^(positional_embedding|text_projection)$", r"guidance.text_encoder.\1"),
+]
+# OpenAI keys that are bookkeeping, not weights of any tower.
+OPENAI_UNUSED = {"logit_scale", "input_resolution", "context_length", "vocab_size"}
+# Model keys that CLIP weights do not provide: everything DenseCLIP adds on top of CLIP.
+OPENAI_NEW = (r"^guidance\.(contexts|gamma|context_decoder\.|prompt_generator\.)",
+              r"^neck\.", r"^head\.", r"^backbone\.fpn\d", r"\.num_batches_tracked$")
+
+
+def _rename(key: str, table: list[tuple[str, str]]) -> str:
+    for pattern, repl in table:
+        new, n = re.subn(pattern, repl, key)
+        if n:
+            return new
+    return key
+
+
+# ---------------------------------------------------------------------------- reading files
+def _is_torchscript(path: Path) -> bool:
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as zf:
+        return any(n.split("/", 1)[-1] == "constants.pkl" for n in zf.namelist())
+
+
+def read_checkpoint(path: str | Path, weights_only: bool = True) -> Any:
+    """Load a checkpoint file's object safely: pickles with ``weights_only``; a TorchScript
+    archive (OpenAI's CLIP releases) is opened with ``torch.jit.load`` and reduced to its
+    state dict. Raises ``FileNotFoundError`` / :class:`CheckpointError` with the path."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if _is_torchscript(path):
+        try:
+            with warnings.catch_warnings():  # TorchScript is deprecated, yet CLIP ships it
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as e:  # noqa: BLE001 - any failure means "not a usable archive"
+            raise CheckpointError(f"{path}: cannot read TorchScript archive: {e}") from None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=weights_only)
+    except Exception as e:  # noqa: BLE001
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if weights_only and "weights_only" in str(e):
+            raise CheckpointError(
+                f"{path}: holds Python objects that a weights-only load refuses ({msg}); "
+                f"if you trust the file, load it with weights_only=False"
+            ) from None
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint: {msg}") from None
+
+
+def _tensors_only(d: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
+    bad = [k for k, v in d.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{path}: not a state dict, non-tensor entries {_summarise(bad)}")
+    return d
+
+
+def detect_format(obj: Any, path: Path) -> tuple[str, dict[str, torch.Tensor]]:
+    """Recognise a checkpoint's format by its structure and key prefixes."""
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a dict of weights, got {type(obj).__name__}")
+    if obj.get("format") == FORMAT and isinstance(obj.get("model"), dict):
+        return "denseclip", _tensors_only(obj["model"], path)
+    if isinstance(obj.get("state_dict"), dict):
+        sd = _tensors_only(obj["state_dict"], path)
+        return "official", {k.removeprefix("module."): v for k, v in sd.items()}
+    if not obj:
+        raise CheckpointError(f"{path}: the checkpoint is empty")
+    sd = _tensors_only(obj, path)
+    sd = {k.removeprefix("module."): v for k, v in sd.items()}
+    if any(k.startswith("visual.") for k in sd) or "token_embedding.weight" in sd:
+        return "openai", sd
+    return "state_dict", sd
+
+
+# ---------------------------------------------------------------------------- reconciling
+def _resize_pos_embed(value: torch.Tensor, target: torch.Size) -> torch.Tensor:
+    """(1 + n², C) → (1 + m², C): the leading token is kept, the grid resized bilinearly."""
+    n, m = round((value.shape[0] - 1) ** 0.5), round((target[0] - 1) ** 0.5)
+    if n * n + 1 != value.shape[0] or m * m + 1 != target[0] or value.shape[1] != target[1]:
+        raise CheckpointError("not a square position grid")
+    grid = value[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
+    grid = F.interpolate(grid, size=(m, m), mode="bilinear", align_corners=False)
+    grid = grid.reshape(value.shape[1], m * m).transpose(0, 1).to(value.dtype)
+    return torch.cat([value[:1], grid])
+
+
+def _reconcile(key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    if value.shape == target.shape:
+        return value
+    try:
+        if key.startswith("backbone.") and key.endswith("positional_embedding"):
+            return _resize_pos_embed(value, target.shape)
+        if key == "guidance.text_encoder.positional_embedding" and (
+            value.shape[1:] == target.shape[1:] and value.shape[0] >= target.shape[0]
+        ):
+            return value[: target.shape[0]]  # CLIP's 77 positions → the first T
+    except CheckpointError:
+        pass
+    raise CheckpointError(
+        f"{key}: checkpoint shape {list(value.shape)} does not fit the model's "
+        f"{list(target.shape)}"
+    )
+
+
+def convert_state_dict(sd: dict[str, torch.Tensor], fmt: str,
+                       model_sd: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+    """Rename ``sd`` from ``fmt`` to this package's keys. Returns (renamed, ignored keys):
+    keys that by design have no counterpart in ``model_sd``."""
+    table = {"official": OFFICIAL_RENAMES, "openai": OPENAI_RENAMES}.get(fmt, [])
+    out, ignored = {}, []
+    for key, value in sd.items():
+        if fmt == "openai" and key in OPENAI_UNUSED:
+            ignored.append(key)
+            continue
+        new = _rename(key, table)
+        if fmt == "openai" and new not in model_sd:
+            # CLIP parts this model does not build (text tower of a baseline, attention pool
+            # or ViT projection when no embeddings are used) are expected to stay unused.
+            ignored.append(key)
+            continue
+        out[new] = value
+    return out, ignored
+
+
+def load_checkpoint(model: nn.Module, path: str | Path, weights_only: bool = True,
+                    strict: bool = True) -> LoadReport:
+    """Load weights from ``path`` into ``model`` and report what happened.
+
+    Accepted: this package's checkpoints (``{"format": "denseclip", "model": ...}``), a
+    plain state dict of the model, official DenseCLIP releases (mmcv ``{"meta",
+    "state_dict"}`` with the official key names) and OpenAI CLIP releases (TorchScript
+    archive or state dict), which initialise the backbone and text encoder; position
+    embeddings are resized and the text position embedding truncated on the way.
+
+    With ``strict`` (default), a model key that receives nothing and is not a parameter the
+    format cannot carry, or a file key that has no place in the model, raises
+    :class:`CheckpointError` listing the keys; shapes that cannot be reconciled raise naming
+    the key and both shapes.
+    """
+    path = Path(path)
+    obj = read_checkpoint(path, weights_only=weights_only)
+    fmt, sd = detect_format(obj, path)
+    model_sd = model.state_dict()
+    renamed, ignored = convert_state_dict(sd, fmt, model_sd)
+
+    unexpected = sorted(k for k in renamed if k not in model_sd)
+    missing = [k for k in model_sd if k not in renamed]
+    allowed = OPENAI_NEW if fmt == "openai" else (r"\.num_batches_tracked$",)
+    new = [k for k in missing if any(re.search(p, k) for p in allowed)]
+    not_loaded = [k for k in missing if k not in new]
+    if strict and (unexpected or not_loaded):
+        parts = [f"{path}: {fmt} checkpoint does not match the model"]
+        if not_loaded:
+            parts.append(f"model keys missing from the file ({len(not_loaded)}): "
+                         + ", ".join(not_loaded[:20]) + (" …" if len(not_loaded) > 20 else ""))
+        if unexpected:
+            parts.append(f"file keys unknown to the model ({len(unexpected)}): "
+                         + ", ".join(unexpected[:20]) + (" …" if len(unexpected) > 20 else ""))
+        raise CheckpointError("\n".join(parts))
+
+    report = LoadReport(str(path), fmt, new=missing if not strict else new, ignored=ignored)
+    final = {}
+    for key, value in renamed.items():
+        if key not in model_sd:
+            report.ignored.append(key)
+            continue
+        target = model_sd[key]
+        try:
+            fitted = _reconcile(key, value, target)
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        if fitted.shape != value.shape:
+            report.resized.append((key, tuple(value.shape), tuple(fitted.shape)))
+        final[key] = fitted.to(target.dtype)
+        report.loaded.append(key)
+    model.load_state_dict(final, strict=False)
+    if fmt == "denseclip":
+        report.extra = {k: v for k, v in obj.items() if k not in ("model", "format")}
+    return report
+
+
+# ---------------------------------------------------------------------------- writing
+def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
+    """Write ``{"format": "denseclip", "model": state_dict, **extra}`` atomically: to a
+    temporary file in the same directory, flushed to disk, then renamed over ``path``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    module = model.module if hasattr(model, "module") else model  # unwrap DDP
+    payload = {"format": FORMAT, "model": module.state_dict(), **extra}
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path

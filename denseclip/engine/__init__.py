@@ -1,0 +1,1 @@
+"""Evaluation engine: segmentation metrics and test-time inference (whole, sliding window, TTA)."""

@@ -1,0 +1,240 @@
+"""Test-time inference for segmentation: whole image, sliding window and multi-scale + flip.
+
+Semantics follow mmsegmentation 0.19 ``EncoderDecoder`` (``whole_inference``,
+``slide_inference``, ``inference``, ``aug_test``). The model is any callable that maps a
+normalised image batch ``B x 3 x h x w`` to class logits ``B x K x h x w`` at the *input*
+resolution (the segmentor is expected to upsample its output itself) and should be in eval
+mode: sliding windows of one or several images are stacked into shared forward calls.
+
+Everything runs under ``torch.no_grad()`` (not ``inference_mode``, so that tensors a model may
+cache during evaluation remain usable for training afterwards) and stays on the image's device.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+from denseclip.config import EvalConfig
+
+Model = Callable[[torch.Tensor], torch.Tensor]
+Size = Sequence[int]
+
+
+def keep_ratio_scale(h: int, w: int, scale: Size) -> tuple[int, int]:
+    """The ``(new_h, new_w)`` of mmcv's keep-ratio rescale (``mmcv.rescale_size``).
+
+    ``scale`` is a pair of bounds in either order: the longer image edge may not exceed the
+    larger bound nor the shorter edge the smaller one, and the tighter of the two decides::
+
+        factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
+        new_w, new_h = int(w * factor + 0.5), int(h * factor + 0.5)
+    """
+    if len(scale) != 2:
+        raise ValueError(f"scale must be a pair of edge bounds, got {scale!r}")
+    if h <= 0 or w <= 0:
+        raise ValueError(f"image size must be positive, got {(h, w)}")
+    long_bound, short_bound = max(scale), min(scale)
+    factor = min(long_bound / max(h, w), short_bound / min(h, w))
+    return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
+
+
+def aug_scales(test_scale: Size, ratios: Sequence[float]) -> list[tuple[int, int]]:
+    """The rescale bounds of multi-scale testing: ``(int(a * r), int(b * r))`` per ratio ``r``
+    (mmseg's ``MultiScaleFlipAug`` with ``img_ratios``)."""
+    a, b = test_scale
+    return [(int(a * r), int(b * r)) for r in ratios]
+
+
+def _resize(x: torch.Tensor, size: Size, align_corners: bool = False) -> torch.Tensor:
+    size = (int(size[0]), int(size[1]))
+    if tuple(x.shape[-2:]) == size:
+        return x
+    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
+
+
+def _as_batch(image: torch.Tensor) -> torch.Tensor:
+    if image.dim() == 3:
+        return image.unsqueeze(0)
+    if image.dim() != 4:
+        raise ValueError(f"expected an image 3xHxW or a batch Bx3xHxW, got {tuple(image.shape)}")
+    return image
+
+
+@torch.no_grad()
+def whole_inference(
+    model: Model, image: torch.Tensor, out_size: Size, align_corners: bool = False
+) -> torch.Tensor:
+    """Run ``model`` on the whole ``B x 3 x h x w`` image; return logits resized bilinearly to
+    ``out_size`` (``B x K x H_out x W_out``)."""
+    logits = model(_as_batch(image))
+    return _resize(logits, out_size, align_corners)
+
+
+def slide_windows(h: int, w: int, crop_size: Size, stride: Size) -> list[tuple[int, int, int, int]]:
+    """The ``(y1, y2, x1, x2)`` crop boxes of mmseg's sliding-window test, row-major.
+
+    ``grids = max(H - crop + stride - 1, 0) // stride + 1`` per axis; a window starts at
+    ``i * stride`` and is shifted back to end inside the image, so all windows have the size
+    ``min(crop, H) x min(crop, W)`` and together they cover every pixel.
+    """
+    crop_h, crop_w = int(crop_size[0]), int(crop_size[1])
+    stride_h, stride_w = int(stride[0]), int(stride[1])
+    if min(crop_h, crop_w, stride_h, stride_w) <= 0:
+        raise ValueError(f"crop size {crop_size} and stride {stride} must be positive")
+    h_grids = max(h - crop_h + stride_h - 1, 0) // stride_h + 1
+    w_grids = max(w - crop_w + stride_w - 1, 0) // stride_w + 1
+    boxes = []
+    for i in range(h_grids):
+        for j in range(w_grids):
+            y2 = min(i * stride_h + crop_h, h)
+            x2 = min(j * stride_w + crop_w, w)
+            y1 = max(y2 - crop_h, 0)
+            x1 = max(x2 - crop_w, 0)
+            boxes.append((y1, y2, x1, x2))
+    return boxes
+
+
+@torch.no_grad()
+def slide_inference(
+    model: Model,
+    image: torch.Tensor,
+    crop_size: Size,
+    stride: Size,
+    num_classes: int,
+    out_size: Size,
+    max_batch: int = 8,
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """Sliding-window logits of a ``B x 3 x H x W`` batch, resized to ``out_size``.
+
+    Window logits are summed into an ``H x W`` buffer and divided by the number of windows
+    that covered each pixel, as in mmseg. The windows of all images in the batch go through
+    the model together, at most ``max_batch`` crops per forward call. The buffer is float32
+    (or float64 if the model returns float64) whatever precision the model computes in.
+    """
+    image = _as_batch(image)
+    if max_batch < 1:
+        raise ValueError(f"max_batch must be positive, got {max_batch}")
+    b, _, h, w = image.shape
+    boxes = slide_windows(h, w, crop_size, stride)
+    # Every window has the same size, so crops stack; order: window-major, then image.
+    crops = [(box, n) for box in boxes for n in range(b)]
+    count = torch.zeros((1, 1, h, w), dtype=torch.float32, device=image.device)
+    for y1, y2, x1, x2 in boxes:
+        count[..., y1:y2, x1:x2] += 1
+    total: torch.Tensor | None = None
+    for start in range(0, len(crops), max_batch):
+        chunk = crops[start : start + max_batch]
+        batch = torch.stack([image[n, :, y1:y2, x1:x2] for (y1, y2, x1, x2), n in chunk])
+        logits = model(batch)
+        if logits.dim() != 4 or logits.shape[1] != num_classes:
+            raise ValueError(
+                f"model returned {tuple(logits.shape)}; expected N x {num_classes} x h x w"
+            )
+        if tuple(logits.shape[-2:]) != tuple(batch.shape[-2:]):
+            raise ValueError(
+                f"model returned logits of size {tuple(logits.shape[-2:])} for crops of size "
+                f"{tuple(batch.shape[-2:])}; logits must be at the input resolution"
+            )
+        if total is None:
+            dtype = torch.promote_types(logits.dtype, torch.float32)
+            total = torch.zeros((b, num_classes, h, w), dtype=dtype, device=image.device)
+        for k, ((y1, y2, x1, x2), n) in enumerate(chunk):
+            total[n, :, y1:y2, x1:x2] += logits[k].to(total.dtype)
+    assert total is not None
+    total = total / count.to(total.dtype)
+    return _resize(total, out_size, align_corners)
+
+
+@torch.no_grad()
+def inference(
+    model: Model,
+    image: torch.Tensor,
+    eval_cfg: EvalConfig,
+    num_classes: int,
+    out_size: Size,
+    max_batch: int = 8,
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """Class probabilities ``B x K x H_out x W_out`` of one test view (mmseg ``inference``).
+
+    Logits come from :func:`slide_inference` or :func:`whole_inference` according to
+    ``eval_cfg.mode``, are resized to ``out_size`` and then soft-maxed over classes.
+    """
+    if eval_cfg.mode == "slide":
+        logits = slide_inference(
+            model,
+            image,
+            eval_cfg.crop_size,
+            eval_cfg.stride,
+            num_classes,
+            out_size,
+            max_batch=max_batch,
+            align_corners=align_corners,
+        )
+    elif eval_cfg.mode == "whole":
+        logits = whole_inference(model, image, out_size, align_corners=align_corners)
+    else:
+        raise ValueError(f"unknown evaluation mode {eval_cfg.mode!r}; expected 'slide' or 'whole'")
+    return logits.softmax(dim=1)
+
+
+@torch.no_grad()
+def aug_inference(
+    model: Model,
+    image: torch.Tensor,
+    test_scale: Size,
+    eval_cfg: EvalConfig,
+    num_classes: int,
+    out_size: Size | None = None,
+    max_batch: int = 8,
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """Multi-scale (+ flip) test of one image, as mmseg's ``aug_test``; ``1 x K x H x W``.
+
+    ``image`` is the normalised image at its original resolution (``3 x H x W`` or
+    ``1 x 3 x H x W``). For each ratio ``r`` in ``eval_cfg.aug_ratios`` it is resized, keeping
+    its aspect ratio, to the bounds ``(int(test_scale[0] * r), int(test_scale[1] * r))`` (see
+    :func:`keep_ratio_scale`); that view, and its horizontal mirror when ``eval_cfg.aug_flip``,
+    is run through :func:`inference` (the two share forward calls), the mirrored
+    probabilities are flipped back, and the probabilities of all views at ``out_size``
+    (default: the original size) are averaged.
+
+    mmseg resizes the 8-bit image (OpenCV bilinear) before normalising it; here the
+    normalised float image is resized (bilinear, no antialiasing). Normalisation is affine
+    per channel, so the two differ only by the 8-bit rounding of the resized pixels.
+    """
+    image = _as_batch(image)
+    if image.shape[0] != 1:
+        raise ValueError(f"aug_inference takes one image, got a batch of {image.shape[0]}")
+    h, w = image.shape[-2:]
+    if out_size is None:
+        out_size = (h, w)
+    ratios = list(eval_cfg.aug_ratios)
+    if not ratios:
+        raise ValueError("eval_cfg.aug_ratios is empty")
+    total: torch.Tensor | None = None
+    views = 0
+    for bounds in aug_scales(test_scale, ratios):
+        view = _resize(image, keep_ratio_scale(h, w, bounds), align_corners=False)
+        if eval_cfg.aug_flip:
+            view = torch.cat([view, view.flip(-1)], dim=0)
+        probs = inference(
+            model,
+            view,
+            eval_cfg,
+            num_classes,
+            out_size,
+            max_batch=max_batch,
+            align_corners=align_corners,
+        )
+        if eval_cfg.aug_flip:
+            probs = torch.cat([probs[:1], probs[1:].flip(-1)], dim=0)
+        summed = probs.sum(dim=0, keepdim=True)
+        total = summed if total is None else total + summed
+        views += probs.shape[0]
+    assert total is not None
+    return total / views

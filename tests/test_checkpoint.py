@@ -1,0 +1,216 @@
+"""Checkpoint formats: ours, plain state dicts, official DenseCLIP releases, OpenAI CLIP."""
+
+from __future__ import annotations
+
+import ast
+import pickle
+import re
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import denseclip
+from denseclip.checkpoint import CheckpointError, convert_state_dict, save_checkpoint
+from denseclip.models.clip_resnet import CLIPResNet
+from denseclip.models.clip_vit import CLIPViT
+from denseclip.models.layers import LayerNorm, Transformer
+
+OFFICIAL_KEYS = Path(__file__).parent / "fixtures" / "official_keys"
+SEG_PRESETS = [
+    "fpn_clipres50_512x512_80k", "denseclip_fpn_res50_512x512_80k",
+    "fpn_clipres101_512x512_80k", "denseclip_fpn_res101_512x512_80k",
+    "fpn_clipvit-b_640x640_80k", "denseclip_fpn_vit-b_640x640_80k",
+]
+
+
+def build(name: str, *overrides: str) -> nn.Module:
+    torch.manual_seed(0)
+    return denseclip.build_model(denseclip.load_config(name, overrides)).eval()
+
+
+def read_official_keys(name: str) -> dict[str, torch.Tensor]:
+    keys = {}
+    for line in (OFFICIAL_KEYS / f"{name}.txt").read_text().splitlines():
+        if line.startswith("#"):
+            continue
+        key, shape, dtype = line.split("\t")
+        keys[key] = torch.empty(ast.literal_eval(shape), dtype=getattr(torch, dtype),
+                                device="meta")
+    return keys
+
+
+@pytest.mark.parametrize("name", SEG_PRESETS)
+def test_official_keys_map_onto_every_model_key(name):
+    with torch.device("meta"):
+        model = denseclip.build_model(denseclip.load_config(name))
+    model_sd = model.state_dict()
+    official = read_official_keys(name)
+    converted, ignored = convert_state_dict(official, "official", model_sd)
+    assert ignored == []
+    assert len(converted) == len(official)  # the renaming is one-to-one
+    assert sorted(converted) == sorted(model_sd)
+    for key, value in converted.items():
+        assert value.shape == model_sd[key].shape, key
+
+
+# Our key → the official key, written out independently of the package's rename table.
+def to_official(key: str) -> str:
+    if key.startswith("guidance.text_encoder."):
+        return key.removeprefix("guidance.")
+    if key.startswith("guidance."):
+        return key.removeprefix("guidance.")
+    if key.startswith("head."):
+        return "decode_head." + key.removeprefix("head.")
+    m = re.match(r"neck\.(lateral_convs|fpn_convs)\.(\d+)\.(weight|bias)$", key)
+    if m:
+        return f"neck.{m[1]}.{m[2]}.conv.{m[3]}"
+    return key
+
+
+@pytest.mark.parametrize("name", ["tiny_denseclip_res", "tiny_denseclip_vit", "tiny_clip_res"])
+def test_official_release_file_loads_with_identical_outputs(tmp_path, name):
+    source = build(name)
+    sd = {to_official(k): v for k, v in source.state_dict().items()}
+    path = tmp_path / "release.pth"
+    torch.save({"meta": {"CLASSES": ["a", "b"], "iter": 80000}, "state_dict": sd}, path)
+    target = build(name)
+    torch.manual_seed(1)
+    for p in target.parameters():  # make sure the load, not the seed, makes them equal
+        p.data.normal_()
+    report = denseclip.load_checkpoint(target, path)
+    assert report.format == "official"
+    assert report.new == [] and report.ignored == []
+    x = torch.randn(1, 3, 64, 64)
+    torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny_denseclip_res", "tiny_denseclip_vit"])
+def test_own_checkpoint_and_plain_state_dict_round_trip(tmp_path, name):
+    source = build(name)
+    x = torch.randn(2, 3, 64, 80)
+    expected = source(x)
+    save_checkpoint(tmp_path / "ours.pth", source, iteration=7)
+    torch.save(source.state_dict(), tmp_path / "plain.pth")
+    for file, fmt in (("ours.pth", "denseclip"), ("plain.pth", "state_dict")):
+        target = build(name)
+        for p in target.parameters():
+            p.data.zero_()
+        report = denseclip.load_checkpoint(target, tmp_path / file)
+        assert report.format == fmt
+        torch.testing.assert_close(target(x), expected, rtol=0, atol=0)
+    assert report.extra == {} and denseclip.load_checkpoint(
+        build(name), tmp_path / "ours.pth").extra == {"iteration": 7}
+
+
+def test_save_checkpoint_leaves_no_temporary_file(tmp_path):
+    save_checkpoint(tmp_path / "a" / "ckpt.pth", build("tiny_clip_res"))
+    assert [p.name for p in (tmp_path / "a").iterdir()] == ["ckpt.pth"]
+
+
+class FakeOpenAICLIP(nn.Module):
+    """A small model with OpenAI CLIP's state-dict layout (``visual.*``, text tower)."""
+
+    def __init__(self, vit: bool) -> None:
+        super().__init__()
+        if vit:
+            self.visual = CLIPViT(width=32, layers=4, heads=2, patch_size=16, embed_dim=32,
+                                  input_resolution=224, out_indices=[0, 1, 2, 3])
+            for name in ("fpn1", "fpn2", "fpn3", "fpn4"):  # CLIP has no pyramid
+                delattr(self.visual, name)
+        else:
+            self.visual = CLIPResNet([1, 1, 1, 1], width=8, heads=2, embed_dim=32,
+                                     input_resolution=224)
+        self.transformer = Transformer(32, 2, 2)
+        self.token_embedding = nn.Embedding(49408, 32)
+        self.positional_embedding = nn.Parameter(torch.randn(77, 32))
+        self.ln_final = LayerNorm(32)
+        self.text_projection = nn.Parameter(torch.randn(32, 32))
+        self.logit_scale = nn.Parameter(torch.tensor(4.6))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.logit_scale
+
+
+@pytest.mark.parametrize("vit", [False, True])
+def test_openai_torchscript_archive_initialises_towers(tmp_path, vit):
+    torch.manual_seed(3)
+    clip = FakeOpenAICLIP(vit).eval()
+    archive = tmp_path / "RN-tiny.pt"
+    torch.jit.save(torch.jit.trace(clip, torch.randn(1, 3)), str(archive))
+    name = "tiny_denseclip_vit" if vit else "tiny_denseclip_res"
+    model = build(name)
+    report = denseclip.load_checkpoint(model, archive)
+    assert report.format == "openai"
+    assert "logit_scale" in report.ignored
+    clip_sd, sd = clip.state_dict(), model.state_dict()
+    # Towers are copied; the text position embedding is truncated to 13 positions.
+    torch.testing.assert_close(sd["guidance.text_encoder.positional_embedding"],
+                               clip_sd["positional_embedding"][:13])
+    torch.testing.assert_close(sd["guidance.text_encoder.transformer.resblocks.1.mlp.c_fc.weight"],
+                               clip_sd["transformer.resblocks.1.mlp.c_fc.weight"])
+    conv = "backbone.conv1.weight"
+    torch.testing.assert_close(sd[conv], clip_sd["visual.conv1.weight"])
+    # The 7x7 (ResNet) / 14x14 (ViT) position grid is resized to the 64-px config's grid.
+    pos = "backbone.positional_embedding" if vit else "backbone.attnpool.positional_embedding"
+    grid = 64 // (16 if vit else 32)
+    assert (pos, tuple(clip_sd[pos.replace("backbone.", "visual.")].shape),
+            (grid * grid + 1, sd[pos].shape[1])) in report.resized
+    torch.testing.assert_close(sd[pos][0], clip_sd[pos.replace("backbone.", "visual.")][0])
+    # Everything DenseCLIP adds on top of CLIP is left at its initialisation, nothing else.
+    assert all(re.match(r"(guidance\.(contexts|gamma|context_decoder)|neck|head|backbone\.fpn)",
+                        k) or k.endswith("num_batches_tracked") for k in report.new)
+    assert any(k.startswith("head.") for k in report.new)
+
+
+def test_openai_plain_state_dict_into_baseline_ignores_text_tower(tmp_path):
+    clip = FakeOpenAICLIP(vit=False)
+    torch.save(clip.state_dict(), tmp_path / "clip.pt")
+    model = build("tiny_clip_res")
+    report = denseclip.load_checkpoint(model, tmp_path / "clip.pt")
+    assert report.format == "openai"
+    assert "token_embedding.weight" in report.ignored
+    assert any(k.startswith("visual.attnpool.") for k in report.ignored)
+
+
+def test_missing_and_unknown_keys_are_listed(tmp_path):
+    model = build("tiny_clip_res")
+    sd = model.state_dict()
+    del sd["head.conv_seg.weight"]
+    sd["head.extra.weight"] = torch.zeros(1)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError) as err:
+        denseclip.load_checkpoint(model, tmp_path / "bad.pth")
+    assert "head.conv_seg.weight" in str(err.value) and "head.extra.weight" in str(err.value)
+    assert "bad.pth" in str(err.value)
+
+
+def test_shape_mismatch_names_key_and_shapes(tmp_path):
+    model = build("tiny_clip_res")
+    sd = model.state_dict()
+    sd["head.conv_seg.weight"] = torch.zeros(7, 32, 1, 1)
+    torch.save(sd, tmp_path / "bad.pth")
+    with pytest.raises(CheckpointError, match=r"head\.conv_seg\.weight.*\[7, 32, 1, 1\].*"
+                                              r"\[150, 32, 1, 1\]"):
+        denseclip.load_checkpoint(model, tmp_path / "bad.pth")
+
+
+class NotAWeight:
+    pass
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    model = build("tiny_clip_res")
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(CheckpointError, match="notes.txt is not a PyTorch checkpoint"):
+        denseclip.load_checkpoint(model, tmp_path / "notes.txt")
+    with pytest.raises(FileNotFoundError, match="missing.pth"):
+        denseclip.load_checkpoint(model, tmp_path / "missing.pth")
+    torch.save([1, 2, 3], tmp_path / "list.pth")
+    with pytest.raises(CheckpointError, match="expected a dict"):
+        denseclip.load_checkpoint(model, tmp_path / "list.pth")
+    with open(tmp_path / "object.pth", "wb") as f:
+        pickle.dump({"model": NotAWeight()}, f)
+    with pytest.raises(CheckpointError, match="weights_only=False"):
+        denseclip.load_checkpoint(model, tmp_path / "object.pth")
