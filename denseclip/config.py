@@ -35,7 +35,8 @@ class BackboneConfig:
     heads: int = 32  # attention-pool heads (ResNet) or transformer heads (ViT)
     embed_dim: int = 1024  # CLIP embedding dim D of the global/dense embeddings
     input_resolution: int = 512  # the stored position-embedding grid is resolution/stride
-    embeddings: bool = True  # also return (global, dense) embeddings (attention pool / ln_post+proj)
+    # Also return (global, dense) embeddings (attention pool, or ViT ln_post + proj).
+    embeddings: bool = True
     # How the spatial position embedding meets a run-time grid of another size:
     # "interpolate" (segmentation) or "crop" to the top-left cells (official detection).
     pos_embed: str = "interpolate"

@@ -48,7 +48,9 @@ def build_segmentor(cfg: ModelConfig) -> Segmentor:
     backbone = build_backbone(cfg.backbone)
     guidance = build_guidance(cfg, class_names) if guided else None
     if not 0 <= cfg.guidance.score_level < 4:
-        raise ConfigError(f"model.guidance.score_level must be 0..3, got {cfg.guidance.score_level}")
+        raise ConfigError(
+            f"model.guidance.score_level must be 0..3, got {cfg.guidance.score_level}"
+        )
     return Segmentor(backbone, len(class_names), guidance, cfg.guidance.score_level,
                      cfg.neck_channels, cfg.head_channels, cfg.head_dropout, cfg.ignore_index,
                      cfg.loss_average, cfg.guidance.aux_loss_weight)

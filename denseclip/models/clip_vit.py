@@ -82,7 +82,8 @@ class CLIPViT(nn.Module):
             x = block(x)
             if i in self.out_indices:
                 maps.append(x[1:].permute(1, 2, 0).reshape(B, C, H, W))
-        features = [fpn(m) for fpn, m in zip((self.fpn1, self.fpn2, self.fpn3, self.fpn4), maps)]
+        pyramid = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
+        features = [fpn(m) for fpn, m in zip(pyramid, maps, strict=True)]
 
         embeddings = None
         if self.proj is not None:

@@ -21,12 +21,12 @@ class FPN(nn.Module):
         )
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
-        laterals = [conv(x) for conv, x in zip(self.lateral_convs, features)]
+        laterals = [conv(x) for conv, x in zip(self.lateral_convs, features, strict=True)]
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + F.interpolate(
                 laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
             )
-        return [conv(x) for conv, x in zip(self.fpn_convs, laterals)]
+        return [conv(x) for conv, x in zip(self.fpn_convs, laterals, strict=True)]
 
 
 class ConvBNReLU(nn.Module):
@@ -63,7 +63,7 @@ class SemanticFPNHead(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> torch.Tensor:
         out = self.scale_heads[0](features[0])
-        for head, x in zip(self.scale_heads[1:], features[1:]):
+        for head, x in zip(self.scale_heads[1:], features[1:], strict=True):
             out = out + F.interpolate(head(x), size=out.shape[-2:], mode="bilinear",
                                       align_corners=False)
         return self.conv_seg(self.dropout(out))
