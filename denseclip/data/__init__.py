@@ -1,0 +1,55 @@
+"""Datasets, augmentation pipelines, samplers and loaders for semantic segmentation."""
+
+from denseclip.data.samplers import (
+    InfiniteSampler,
+    SeededSampler,
+    ShardedSampler,
+    build_test_loader,
+    build_train_loader,
+    collate_segmentation,
+    sample_seed,
+    seed_worker,
+)
+from denseclip.data.segmentation import (
+    ADE20K_CLASSES_FILE,
+    ADE20KDataset,
+    DatasetError,
+    FolderDataset,
+    SegmentationDataset,
+    build_segmentation_dataset,
+    load_image,
+    load_label_map,
+    read_class_names,
+)
+from denseclip.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_sample
+from denseclip.data.transforms import (
+    IGNORE_INDEX,
+    build_test_transforms,
+    build_train_transforms,
+)
+
+__all__ = [
+    "ADE20K_CLASSES_FILE",
+    "ADE20KDataset",
+    "DatasetError",
+    "FolderDataset",
+    "IGNORE_INDEX",
+    "InfiniteSampler",
+    "SYNTHETIC_CLASSES",
+    "SeededSampler",
+    "SegmentationDataset",
+    "ShardedSampler",
+    "build_segmentation_dataset",
+    "build_test_loader",
+    "build_test_transforms",
+    "build_train_loader",
+    "build_train_transforms",
+    "collate_segmentation",
+    "load_image",
+    "load_label_map",
+    "make_synthetic_dataset",
+    "read_class_names",
+    "sample_seed",
+    "seed_worker",
+    "synthetic_sample",
+]

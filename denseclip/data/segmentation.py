@@ -1,0 +1,459 @@
+"""Semantic-segmentation datasets: image + PNG label-map pairs.
+
+Both datasets read the ADE20K release layout::
+
+    ROOT/images/<split>/<name>.jpg         RGB images
+    ROOT/annotations/<split>/<name>.png    label maps (same name, single channel)
+
+* :class:`ADE20KDataset` — the 150-class SceneParsing release. Labels are reduced as mmseg's
+  ``reduce_zero_label`` does: 0 ("other") → 255 (ignore), 1..150 → 0..149.
+* :class:`FolderDataset` — your own data: an images directory, a labels directory of PNGs
+  with the same names, and a class-names file (one name per line, label order). Whether 0
+  means "unlabelled" (``reduce_zero_label``) and which raw value means "ignore"
+  (``ignore_value``) are arguments. :func:`build_segmentation_dataset` uses the layout above
+  with ``ROOT/classes.txt`` as the class-names file.
+
+Items are dictionaries:
+
+* ``image`` — float32 tensor 3×H×W, RGB, normalised as ``(x - 255·mean) / (255·std)``;
+* ``target`` — int64 tensor H×W of class indices 0..K-1, 255 = ignore;
+* ``name`` — the file name without suffix (relative to the images directory);
+* ``ori_size`` — ``(H, W)`` of the image on disk (after EXIF orientation);
+* ``ori_target`` — test mode only: the label map at the original size (int64, 255 = ignore),
+  for computing metrics at the original resolution.
+
+Image decoding: grayscale and palette images become RGB, RGBA drops its alpha, 16-bit images
+are scaled to 8 bits, and the EXIF orientation tag is applied to images. Label maps are read
+as stored and are *not* EXIF-rotated; a rotated image whose label map was not rotated with it
+then fails with a size-mismatch :class:`DatasetError` (unless the rotation was 180°, which no
+check can notice). Problems with the data raise :class:`DatasetError` naming the file.
+
+Reproducible augmentation: an index may be given as ``(index, seed)``; the transforms then run
+with torch's CPU generator seeded by ``seed`` (the caller's generator state is restored
+afterwards), so the same pair always gives the same sample. The training loader of
+:mod:`denseclip.data.samplers` passes a seed derived from (run seed, position in the sample
+stream), which makes augmentation independent of worker count and identical after a resume.
+A plain integer index uses whatever state torch's generator is in.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+
+from denseclip.config import DataConfig
+from denseclip.data.transforms import (
+    IGNORE_INDEX,
+    build_test_transforms,
+    build_train_transforms,
+)
+
+__all__ = [
+    "ADE20KDataset",
+    "ADE20K_CLASSES_FILE",
+    "DatasetError",
+    "FolderDataset",
+    "SegmentationDataset",
+    "build_segmentation_dataset",
+    "load_image",
+    "load_label_map",
+    "read_class_names",
+]
+
+ADE20K_CLASSES_FILE = Path(__file__).with_name("ade20k_classes.txt")
+_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+_LABEL_MODES = ("L", "P", "1", *_SIXTEEN_BIT_MODES)
+
+
+class DatasetError(ValueError):
+    """The data on disk is missing, unreadable or inconsistent; the message names the file."""
+
+
+def read_class_names(path: str | Path) -> list[str]:
+    """Class names from a text file, one per line in label order (surrounding whitespace and
+    trailing blank lines are dropped; a blank line between names is an error)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"class-names file {path} does not exist")
+    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise DatasetError(f"class-names file {path} is empty")
+    blank = [i + 1 for i, line in enumerate(lines) if not line]
+    if blank:
+        raise DatasetError(f"class-names file {path} has blank line(s) {blank} between names")
+    return lines
+
+
+def load_image(path: str | Path) -> np.ndarray:
+    """Decode an image file to an RGB ``uint8`` array (H, W, 3), EXIF orientation applied."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            if img.mode in _SIXTEEN_BIT_MODES:
+                wide = np.asarray(img).astype(np.float64)
+                gray = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+                return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+            if img.mode == "F":
+                gray = np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8)
+                return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+            return np.array(img.convert("RGB"), dtype=np.uint8)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"image file {path} does not exist") from None
+    except _READ_ERRORS as e:
+        raise DatasetError(f"cannot read image {path}: {e}") from e
+
+
+def load_label_map(path: str | Path) -> np.ndarray:
+    """Decode a single-channel label map (PNG mode L, P, 1 or 16/32-bit I) to an integer
+    array (H, W) of the raw stored values (palette indices for mode P)."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            if img.mode not in _LABEL_MODES:
+                raise DatasetError(
+                    f"label map {path} has mode {img.mode}; expected a single-channel "
+                    "image of class indices (mode L, P or I)"
+                )
+            arr = np.asarray(img)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"label map {path} does not exist") from None
+    except DatasetError:
+        raise
+    except _READ_ERRORS as e:
+        raise DatasetError(f"cannot read label map {path}: {e}") from e
+    if arr.dtype == bool:
+        arr = arr.astype(np.uint8)
+    return arr
+
+
+def _format_values(values: np.ndarray, limit: int = 10) -> str:
+    shown = ", ".join(str(int(v)) for v in values[:limit])
+    return shown + (f", ... ({len(values)} distinct)" if len(values) > limit else "")
+
+
+class SegmentationDataset(Dataset):
+    """Images in ``img_dir`` paired with label maps of the same relative name in ``ann_dir``.
+
+    Args:
+        img_dir, ann_dir: directories, searched recursively for ``img_suffix`` (matched
+            case-insensitively) and read as ``<name><seg_suffix>`` respectively.
+        class_names: one name per class; ``K = len(class_names)`` (at most 255, as 255 is
+            the ignore index of targets).
+        reduce_zero_label: raw 0 → ignore and raw ``1..K`` → ``0..K-1``; otherwise raw values
+            are ``0..K-1`` already.
+        ignore_value: the raw value meaning "ignore" (mapped to 255 in targets). Any other
+            raw value outside the class range is a :class:`DatasetError`.
+        transforms: a callable taking and returning ``{"image": tv_tensors.Image,
+            "target": tv_tensors.Mask}``; None leaves the image unnormalised (0..255).
+        test_mode: also return ``ori_target``.
+
+    Raises ``FileNotFoundError`` for a missing directory and :class:`DatasetError` for an
+    empty image directory or an image without its label map (both at construction).
+    """
+
+    def __init__(
+        self,
+        img_dir: str | Path,
+        ann_dir: str | Path,
+        class_names: Sequence[str],
+        *,
+        reduce_zero_label: bool = False,
+        ignore_value: int = IGNORE_INDEX,
+        img_suffix: str = ".jpg",
+        seg_suffix: str = ".png",
+        transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        test_mode: bool = False,
+    ):
+        self.img_dir = Path(img_dir)
+        self.ann_dir = Path(ann_dir)
+        self.class_names = list(class_names)
+        if not 1 <= len(self.class_names) <= 255:
+            raise ValueError(f"need 1..255 classes, got {len(self.class_names)}")
+        self.reduce_zero_label = reduce_zero_label
+        self.ignore_value = int(ignore_value)
+        self.img_suffix = img_suffix
+        self.seg_suffix = seg_suffix
+        self.transforms = transforms
+        self.test_mode = test_mode
+        for kind, directory in (("image", self.img_dir), ("label", self.ann_dir)):
+            if not directory.is_dir():
+                raise FileNotFoundError(f"{kind} directory {directory} does not exist")
+        self._names = self._scan()
+
+    def _scan(self) -> list[str]:
+        suffix = self.img_suffix.lower()
+        found = sorted(
+            (p.relative_to(self.img_dir).as_posix()[: -len(suffix)], p)
+            for p in self.img_dir.rglob("*")
+            if p.name.lower().endswith(suffix) and p.is_file()
+        )
+        if not found:
+            raise DatasetError(f"no images ending in {self.img_suffix!r} found in {self.img_dir}")
+        missing = [(n, p) for n, p in found if not self.label_path_of(n).is_file()]
+        if missing:
+            more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
+            name, path = missing[0]
+            raise DatasetError(
+                f"image {path} has no label map {self.label_path_of(name)}{more}"
+            )
+        self._img_paths = [p for _, p in found]
+        return [n for n, _ in found]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def names(self) -> list[str]:
+        """File names without suffix, in item order."""
+        return list(self._names)
+
+    def __len__(self) -> int:
+        return len(self._names)
+
+    def image_path(self, index: int) -> Path:
+        return self._img_paths[index]
+
+    def label_path_of(self, name: str) -> Path:
+        return self.ann_dir / (name + self.seg_suffix)
+
+    def label_path(self, index: int) -> Path:
+        return self.label_path_of(self._names[index])
+
+    # ----------------------------------------------------------------- label spaces
+    def encode_labels(self, raw: np.ndarray, path: str | Path = "<array>") -> np.ndarray:
+        """Raw stored label values → training targets (int64, 0..K-1, 255 = ignore).
+
+        Raises :class:`DatasetError` naming ``path`` if a value is neither a class nor the
+        ignore value."""
+        k = self.num_classes
+        low, high = (1, k) if self.reduce_zero_label else (0, k - 1)
+        if raw.dtype == np.uint8:
+            present = np.flatnonzero(np.bincount(raw.ravel(), minlength=256))
+        else:
+            present = np.unique(raw)
+        allowed = ((present >= low) & (present <= high)) | (present == self.ignore_value)
+        if self.reduce_zero_label:
+            allowed |= present == 0
+        bad = present[~allowed]
+        if bad.size:
+            zero = "0 = unlabelled, " if self.reduce_zero_label else ""
+            raise DatasetError(
+                f"label map {path} holds value(s) {_format_values(bad)} outside the class range "
+                f"({zero}{low}..{high} for {k} classes, {self.ignore_value} = ignore)"
+            )
+        lut = np.full(int(max(present.max(), 255)) + 1, IGNORE_INDEX, dtype=np.int64)
+        classes = np.arange(low, high + 1)
+        lut[classes] = classes - low
+        if 0 <= self.ignore_value < lut.size:
+            lut[self.ignore_value] = IGNORE_INDEX
+        return lut[raw]
+
+    def to_dataset_labels(self, pred: np.ndarray | torch.Tensor) -> np.ndarray:
+        """Predicted class indices (0..K-1, 255 = ignore) → the dataset's own label values,
+        for writing PNGs (ADE20K: 0..149 → 1..150, ignore → 0)."""
+        if isinstance(pred, torch.Tensor):
+            pred = pred.detach().cpu().numpy()
+        pred = np.asarray(pred).astype(np.int64)
+        valid = (pred >= 0) & (pred < self.num_classes)
+        if self.reduce_zero_label:
+            out = np.where(valid, pred + 1, 0)
+        else:
+            out = np.where(valid, pred, self.ignore_value)
+        dtype = np.uint8 if out.max(initial=0) <= 255 and out.min(initial=0) >= 0 else np.int32
+        return out.astype(dtype)
+
+    def save_prediction(self, pred: np.ndarray | torch.Tensor, out_dir: str | Path,
+                        name: str) -> Path:
+        """Write a predicted label map (H×W class indices) as ``out_dir/<name>.png`` in the
+        dataset's own label space; returns the path."""
+        path = Path(out_dir) / (name + ".png")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        labels = self.to_dataset_labels(pred)
+        if labels.dtype != np.uint8:
+            labels = labels.astype(np.int32)
+        Image.fromarray(labels).save(path)
+        return path
+
+    # ----------------------------------------------------------------- loading
+    def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
+        """The decoded image (H, W, 3 uint8) and its encoded target (H, W int64), checked."""
+        img_path, ann_path = self.image_path(index), self.label_path(index)
+        image = load_image(img_path)
+        raw = load_label_map(ann_path)
+        if image.shape[:2] != raw.shape[:2]:
+            (ih, iw), (lh, lw) = image.shape[:2], raw.shape[:2]
+            raise DatasetError(
+                f"label map {ann_path} is {lh}x{lw} (HxW) but image {img_path} is {ih}x{iw}"
+                " (label maps are not EXIF-rotated; rotate the image pixels instead)"
+            )
+        return image, self.encode_labels(raw, ann_path)
+
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        if isinstance(key, tuple):
+            index, seed = key
+        else:
+            index, seed = key, None
+        image_np, target_np = self.load(index)
+        height, width = target_np.shape
+        image = tv_tensors.Image(torch.from_numpy(image_np).permute(2, 0, 1).float())
+        target = torch.from_numpy(target_np)
+        sample: dict[str, Any] = {"image": image, "target": tv_tensors.Mask(target)}
+        if self.transforms is not None:
+            if seed is None:
+                sample = self.transforms(sample)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.default_generator.manual_seed(int(seed))
+                    sample = self.transforms(sample)
+        item = {
+            "image": sample["image"].as_subclass(torch.Tensor).contiguous(),
+            "target": sample["target"].as_subclass(torch.Tensor).long().contiguous(),
+            "name": self._names[index],
+            "ori_size": (height, width),
+        }
+        if self.test_mode:
+            item["ori_target"] = target
+        return item
+
+    def __repr__(self) -> str:
+        return (
+            f"{type(self).__name__}({len(self)} images, {self.num_classes} classes, "
+            f"img_dir={str(self.img_dir)!r}, test_mode={self.test_mode})"
+        )
+
+
+class ADE20KDataset(SegmentationDataset):
+    """ADE20K (SceneParsing) in its release layout ``root/{images,annotations}/<split>``.
+
+    ``class_names`` defaults to the bundled 150 names; raw labels 1..K become 0..K-1 and 0
+    becomes ignore (``reduce_zero_label``)."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str = "training",
+        *,
+        class_names: Sequence[str] | None = None,
+        reduce_zero_label: bool = True,
+        img_suffix: str = ".jpg",
+        seg_suffix: str = ".png",
+        transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        test_mode: bool = False,
+    ):
+        root = Path(root)
+        if not root.is_dir():
+            raise FileNotFoundError(f"dataset root {root} does not exist")
+        if class_names is None:
+            class_names = read_class_names(ADE20K_CLASSES_FILE)
+        self.root = root
+        self.split = split
+        super().__init__(
+            root / "images" / split,
+            root / "annotations" / split,
+            class_names,
+            reduce_zero_label=reduce_zero_label,
+            ignore_value=IGNORE_INDEX,
+            img_suffix=img_suffix,
+            seg_suffix=seg_suffix,
+            transforms=transforms,
+            test_mode=test_mode,
+        )
+
+
+class FolderDataset(SegmentationDataset):
+    """Your own data: ``img_dir`` + ``ann_dir`` (PNG label maps, same names) + a class-names
+    file (one name per line; line i names class i, or raw value i+1 with
+    ``reduce_zero_label``)."""
+
+    def __init__(
+        self,
+        img_dir: str | Path,
+        ann_dir: str | Path,
+        classes_file: str | Path,
+        *,
+        reduce_zero_label: bool = False,
+        ignore_value: int = IGNORE_INDEX,
+        img_suffix: str = ".jpg",
+        seg_suffix: str = ".png",
+        transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+        test_mode: bool = False,
+    ):
+        super().__init__(
+            img_dir,
+            ann_dir,
+            read_class_names(classes_file),
+            reduce_zero_label=reduce_zero_label,
+            ignore_value=ignore_value,
+            img_suffix=img_suffix,
+            seg_suffix=seg_suffix,
+            transforms=transforms,
+            test_mode=test_mode,
+        )
+        self.classes_file = Path(classes_file)
+
+
+def build_segmentation_dataset(
+    cfg: DataConfig, split: str, num_classes: int, train: bool
+) -> SegmentationDataset:
+    """The dataset for ``split`` (e.g. ``cfg.train_split``) with the training (``train=True``)
+    or test pipeline.
+
+    Both ``cfg.dataset`` kinds read ``cfg.root/images/<split>`` and
+    ``cfg.root/annotations/<split>``, with ``cfg.img_suffix``/``cfg.seg_suffix`` and
+    ``cfg.reduce_zero_label``; raw value 255 is ignore.
+
+    * ``"ade20k"``: class names are the bundled ADE20K list when ``num_classes`` is 150,
+      otherwise ``cfg.root/classes.txt`` (e.g. the synthetic quickstart data).
+    * ``"folder"``: class names always come from ``cfg.root/classes.txt``.
+
+    ``num_classes`` (the model's K) must equal the number of class names.
+    """
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} (data.root) does not exist")
+    classes_file = root / "classes.txt"
+    if cfg.dataset == "ade20k":
+        if num_classes == 150:
+            class_names = read_class_names(ADE20K_CLASSES_FILE)
+        elif classes_file.is_file():
+            class_names = read_class_names(classes_file)
+        else:
+            raise DatasetError(
+                f"the model has {num_classes} classes but ADE20K has 150, and there is no "
+                f"{classes_file} naming {num_classes} classes"
+            )
+    elif cfg.dataset == "folder":
+        class_names = read_class_names(classes_file)
+    else:
+        raise ValueError(f"unknown data.dataset {cfg.dataset!r}; expected 'ade20k' or 'folder'")
+    if len(class_names) != num_classes:
+        raise DatasetError(
+            f"the model has {num_classes} classes but {classes_file} names {len(class_names)}"
+        )
+    transforms = build_train_transforms(cfg) if train else build_test_transforms(cfg)
+    common: dict[str, Any] = dict(
+        reduce_zero_label=cfg.reduce_zero_label,
+        img_suffix=cfg.img_suffix,
+        seg_suffix=cfg.seg_suffix,
+        transforms=transforms,
+        test_mode=not train,
+    )
+    if cfg.dataset == "ade20k":
+        return ADE20KDataset(root, split, class_names=class_names, **common)
+    return FolderDataset(
+        root / "images" / split, root / "annotations" / split, classes_file, **common
+    )

@@ -1,0 +1,298 @@
+"""Iteration-based training for semantic segmentation, on one process or under torchrun.
+
+Order of one step: draw a batch → forward under autocast → (non-finite check) → backward
+(scaled for fp16), repeated ``optim.accumulate`` times → optional gradient clipping →
+optimiser step → scheduler step. Checkpoints are written atomically every
+``schedule.checkpoint_interval`` iterations and at the end; ``resume`` continues from the
+newest one in the work dir with the same data stream, RNG states and optimiser state.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import re
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from ..config import Config, config_from_dict, save_config
+from ..models import build_model
+from .dist import DistEnv, barrier, init_distributed
+from .evaluate import evaluate, unwrap
+from .optim import build_optimizer, build_scheduler
+
+CKPT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def newest_checkpoint(work_dir: Path) -> Path | None:
+    """The ``iter_N.pth`` in ``work_dir`` with the largest N, if any."""
+    found = [(int(m[1]), p) for p in Path(work_dir).glob("iter_*.pth")
+             if (m := CKPT_PATTERN.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": list(random.getstate()[1]),  # Mersenne state as ints (weights-only safe)
+        "python_pos": random.getstate()[2],
+        "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+        "numpy_pos": int(np.random.get_state()[2]),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate((3, tuple(state["python"]), state["python_pos"]))
+    np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32),
+                         state["numpy_pos"], 0, 0.0))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+class MetricLogger:
+    """JSON-lines file plus TensorBoard event files (main process only)."""
+
+    def __init__(self, work_dir: Path, enabled: bool) -> None:
+        self.enabled = enabled
+        self.file = None
+        self.tb = None
+        if enabled:
+            self.file = open(work_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.tb = SummaryWriter(str(work_dir / "tb"))
+            except ImportError:  # tensorboard is a dependency, but stay usable without it
+                self.tb = None
+
+    def log(self, step: int, mode: str, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"mode": mode, "iter": step, **values}) + "\n")
+        self.file.flush()
+        if self.tb is not None:
+            for key, value in values.items():
+                if isinstance(value, (int, float)) and math.isfinite(value):
+                    self.tb.add_scalar(f"{mode}/{key}", value, step)
+
+    def close(self) -> None:
+        if self.file:
+            self.file.close()
+        if self.tb is not None:
+            self.tb.close()
+
+
+def _autocast(cfg: Config, device: torch.device):
+    if cfg.amp == "none":
+        return nullcontext()
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
+    if dtype is None:
+        raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
+    return torch.autocast(device.type, dtype=dtype)
+
+
+def _build_datasets(cfg: Config, num_classes: int, with_val: bool):
+    from ..data import build_segmentation_dataset
+
+    train_set = build_segmentation_dataset(cfg.data, cfg.data.train_split, num_classes, True)
+    val_set = None
+    if with_val:
+        val_set = build_segmentation_dataset(cfg.data, cfg.data.val_split, num_classes, False)
+    return train_set, val_set
+
+
+def train(cfg: Config, work_dir: str | Path, resume: bool = False,
+          load_from: str | None = None, env: DistEnv | None = None,
+          progress: bool = True) -> dict[str, Any]:
+    """Train ``cfg`` in ``work_dir``; returns the last evaluation's metrics (if any)."""
+    env = env or init_distributed()
+    work_dir = Path(work_dir)
+    if env.is_main:
+        work_dir.mkdir(parents=True, exist_ok=True)
+    barrier()
+
+    start_ckpt = newest_checkpoint(work_dir) if resume else None
+    state: dict[str, Any] = {}
+    if start_ckpt is not None:
+        state = read_checkpoint(start_ckpt)
+        if "config" in state:
+            cfg = config_from_dict(state["config"], str(start_ckpt))
+
+    seed_everything(cfg.seed + env.rank)
+    model = build_model(cfg)
+    log = print if env.is_main else (lambda *a, **k: None)
+    if load_from and start_ckpt is None:
+        report = load_checkpoint(model, load_from)
+        log(str(report))
+    model.to(env.device)
+    if env.distributed and env.device.type == "cuda":
+        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.schedule)
+    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
+    start_iter = 0
+    if start_ckpt is not None:
+        load_checkpoint(model, start_ckpt)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        start_iter = int(state["iteration"])
+        ranks = state["rng"]
+        set_rng_state(ranks[env.rank] if env.rank < len(ranks) else ranks[0])
+        log(f"resumed from {start_ckpt} at iteration {start_iter}")
+    del state
+
+    if env.distributed:
+        ids = [env.local_rank] if env.device.type == "cuda" else None
+        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    if env.is_main:
+        save_config(cfg, work_dir / "config.yaml")
+
+    num_classes = unwrap(model).num_classes
+    with_val = cfg.schedule.eval_interval > 0
+    train_set, val_set = _build_datasets(cfg, num_classes, with_val)
+    loader = iter(_train_loader(cfg, train_set, env, start_iter))
+    accumulate = max(1, cfg.optim.accumulate)
+    effective = cfg.data.batch_size * env.world_size * accumulate
+    log(f"training {cfg.name}: {len(train_set)} images, {num_classes} classes, "
+        f"effective batch {effective} = {cfg.data.batch_size} per process x {env.world_size} "
+        f"process(es) x {accumulate} accumulation step(s) (the official recipe uses 32)")
+
+    logger = MetricLogger(work_dir, env.is_main)
+    max_iters = cfg.schedule.max_iters
+    last_metrics: dict[str, Any] = {}
+    bar = tqdm(total=max_iters, initial=start_iter, desc="train", dynamic_ncols=True,
+               disable=not (progress and env.is_main))
+    model.train()
+    tick = time.perf_counter()
+    try:
+        for it in range(start_iter, max_iters):
+            optimizer.zero_grad(set_to_none=True)
+            values: dict[str, float] = {}
+            skipped = False
+            for micro in range(accumulate):
+                batch = next(loader)
+                images = batch["image"].to(env.device, non_blocking=True)
+                targets = batch["target"].to(env.device, non_blocking=True)
+                sync = micro == accumulate - 1 or not env.distributed
+                ctx = nullcontext() if sync else model.no_sync()
+                with ctx:
+                    with _autocast(cfg, env.device):
+                        losses = model(images, targets)
+                    loss = sum(losses.values())
+                    if not torch.isfinite(loss.detach()):
+                        if cfg.nonfinite_loss == "skip":
+                            log(f"\niteration {it + 1}: non-finite loss "
+                                f"{ {k: v.item() for k, v in losses.items()} }, step skipped")
+                            skipped = True
+                            break
+                        raise NonFiniteLossError(
+                            f"iteration {it + 1}: the loss is not finite "
+                            f"({ {k: v.item() for k, v in losses.items()} }); the last good "
+                            f"checkpoint in {work_dir} is intact. Lower optim.lr, try amp=none, "
+                            f"or set nonfinite_loss=skip"
+                        )
+                    scaler.scale(loss / accumulate).backward()
+                for k, v in losses.items():
+                    values[k] = values.get(k, 0.0) + v.item() / accumulate
+            if skipped:
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                if cfg.optim.grad_clip:
+                    scaler.unscale_(optimizer)
+                    values["grad_norm"] = float(nn.utils.clip_grad_norm_(
+                        model.parameters(), cfg.optim.grad_clip))
+                scaler.step(optimizer)
+                scaler.update()
+            scheduler.step()
+            step = it + 1
+            bar.update(1)
+            if step % cfg.schedule.log_interval == 0 or step == max_iters:
+                now = time.perf_counter()
+                values["loss"] = sum(v for k, v in values.items() if k.startswith("loss"))
+                values["lr"] = optimizer.param_groups[0]["lr"]
+                values["sec_per_iter"] = (now - tick) / cfg.schedule.log_interval
+                tick = now
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+                logger.log(step, "train", values)
+            if step % cfg.schedule.checkpoint_interval == 0 or step == max_iters:
+                _save(work_dir / f"iter_{step}.pth", model, optimizer, scheduler, scaler,
+                      step, cfg, env)
+            if val_set is not None and (step % cfg.schedule.eval_interval == 0
+                                        or step == max_iters):
+                last_metrics = evaluate(model, val_set, cfg, env, progress=progress)
+                summary = {k: last_metrics[k] for k in ("mIoU", "mAcc", "aAcc")}
+                log(f"\niteration {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in
+                                                       summary.items()))
+                logger.log(step, "val", summary)
+                model.train()
+    finally:
+        bar.close()
+        logger.close()
+    return last_metrics
+
+
+def _train_loader(cfg: Config, dataset, env: DistEnv, start_iter: int):
+    from ..data import build_train_loader
+
+    # Every process draws batch_size x accumulate samples per iteration.
+    accumulate = max(1, cfg.optim.accumulate)
+    return build_train_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.seed,
+                              env.rank, env.world_size, start_iter=start_iter * accumulate)
+
+
+def _save(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: Config,
+          env: DistEnv) -> None:
+    """Gather every rank's RNG state, then write the checkpoint from the main process."""
+    states = [rng_state()]
+    if env.distributed:
+        import torch.distributed as dist
+
+        states = [None] * env.world_size
+        dist.all_gather_object(states, rng_state())
+    if env.is_main:
+        save_checkpoint(path, unwrap(model), optimizer=optimizer.state_dict(),
+                        scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
+                        iteration=step, rng=states, config=cfg.to_dict())
+    barrier()
+
+
+def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
+         out_dir: str | Path | None = None, env: DistEnv | None = None,
+         progress: bool = True) -> dict[str, Any]:
+    """Evaluate ``checkpoint`` (any format :func:`load_checkpoint` accepts) on the
+    validation split of ``cfg.data``."""
+    from ..data import build_segmentation_dataset
+
+    env = env or init_distributed()
+    model = build_model(cfg)
+    report = load_checkpoint(model, checkpoint)
+    if env.is_main:
+        print(report)
+    model.to(env.device).eval()
+    dataset = build_segmentation_dataset(cfg.data, cfg.data.val_split, model.num_classes, False)
+    return evaluate(model, dataset, cfg, env, aug_test=aug_test, out_dir=out_dir,
+                    progress=progress)
