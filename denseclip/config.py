@@ -78,7 +78,26 @@ class GuidanceConfig:
 
 
 @dataclass
+class DetectionConfig:
+    """Detector settings (RetinaNet / Mask R-CNN on torchvision, DESIGN §5–6)."""
+
+    min_size: int = 800  # input scale (1333, 800), keep ratio
+    max_size: int = 1333
+    size_divisor: int = 32  # batches are padded to a multiple of this
+    seg_loss: bool = True  # auxiliary box-mask loss on the score map (DenseCLIP only)
+    seg_loss_weight: float = 1.0
+    # Official recipe: RetinaNet's classification bias keeps PyTorch's default init
+    # (False); True applies the usual focal-loss prior (torchvision's default).
+    focal_prior_init: bool = False
+    # Official recipe: every BatchNorm of the CLIP ResNet trains (batch statistics).
+    train_bn: bool = True
+    score_thresh: float = 0.05
+    detections_per_img: int = 100
+
+
+@dataclass
 class ModelConfig:
+    # "segmentation", "retinanet" or "mask_rcnn"
     task: str = "segmentation"
     classes: str = "ade20k"  # a bundled list name ("ade20k", "coco") or a file, one per line
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
@@ -92,13 +111,16 @@ class ModelConfig:
     # or over "valid" pixels only.
     loss_average: str = "all"
     align_corners: bool = False
+    detection: DetectionConfig = field(default_factory=DetectionConfig)
     pretrained: str | None = None  # CLIP weights loaded by build_model, if given
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "ade20k"  # "ade20k" or "folder"
+    dataset: str = "ade20k"  # "ade20k", "folder" or "coco"
     root: str = "data/ade/ADEChallengeData2016"
+    # ADE20K/folder: images/<split>, annotations/<split>; COCO: <split>/ images with
+    # annotations/instances_<split>.json.
     train_split: str = "training"
     val_split: str = "validation"
     reduce_zero_label: bool = True  # label 0 -> ignore, 1..K -> 0..K-1
@@ -130,6 +152,12 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
+    policy: str = "poly"  # "poly" (segmentation) or "step" (detection)
+    # Epoch-based runs (max_epochs > 0) convert epochs to iterations from the dataset size;
+    # ``steps`` are epochs at which a step policy multiplies the lr by ``step_gamma``.
+    max_epochs: int = 0
+    steps: list[int] = field(default_factory=list)
+    step_gamma: float = 0.1
     max_iters: int = 80000
     warmup_iters: int = 1500
     warmup_ratio: float = 1e-6
