@@ -169,6 +169,7 @@ class TextGuidance(nn.Module):
                 embed_dim, text_encoder.width, n_ctx, **decoder
             )
         self.class_names: list[str] = []
+        self._text_cache: tuple | None = None  # (key, (1, K, D) embeddings)
         self.set_classes(class_names)
 
     @property
@@ -185,8 +186,25 @@ class TextGuidance(nn.Module):
 
     def text_embeddings(self) -> torch.Tensor:
         """Text embeddings (1, K, D) of the class list behind the learned contexts
-        (post-model prompting; they do not depend on the image)."""
-        return self.text_encoder(self.tokens, self.contexts)
+        (post-model prompting; they do not depend on the image).
+
+        Without autograd (inference) the result is cached and reused across images and
+        sliding windows until the class list, the contexts or the text encoder's weights
+        change (any in-place update, e.g. an optimiser step or ``load_state_dict``, bumps
+        a tensor's version counter, which is part of the cache key)."""
+        if torch.is_grad_enabled():
+            return self.text_encoder(self.tokens, self.contexts)
+        key = (
+            tuple(self.class_names),
+            self.tokens.device,
+            torch.is_autocast_enabled(self.tokens.device.type),
+            self.contexts.data_ptr(),
+            self.contexts._version,
+            tuple((p.data_ptr(), p._version) for p in self.text_encoder.parameters()),
+        )
+        if self._text_cache is None or self._text_cache[0] != key:
+            self._text_cache = (key, self.text_encoder(self.tokens, self.contexts))
+        return self._text_cache[1]
 
     def forward(self, global_embed: torch.Tensor, dense_embed: torch.Tensor) -> GuidanceOutput:
         """``global_embed`` (B, D) and ``dense_embed`` (B, D, h, w) → text and score maps."""
