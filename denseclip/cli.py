@@ -13,6 +13,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .config import Config, ConfigError, load_config
 
@@ -79,8 +80,103 @@ def run_presets(args: argparse.Namespace) -> int:
     print("\n".join(available_presets()))
     return 0
 
+# --- train / test / quickstart --------------------------------------------------------------
+
+def _train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--work-dir", help="checkpoints and logs (default: work_dirs/<config>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in the work dir")
+    parser.add_argument("--load-from", metavar="CKPT",
+                        help="initialise weights only (e.g. OpenAI RN50.pt or a release)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from .engine.dist import cleanup, init_distributed
+    from .engine.trainer import train
+
+    cfg = load_cli_config(args)
+    env = init_distributed(args.device)
+    work_dir = args.work_dir or f"work_dirs/{cfg.name}"
+    try:
+        metrics = train(cfg, work_dir, resume=args.resume, load_from=args.load_from, env=env,
+                        progress=not args.no_progress)
+    finally:
+        cleanup()
+    if metrics and env.is_main:
+        print(metrics["table"])
+    return 0
+
+
+def _test_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="preset name or a YAML file")
+    parser.add_argument("checkpoint", help="our checkpoint, a state dict or an official release")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--aug-test", action="store_true",
+                        help="multi-scale + flip test-time augmentation")
+    parser.add_argument("--out-dir", help="write predicted label PNGs and metrics.json here")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_test(args: argparse.Namespace) -> int:
+    from .engine.dist import cleanup, init_distributed
+    from .engine.trainer import test
+
+    cfg = load_cli_config(args)
+    env = init_distributed(args.device)
+    try:
+        metrics = test(cfg, args.checkpoint, aug_test=args.aug_test, out_dir=args.out_dir,
+                       env=env, progress=not args.no_progress)
+    finally:
+        cleanup()
+    if env.is_main:
+        print(metrics["table"])
+        print(json.dumps({k: round(metrics[k], 4) for k in ("mIoU", "mAcc", "aAcc")}))
+    return 0
+
+
+def _quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides of the quickstart preset")
+    parser.add_argument("--work-dir", default="work_dirs/quickstart")
+    parser.add_argument("--num-train", type=int, default=200)
+    parser.add_argument("--num-val", type=int, default=50)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    import time
+
+    from .data import make_synthetic_dataset
+    from .engine.dist import DistEnv
+    from .engine.trainer import test, train
+
+    start = time.perf_counter()
+    work_dir = Path(args.work_dir)
+    root = make_synthetic_dataset(work_dir / "data", args.num_train, args.num_val, seed=0)
+    print(f"synthetic ADE20K-layout data: {args.num_train} training and {args.num_val} "
+          f"validation images in {root}")
+    cfg = load_config("quickstart", [f"data.root={root}", f"model.classes={root}/classes.txt",
+                                     "schedule.eval_interval=0", *args.overrides])
+    env = DistEnv()
+    train(cfg, work_dir, env=env, progress=not args.no_progress)
+    last = work_dir / f"iter_{cfg.schedule.max_iters}.pth"
+    metrics = test(cfg, last, env=env, progress=not args.no_progress)
+    print(metrics["table"])
+    print(f"quickstart finished in {time.perf_counter() - start:.0f} s: "
+          f"validation mIoU {metrics['mIoU']:.2f} %")
+    return 0
+
 
 COMMANDS: list[Command] = [
+    Command("train", "train a model (single process, or many under torchrun)",
+            _train_arguments, run_train),
+    Command("test", "evaluate a checkpoint on the validation split", _test_arguments, run_test),
+    Command("quickstart", "generate synthetic data, train a tiny DenseCLIP on CPU, evaluate",
+            _quickstart_arguments, run_quickstart),
     Command("flops", "count parameters and multiply-adds (GMACs) of a config's model",
             _flops_arguments, run_flops),
     Command("presets", "list the bundled config presets", _no_arguments, run_presets),
@@ -117,6 +213,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as e:
         print(f"{sub.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except (FileNotFoundError, ValueError, RuntimeError) as e:
+        # Bad data, checkpoints or a diverging run: the message names the file/problem.
+        print(f"{sub.prog}: error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

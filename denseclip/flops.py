@@ -130,6 +130,9 @@ def count_macs(module: nn.Module, *inputs: Any, extra_ops: bool = True,
     relative to ``module`` (``""`` is the whole call, ``"backbone"``,
     ``"guidance.text_encoder"``, ...). Each path's figure *includes* its submodules.
     """
+    for m in module.modules():  # count the text encoder even when its output is cached
+        if hasattr(m, "clear_cache"):
+            m.clear_cache()
     counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping(extra_ops))
     with torch.no_grad(), counter:
         module(*inputs, **kwargs)

@@ -45,12 +45,19 @@ def build_segmentor(cfg: ModelConfig) -> Segmentor:
     guided = cfg.guidance.enabled
     if guided and not cfg.backbone.embeddings:
         raise ConfigError("model.guidance.enabled needs model.backbone.embeddings: true")
-    backbone = build_backbone(cfg.backbone)
-    guidance = build_guidance(cfg, class_names) if guided else None
     if not 0 <= cfg.guidance.score_level < 4:
         raise ConfigError(
             f"model.guidance.score_level must be 0..3, got {cfg.guidance.score_level}"
         )
+    if cfg.loss_average not in ("all", "valid"):
+        raise ConfigError(f"model.loss_average must be 'all' or 'valid', got {cfg.loss_average!r}")
+    if cfg.backbone.pos_embed not in ("interpolate", "crop"):
+        raise ConfigError(
+            f"model.backbone.pos_embed must be 'interpolate' or 'crop', "
+            f"got {cfg.backbone.pos_embed!r}"
+        )
+    backbone = build_backbone(cfg.backbone)
+    guidance = build_guidance(cfg, class_names) if guided else None
     return Segmentor(backbone, len(class_names), guidance, cfg.guidance.score_level,
                      cfg.neck_channels, cfg.head_channels, cfg.head_dropout, cfg.ignore_index,
                      cfg.loss_average, cfg.guidance.aux_loss_weight)
@@ -60,6 +67,10 @@ def build_model(cfg: Config) -> nn.Module:
     """Build the model described by ``cfg.model`` (and load ``model.pretrained`` if set)."""
     if cfg.model.task == "segmentation":
         model = build_segmentor(cfg.model)
+    elif cfg.model.task in ("retinanet", "mask_rcnn"):
+        from .detection import build_detector  # imported here: it builds on this module
+
+        model = build_detector(cfg.model)
     else:
         raise ConfigError(f"model.task {cfg.model.task!r} is not supported (segmentation)")
     if cfg.model.pretrained:

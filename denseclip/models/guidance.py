@@ -184,6 +184,10 @@ class TextGuidance(nn.Module):
         self.register_buffer("tokens", tokens.to(device), persistent=False)
         self.class_names = names
 
+    def clear_cache(self) -> None:
+        """Forget cached text embeddings (the next inference recomputes them)."""
+        self._text_cache = None
+
     def text_embeddings(self) -> torch.Tensor:
         """Text embeddings (1, K, D) of the class list behind the learned contexts
         (post-model prompting; they do not depend on the image).
@@ -194,10 +198,14 @@ class TextGuidance(nn.Module):
         a tensor's version counter, which is part of the cache key)."""
         if torch.is_grad_enabled():
             return self.text_encoder(self.tokens, self.contexts)
+        try:
+            autocast = torch.is_autocast_enabled(self.tokens.device.type)
+        except RuntimeError:  # a device type without autocast (e.g. meta)
+            autocast = False
         key = (
             tuple(self.class_names),
             self.tokens.device,
-            torch.is_autocast_enabled(self.tokens.device.type),
+            autocast,
             self.contexts.data_ptr(),
             self.contexts._version,
             tuple((p.data_ptr(), p._version) for p in self.text_encoder.parameters()),

@@ -1,0 +1,167 @@
+"""Training engine end to end through the real CLI: resume after kill -9, non-finite
+losses, torchrun with two processes (gloo), evaluation sharding and the learning-rate
+schedule."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import denseclip
+from denseclip.checkpoint import read_checkpoint
+from denseclip.config import ScheduleConfig
+from denseclip.data import make_synthetic_dataset
+from denseclip.engine.optim import build_optimizer, build_scheduler, param_groups, poly_lr
+
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory) -> Path:
+    return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=12, num_val=5,
+                                  size=(64, 80), seed=0)
+
+
+def overrides(root: Path, *extra: str) -> list[str]:
+    return [f"data.root={root}", f"model.classes={root}/classes.txt", "data.batch_size=2",
+            "data.num_workers=0", "schedule.log_interval=1", "evaluation.mode=whole", *extra]
+
+
+def cli(*args: str, **kw) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "denseclip", *args], env=ENV,
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+def model_state(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)["model"]
+
+
+def test_kill_9_then_resume_ends_with_the_same_weights(tmp_path, data_root):
+    common = overrides(data_root, "schedule.max_iters=8", "schedule.checkpoint_interval=2",
+                       "schedule.eval_interval=0")
+    ref = cli("train", "tiny_denseclip_res", "--work-dir", str(tmp_path / "ref"),
+              "--no-progress", *common)
+    assert ref.returncode == 0, ref.stderr
+
+    work = tmp_path / "killed"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "denseclip", "train", "tiny_denseclip_res", "--work-dir",
+         str(work), "--no-progress", *common],
+        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not (work / "iter_4.pth").exists():  # wait for the event, then kill
+        assert proc.poll() is None, "training ended before it could be killed"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (work / "iter_8.pth").exists()
+    assert not list(work.glob(".*.tmp"))  # no half-written checkpoint left visible
+
+    resumed = cli("train", "tiny_denseclip_res", "--work-dir", str(work), "--resume",
+                  "--no-progress", *common)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "resumed from" in resumed.stdout
+    final, expected = model_state(work / "iter_8.pth"), model_state(tmp_path / "ref/iter_8.pth")
+    assert final.keys() == expected.keys()
+    for key in expected:
+        assert torch.equal(final[key], expected[key]), key
+    # The optimiser state continued too.
+    state = read_checkpoint(work / "iter_8.pth")
+    assert state["iteration"] == 8 and state["scheduler"]["last_epoch"] == 8
+
+
+def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path,
+                                                                            data_root):
+    # A huge learning rate makes the weights blow up after the first step.
+    args = overrides(data_root, "schedule.max_iters=6", "schedule.checkpoint_interval=1",
+                     "schedule.eval_interval=0", "schedule.warmup_iters=0", "optim.lr=1e6")
+    run = cli("train", "tiny_denseclip_res", "--work-dir", str(tmp_path / "stop"),
+              "--no-progress", *args)
+    assert run.returncode == 1
+    assert "loss is not finite" in run.stderr and "nonfinite_loss=skip" in run.stderr
+    ckpts = sorted(p.name for p in (tmp_path / "stop").glob("iter_*.pth"))
+    assert ckpts, "the good iterations before the failure were checkpointed"
+    last = read_checkpoint(tmp_path / "stop" / ckpts[-1])
+    assert all(torch.isfinite(v).all() for v in last["model"].values() if v.is_floating_point())
+
+    skip = cli("train", "tiny_denseclip_res", "--work-dir", str(tmp_path / "skip"),
+               "--no-progress", *args, "nonfinite_loss=skip")
+    assert skip.returncode == 0, skip.stderr
+    assert "step skipped" in skip.stdout
+    assert (tmp_path / "skip" / "iter_6.pth").exists()
+
+
+def test_torchrun_two_processes_train_and_evaluate_like_one(tmp_path, data_root):
+    work = tmp_path / "dist"
+    args = overrides(data_root, "schedule.max_iters=3", "schedule.checkpoint_interval=3",
+                     "schedule.eval_interval=0")
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "denseclip", "train", "tiny_denseclip_res", "--work-dir", str(work),
+         "--device", "cpu", "--no-progress", *args],
+        env=ENV, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "effective batch 4 = 2 per process x 2 process(es)" in run.stdout
+    ckpt = work / "iter_3.pth"
+    assert len(read_checkpoint(ckpt)["rng"]) == 2  # one RNG state per rank
+
+    def evaluate(*launcher: str) -> dict:
+        out = tmp_path / f"eval{len(launcher)}"
+        proc = subprocess.run(
+            [*launcher, "-m", "denseclip", "test", "tiny_denseclip_res", str(ckpt),
+             "--out-dir", str(out), "--device", "cpu", "--no-progress", *args],
+            env=ENV, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert len(list(out.glob("*.png"))) == 5  # every validation image exactly once
+        return json.loads((out / "metrics.json").read_text())
+
+    single = evaluate(sys.executable)
+    double = evaluate(sys.executable, "-m", "torch.distributed.run", "--standalone",
+                      "--nproc_per_node", "2")
+    for key in ("mIoU", "mAcc", "aAcc"):
+        assert single[key] == double[key]
+
+
+def test_poly_schedule_with_warmup_matches_the_formula():
+    cfg = ScheduleConfig(max_iters=100, warmup_iters=10, warmup_ratio=1e-6, power=0.9,
+                         min_lr=1e-6)
+    assert poly_lr(1e-4, 0, cfg) == pytest.approx(((1e-4 - 1e-6) + 1e-6) * 1e-6)
+    assert poly_lr(1e-4, 5, cfg) == pytest.approx(
+        ((1e-4 - 1e-6) * 0.95**0.9 + 1e-6) * (1 - 0.5 * (1 - 1e-6)))
+    assert poly_lr(1e-4, 100, cfg) == pytest.approx(1e-6)
+    model = denseclip.build_model(denseclip.load_config("tiny_denseclip_res"))
+    optim_cfg = denseclip.load_config("tiny_denseclip_res").optim
+    optimizer = build_optimizer(model, optim_cfg)
+    scheduler = build_scheduler(optimizer, cfg)
+    for _ in range(50):
+        optimizer.step()
+        scheduler.step()
+    for group in optimizer.param_groups:
+        base = group["initial_lr"]
+        assert group["lr"] == pytest.approx(poly_lr(base, 50, cfg))
+
+
+def test_param_groups_follow_the_multipliers():
+    cfg = denseclip.load_config("tiny_denseclip_res")
+    model = denseclip.build_model(cfg)
+    groups = param_groups(model, cfg.optim)
+    by_name = {n: g for g in groups for n in g["names"]}
+    assert not any(n.startswith("guidance.text_encoder.") for n in by_name)  # frozen
+    assert by_name["backbone.conv1.weight"]["lr"] == pytest.approx(cfg.optim.lr * 0.1)
+    assert by_name["backbone.bn1.weight"]["weight_decay"] == 0.0
+    assert by_name["head.conv_seg.weight"]["lr"] == pytest.approx(cfg.optim.lr)
+    assert by_name["head.conv_seg.weight"]["weight_decay"] == pytest.approx(1e-4)
+    assert by_name["guidance.context_decoder.decoder.0.norm1.weight"]["weight_decay"] == 0.0
+    assert "guidance.contexts" in by_name
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert sum(p.numel() for g in groups for p in g["params"]) == trainable

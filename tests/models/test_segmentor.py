@@ -1,0 +1,257 @@
+"""The segmentor built from every preset: outputs, losses, gradients, sizes, bad input."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import denseclip
+from denseclip.models import Segmentor
+
+TINY = ["tiny_denseclip_res", "tiny_clip_res", "tiny_denseclip_vit", "tiny_clip_vit"]
+CASES = [(name, ()) for name in TINY] + [
+    (name, ("model.guidance.prompting=pre",)) for name in TINY if "denseclip" in name
+]
+CASE_IDS = [name + ("-pre" if overrides else "") for name, overrides in CASES]
+
+# Parameters whose gradient is zero by construction, whatever the data:
+#  - a key bias in attention adds the same amount to every logit of a query row, which the
+#    softmax cancels;
+#  - a per-channel bias right before a BatchNorm in training mode is removed by the batch
+#    mean.
+STRUCTURALLY_ZERO_GRAD = {"backbone.attnpool.k_proj.bias", "backbone.fpn1.1.bias"}
+
+# DESIGN §8: parameters excluding the text encoder, and every parameter (text encoder
+# included), in millions.
+PARAMS = {
+    "fpn_clipres50_512x512_80k": (31.043, 31.043),
+    "denseclip_fpn_res50_512x512_80k": (50.248, 113.906),
+    "fpn_clipres101_512x512_80k": (50.035, 50.035),
+    "denseclip_fpn_res101_512x512_80k": (67.795, 131.191),
+    "fpn_clipvit-b_640x640_80k": (101.283, 101.283),
+    "denseclip_fpn_vit-b_640x640_80k": (105.273, 168.669),
+}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """These tensors are small: a single intra-op thread avoids synchronisation overhead
+    (and slowdowns when other processes share the cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def build(name: str, overrides=(), seed: int = 0) -> Segmentor:
+    torch.manual_seed(seed)
+    return denseclip.build_model(denseclip.load_config(name, list(overrides)))
+
+
+def batch(b: int = 2, h: int = 64, w: int = 96, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randn(b, 3, h, w, generator=g)
+    targets = torch.randint(0, 150, (b, h, w), generator=g)
+    targets[:, :4] = 255  # some ignored pixels
+    return images, targets
+
+
+@pytest.fixture(scope="module")
+def tiny_res() -> Segmentor:
+    return build("tiny_denseclip_res").eval()
+
+
+# ------------------------------------------------------------------ every tiny preset
+
+
+@pytest.mark.parametrize(("name", "overrides"), CASES, ids=CASE_IDS)
+def test_eval_output_is_per_class_logits_at_input_size(name, overrides):
+    model = build(name, overrides).eval()
+    images, _ = batch()
+    with torch.no_grad():
+        logits = model(images)
+    assert logits.shape == (2, 150, 64, 96)
+    assert logits.dtype == torch.float32
+    assert torch.isfinite(logits).all()
+
+
+@pytest.mark.parametrize(("name", "overrides"), CASES, ids=CASE_IDS)
+def test_training_losses_and_gradients(name, overrides):
+    model = build(name, overrides).train()
+    images, targets = batch()
+    losses = model(images, targets)
+    guided = model.guidance is not None
+    assert set(losses) == ({"loss_seg", "loss_aux"} if guided else {"loss_seg"})
+    for key, value in losses.items():
+        assert value.ndim == 0 and torch.isfinite(value), key
+        assert value.item() > 0, key
+    sum(losses.values()).backward()
+
+    trainable = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable
+    for n, p in trainable.items():
+        assert p.grad is not None, f"{n} received no gradient"
+        if n not in STRUCTURALLY_ZERO_GRAD:
+            assert p.grad.abs().max() > 0, f"{n} has an all-zero gradient"
+        assert torch.isfinite(p.grad).all(), n
+
+    if guided:
+        encoder = model.guidance.text_encoder
+        for n, p in encoder.named_parameters():
+            assert not p.requires_grad, f"text encoder parameter {n} is trainable"
+            assert p.grad is None
+        if model.guidance.prompting == "post":
+            contexts = model.guidance.contexts
+            assert model.guidance.gamma.grad.abs().max() > 0
+        else:
+            contexts = model.guidance.prompt_generator.queries
+        assert contexts.requires_grad
+        assert contexts.grad.abs().max() > 0  # reached through the frozen text encoder
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_odd_input_sizes(name):
+    model = build(name).eval()
+    with torch.no_grad():
+        for size in [(70, 100), (32, 33), (97, 64)]:
+            assert model(torch.randn(1, 3, *size)).shape == (1, 150, *size)
+
+
+def test_eval_output_does_not_mix_the_batch(tiny_res):
+    images, _ = batch(b=3)
+    with torch.no_grad():
+        together = tiny_res(images)
+        alone = tiny_res(images[1:2])
+    torch.testing.assert_close(together[1:2], alone, atol=1e-5, rtol=1e-4)
+
+
+def test_score_map_is_concatenated_at_the_configured_level():
+    res = build("tiny_denseclip_res")
+    assert [c.in_channels for c in res.neck.lateral_convs] == [32, 64, 128, 256 + 150]
+    vit = build("tiny_denseclip_vit")
+    assert [c.in_channels for c in vit.neck.lateral_convs] == [32, 32, 32 + 150, 32]
+    base = build("tiny_clip_vit")
+    assert [c.in_channels for c in base.neck.lateral_convs] == [32, 32, 32, 32]
+    assert base.guidance is None and base.class_names is None
+    assert base.backbone.proj is None  # baselines build no ln_post/projection
+
+
+def test_pre_model_prompting_makes_text_depend_on_the_image():
+    model = build("tiny_denseclip_res", ["model.guidance.prompting=pre"]).eval()
+    assert not hasattr(model.guidance, "contexts")
+    images, _ = batch(b=2)
+    with torch.no_grad():
+        _, out = model.encode(images)
+    assert out.text.shape == (2, 150, 32)
+    assert not torch.allclose(out.text[0], out.text[1])
+
+
+def test_set_classes():
+    model = build("tiny_denseclip_res").eval()
+    names = list(reversed(model.class_names))
+    before = model.guidance.tokens.clone()
+    model.set_classes(names)
+    assert model.class_names == names
+    assert not torch.equal(model.guidance.tokens, before)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 64, 64)).shape == (1, 150, 64, 64)
+    with pytest.raises(ValueError, match="149 class names given, but the decode head predicts "
+                                         "150 classes"):
+        model.set_classes(names[:-1])
+    with pytest.raises(ValueError, match="no text guidance"):
+        build("tiny_clip_res").set_classes(names)
+
+
+# ------------------------------------------------------------------- full-size models
+
+
+@pytest.fixture
+def shapes_only(monkeypatch):
+    """Counting parameters needs their shapes only: skip the (slow) weight initialisers."""
+    for fn in ("kaiming_uniform_", "uniform_", "normal_", "trunc_normal_", "xavier_uniform_",
+               "zeros_", "ones_", "constant_"):
+        monkeypatch.setattr(torch.nn.init, fn, lambda tensor, *args, **kwargs: tensor)
+
+
+@pytest.mark.parametrize("name", list(PARAMS))
+def test_parameter_counts_match_the_official_models(name, shapes_only):
+    model = build(name)
+    total = sum(p.numel() for p in model.parameters())
+    text = 0
+    if model.guidance is not None:
+        text = sum(p.numel() for p in model.guidance.text_encoder.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    excl_text, everything = PARAMS[name]
+    assert abs((total - text) / 1e6 - excl_text) < 0.01
+    assert abs(total / 1e6 - everything) < 0.01
+    assert trainable == total - text  # only the text encoder is frozen
+
+
+def test_model_zoo_and_tiny_presets_are_available():
+    assert set(PARAMS) | set(TINY) <= set(denseclip.available_presets())
+
+
+# ------------------------------------------------------------------------- bad input
+
+
+def test_images_must_be_a_batch(tiny_res):
+    with pytest.raises(ValueError, match=r"batch of shape \(B, 3, H, W\).*images\[None\]"):
+        tiny_res(torch.randn(3, 64, 64))
+
+
+def test_images_must_have_three_channels(tiny_res):
+    with pytest.raises(ValueError, match="3 \\(RGB\\) channels"):
+        tiny_res(torch.randn(1, 1, 64, 64))
+
+
+def test_images_must_be_floating_point(tiny_res):
+    with pytest.raises(TypeError, match="floating-point.*uint8"):
+        tiny_res(torch.zeros(1, 3, 64, 64, dtype=torch.uint8))
+
+
+def test_images_must_not_be_smaller_than_the_stride(tiny_res):
+    with pytest.raises(ValueError, match="smaller than the network stride 32"):
+        tiny_res(torch.randn(1, 3, 16, 64))
+
+
+def test_images_must_be_a_tensor(tiny_res):
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        tiny_res([[0.0]])
+
+
+def test_targets_must_match_the_batch():
+    model = build("tiny_clip_res").train()
+    images, targets = batch(b=2)
+    with pytest.raises(ValueError, match=r"targets must be \(B, H, W\)"):
+        model(images, targets[:1])
+    with pytest.raises(ValueError, match=r"targets must be \(B, H, W\)"):
+        model(images, targets[:, None])
+
+
+def test_unknown_preset_lists_the_available_ones():
+    with pytest.raises(denseclip.ConfigError, match="unknown preset 'no_such_model'") as info:
+        denseclip.load_config("no_such_model")
+    message = str(info.value)
+    assert "available presets" in message
+    for name in denseclip.available_presets():
+        assert name in message
+
+
+@pytest.mark.parametrize(
+    ("override", "phrase"),
+    [
+        ("model.backbone.type=convnext", "must be 'resnet' or 'vit'"),
+        ("model.backbone.layers=[1,1,1]", "a ResNet needs 4 stages"),
+        ("model.guidance.score_level=4", "score_level must be 0..3"),
+        ("model.task=detection", "not supported"),
+        ("model.guidance.prompting=middle", "prompting must be 'post' or 'pre'"),
+    ],
+)
+def test_invalid_model_settings_are_reported(override, phrase):
+    with pytest.raises(ValueError, match=phrase):
+        build("tiny_denseclip_res", [override])
+
+
+def test_guidance_needs_the_embeddings():
+    with pytest.raises(denseclip.ConfigError, match="needs model.backbone.embeddings"):
+        build("tiny_denseclip_res", ["model.backbone.embeddings=false"])

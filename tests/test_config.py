@@ -1,0 +1,163 @@
+"""Presets, ``_base_`` inheritance, dotted overrides, validation and YAML round trips."""
+
+from __future__ import annotations
+
+import pytest
+
+import denseclip
+from denseclip import Config, ConfigError, load_config
+from denseclip.config import config_from_dict, save_config
+
+VIT = "denseclip_fpn_vit-b_640x640_80k"
+RN50 = "denseclip_fpn_res50_512x512_80k"
+
+
+@pytest.mark.parametrize("name", denseclip.available_presets())
+def test_every_preset_loads(name):
+    cfg = load_config(name)
+    assert isinstance(cfg, Config)
+    assert cfg.name == name
+    assert cfg.model.task == "segmentation"
+
+
+def test_presets_exclude_base_files():
+    presets = denseclip.available_presets()
+    assert presets == sorted(presets)
+    assert not any(p.startswith("_") for p in presets)
+    assert {"tiny_denseclip_res", "tiny_clip_res", "tiny_denseclip_vit", "tiny_clip_vit"} <= set(
+        presets
+    )
+
+
+def test_base_inheritance():
+    vit = load_config(VIT)
+    assert vit.model.backbone.type == "vit"
+    assert vit.model.guidance.score_level == 2  # from _vitb16.yaml
+    assert vit.data.crop_size == [640, 640]
+    assert vit.evaluation.stride == [426, 426]
+    assert vit.model.backbone.drop_path_rate == 0.1  # the preset's own value
+    # values two levels up (_ade20k_fpn.yaml), merged rather than replaced
+    assert vit.optim.lr == 1e-4
+    assert vit.model.text.context_length == 13
+    assert vit.model.guidance.aux_loss_weight == 0.4
+    assert vit.data.ratio_range == [0.5, 2.0]
+
+    rn50 = load_config(RN50)
+    assert rn50.model.guidance.score_level == 3
+    assert rn50.data.crop_size == [512, 512]
+    assert rn50.model.backbone.layers == [3, 4, 6, 3]
+    assert rn50.model.backbone.embed_dim == 1024
+
+    baseline = load_config("fpn_clipvit-b_640x640_80k")
+    assert baseline.model.guidance.enabled is False
+    assert baseline.model.backbone.embeddings is False
+    assert baseline.model.backbone.drop_path_rate == 0.0
+    assert baseline.model.backbone.class_embedding_quirk is True  # kept from the base
+
+
+def test_overrides():
+    cfg = load_config(RN50, ["optim.lr=2e-4", "data.crop_size=[256,256]",
+                             "model.guidance.enabled=false", "optim.grad_clip=0.1",
+                             "schedule.max_iters=100", "name=mine"])
+    assert cfg.optim.lr == 2e-4 and isinstance(cfg.optim.lr, float)
+    assert cfg.data.crop_size == [256, 256]
+    assert cfg.model.guidance.enabled is False
+    assert cfg.optim.grad_clip == 0.1
+    assert cfg.schedule.max_iters == 100
+    assert cfg.name == "mine"
+    # untouched neighbours survive a nested override
+    assert cfg.optim.weight_decay == 1e-4
+    assert cfg.model.guidance.score_level == 3
+
+
+def test_override_value_coercion():
+    cfg = load_config(RN50, ["optim.lr=1e-3", "optim.weight_decay=0", "optim.grad_clip=null"])
+    assert cfg.optim.lr == 1e-3  # YAML reads "1e-3" as a string; it is still a float
+    assert cfg.optim.weight_decay == 0.0 and isinstance(cfg.optim.weight_decay, float)
+    assert cfg.optim.grad_clip is None
+
+
+@pytest.mark.parametrize(
+    ("override", "phrase"),
+    [
+        ("optim.lr=abc", r"optim\.lr: expected float, got 'abc'"),
+        ("data.crop_size=512", r"data\.crop_size: expected a list"),
+        ("data.crop_size=[256,abc]", r"data\.crop_size\[1\]: expected int"),
+        ("schedule.max_iters=1.5", r"schedule\.max_iters: expected int"),
+        ("model.guidance.enabled=3", r"model\.guidance\.enabled: expected bool"),
+        ("model.backbone=resnet", r"model\.backbone: expected a mapping"),
+    ],
+)
+def test_override_type_errors(override, phrase):
+    with pytest.raises(ConfigError, match=phrase):
+        load_config(RN50, [override])
+
+
+def test_unknown_key_lists_the_valid_keys():
+    with pytest.raises(ConfigError, match="unknown key") as info:
+        load_config(RN50, ["optim.learning_rate=1e-3"])
+    message = str(info.value)
+    assert "learning_rate" in message
+    assert "valid keys: lr, weight_decay" in message
+
+    with pytest.raises(ConfigError, match="valid keys: name, model, data, optim"):
+        load_config(RN50, ["optimizer.lr=1e-3"])
+
+
+def test_malformed_overrides():
+    with pytest.raises(ConfigError, match="section.key=value"):
+        load_config(RN50, ["optim.lr"])
+    with pytest.raises(ConfigError, match="not a section"):
+        load_config(RN50, ["optim.lr.value=1"])
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(RN50, ["data.crop_size=[1,"])
+
+
+def test_save_and_load_round_trip(tmp_path):
+    for name, overrides in [(VIT, []), ("tiny_clip_res", ["optim.grad_clip=0.5",
+                                                          "data.crop_size=[96,128]"])]:
+        cfg = load_config(name, overrides)
+        path = tmp_path / f"{name}.yaml"
+        save_config(cfg, path)
+        again = load_config(path)
+        assert again == cfg
+        assert again.to_dict() == cfg.to_dict()
+        assert config_from_dict(cfg.to_dict()) == cfg
+    # overrides apply to files as to presets
+    assert load_config(path, ["optim.lr=3e-4"]).optim.lr == 3e-4
+
+
+def test_yaml_file_with_base(tmp_path):
+    (tmp_path / "base.yaml").write_text("optim: {lr: 0.5, weight_decay: 0.25}\nseed: 3\n")
+    (tmp_path / "child.yaml").write_text("_base_: base.yaml\noptim: {lr: 0.125}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.name == "child"  # from the file name
+    assert cfg.optim.lr == 0.125 and cfg.optim.weight_decay == 0.25 and cfg.seed == 3
+    assert cfg.model == Config().model  # sections not mentioned keep their defaults
+
+
+def test_bad_config_files(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "missing.yaml")
+    (tmp_path / "a.yaml").write_text("_base_: b.yaml\n")
+    (tmp_path / "b.yaml").write_text("_base_: a.yaml\n")
+    with pytest.raises(ConfigError, match="circular"):
+        load_config(tmp_path / "a.yaml")
+    (tmp_path / "c.yaml").write_text("_base_: nowhere.yaml\n")
+    with pytest.raises(ConfigError, match="_base_ file .* does not exist"):
+        load_config(tmp_path / "c.yaml")
+    (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
+    with pytest.raises(ConfigError, match="must be a mapping"):
+        load_config(tmp_path / "list.yaml")
+    (tmp_path / "broken.yaml").write_text("optim: {lr: [\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "broken.yaml")
+    (tmp_path / "typo.yaml").write_text("optim: {lrr: 1}\n")
+    with pytest.raises(ConfigError, match=r"typo\.yaml.*unknown key\(s\) lrr"):
+        load_config(tmp_path / "typo.yaml")
+
+
+def test_unknown_preset_is_a_config_error():
+    with pytest.raises(ConfigError, match="unknown preset 'denseclip_rn50'.*available presets: "):
+        load_config("denseclip_rn50")
+    assert issubclass(ConfigError, ValueError)
