@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 # these releases do, and pip finds them in the machine's local wheel store when it has one.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
-.PHONY: test lint demo clean-venv
+.PHONY: test lint demo bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,13 @@ $(VENV)/.installed: pyproject.toml
 
 test: $(VENV)/.installed
 	$(PY) -m pytest -q
+
+# The quickstart: synthetic ADE20K-layout data, a tiny DenseCLIP trained on CPU, its mIoU.
+demo: $(VENV)/.installed
+	$(VENV)/bin/denseclip quickstart
+
+bench: $(VENV)/.installed
+	$(PY) benchmarks/train_speed.py
 
 lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check denseclip tests benchmarks
