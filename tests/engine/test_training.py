@@ -12,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -165,3 +166,44 @@ def test_param_groups_follow_the_multipliers():
     assert "guidance.contexts" in by_name
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert sum(p.numel() for g in groups for p in g["params"]) == trainable
+
+
+def test_bf16_training_and_slide_aug_evaluation_in_process(tmp_path, data_root):
+    from PIL import Image
+
+    from denseclip.engine.dist import DistEnv
+    from denseclip.engine.trainer import test, train
+
+    cfg = denseclip.load_config("tiny_denseclip_res", overrides(
+        data_root, "schedule.max_iters=2", "schedule.checkpoint_interval=2",
+        "schedule.eval_interval=0", "amp=bf16", "evaluation.mode=slide",
+        "evaluation.aug_ratios=[0.75,1.0]"))
+    train(cfg, tmp_path / "bf16", env=DistEnv(), progress=False)
+    lines = [json.loads(x) for x in (tmp_path / "bf16/metrics.jsonl").read_text().splitlines()]
+    assert [x["iter"] for x in lines] == [1, 2]
+    assert all(np.isfinite(x["loss"]) for x in lines)
+    out = tmp_path / "pred"
+    metrics = test(cfg, tmp_path / "bf16/iter_2.pth", aug_test=True, out_dir=out,
+                   env=DistEnv(), progress=False)
+    assert 0 <= metrics["mIoU"] <= 100 and len(metrics["per_class"]) == 5
+    # One PNG per validation image, at the image's original size, in ADE label space.
+    for img in sorted((data_root / "images/validation").glob("*.jpg")):
+        pred = np.array(Image.open(out / f"{img.stem}.png"))
+        assert pred.shape == Image.open(img).size[::-1]
+        assert pred.min() >= 1 and pred.max() <= 5
+
+
+def test_quickstart_command_runs_end_to_end(tmp_path):
+    run = cli("quickstart", "--work-dir", str(tmp_path / "qs"), "--num-train", "6",
+              "--num-val", "2", "--no-progress", "schedule.max_iters=2",
+              "schedule.checkpoint_interval=2", "data.num_workers=0", "data.batch_size=2")
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert "validation mIoU" in run.stdout.splitlines()[-1]
+    assert (tmp_path / "qs/iter_2.pth").exists() and (tmp_path / "qs/config.yaml").exists()
+
+
+def test_cli_reports_missing_dataset_without_traceback(tmp_path):
+    run = cli("train", "tiny_denseclip_res", "--work-dir", str(tmp_path / "w"),
+              f"data.root={tmp_path / 'nowhere'}", "schedule.eval_interval=0")
+    assert run.returncode == 1
+    assert "nowhere" in run.stderr and "Traceback" not in run.stderr
