@@ -17,7 +17,7 @@ def test_every_preset_loads(name):
     cfg = load_config(name)
     assert isinstance(cfg, Config)
     assert cfg.name == name
-    assert cfg.model.task == "segmentation"
+    assert cfg.model.task in ("segmentation", "retinanet", "mask_rcnn")
 
 
 def test_presets_exclude_base_files():
