@@ -14,16 +14,6 @@ D = 16
 NAMES = ["wall", "sky", "floor", "traffic light"]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are small: a single intra-op thread avoids synchronisation overhead
-    (and slowdowns when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_guidance(names=NAMES, prompting: str = "post", **kwargs) -> TextGuidance:
     torch.manual_seed(0)
     encoder = CLIPTextEncoder(context_length=13, width=32, layers=2, heads=2, embed_dim=D)

@@ -33,16 +33,6 @@ PARAMS = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are small: a single intra-op thread avoids synchronisation overhead
-    (and slowdowns when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(name: str, overrides=(), seed: int = 0) -> Segmentor:
     torch.manual_seed(seed)
     return denseclip.build_model(denseclip.load_config(name, list(overrides)))

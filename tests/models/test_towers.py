@@ -17,16 +17,6 @@ TEXTS = ["a diagram", "A CAT, sitting!", "  traffic light "]
 MORE_TEXTS = TEXTS + ["bed ", "Pool Table", "it's 2 o'clock", "crème brûlée", ""]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """These tensors are small: a single intra-op thread avoids synchronisation overhead
-    (and slowdowns when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _open_clip_model(name: str) -> torch.nn.Module:
     torch.manual_seed(0)
     with warnings.catch_warnings():
