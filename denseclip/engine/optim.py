@@ -40,20 +40,42 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
     return AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), weight_decay=cfg.weight_decay)
 
 
-def poly_lr(base_lr: float, it: int, cfg: ScheduleConfig) -> float:
-    """mmcv's poly schedule with linear warm-up: the learning rate of step ``it``."""
-    progress = min(it, cfg.max_iters) / cfg.max_iters
-    lr = (base_lr - cfg.min_lr) * (1 - progress) ** cfg.power + cfg.min_lr
+def _warmup(lr: float, it: int, cfg: ScheduleConfig) -> float:
+    """mmcv's linear warm-up: from ``warmup_ratio``·lr at step 0 to lr at ``warmup_iters``."""
     if it < cfg.warmup_iters:
         k = (1 - it / cfg.warmup_iters) * (1 - cfg.warmup_ratio)
         lr *= 1 - k
     return lr
 
 
-def build_scheduler(optimizer: AdamW, cfg: ScheduleConfig) -> LambdaLR:
-    """Per-group factors so that each group follows :func:`poly_lr` of its own base lr
-    (``min_lr`` is absolute, as in mmcv)."""
+def poly_lr(base_lr: float, it: int, cfg: ScheduleConfig) -> float:
+    """mmcv's poly schedule with linear warm-up: the learning rate of step ``it``."""
+    progress = min(it, cfg.max_iters) / cfg.max_iters
+    lr = (base_lr - cfg.min_lr) * (1 - progress) ** cfg.power + cfg.min_lr
+    return _warmup(lr, it, cfg)
+
+
+def step_lr(base_lr: float, it: int, cfg: ScheduleConfig, iters_per_epoch: int) -> float:
+    """Step schedule with linear warm-up: ×``step_gamma`` at the start of each epoch in
+    ``steps`` (epochs counted from 0, so ``steps: [8, 11]`` changes the lr after 8 and 11
+    epochs)."""
+    epoch = it // max(1, iters_per_epoch)
+    lr = base_lr * cfg.step_gamma ** sum(epoch >= s for s in cfg.steps)
+    return _warmup(lr, it, cfg)
+
+
+def build_scheduler(optimizer: AdamW, cfg: ScheduleConfig, iters_per_epoch: int = 1) -> LambdaLR:
+    """Per-group factors so that each group follows :func:`poly_lr` (or :func:`step_lr`) of
+    its own base lr (``min_lr`` is absolute, as in mmcv)."""
+    if cfg.policy == "poly":
+        def lr_at(base: float, it: int) -> float:
+            return poly_lr(base, it, cfg)
+    elif cfg.policy == "step":
+        def lr_at(base: float, it: int) -> float:
+            return step_lr(base, it, cfg, iters_per_epoch)
+    else:
+        raise ValueError(f"schedule.policy must be 'poly' or 'step', got {cfg.policy!r}")
     lambdas = [
-        (lambda it, base=g["lr"]: poly_lr(base, it, cfg) / base) for g in optimizer.param_groups
+        (lambda it, base=g["lr"]: lr_at(base, it) / base) for g in optimizer.param_groups
     ]
     return LambdaLR(optimizer, lambdas)

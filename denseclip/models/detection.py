@@ -69,19 +69,26 @@ Matching the official (mmdet 2.17) recipe — what is the same:
 Remaining differences from mmdet 2.17:
 
 * Test-time resizing runs in float on the normalised image inside the model (mmcv resizes
-  the uint8 image with OpenCV); bilinear either way, values differ by rounding.
+  the uint8 image with OpenCV); bilinear either way, values differ by rounding. (Training
+  images are resized as uint8 in the data pipeline, as mmcv does.)
 * R-CNN post-processing drops boxes smaller than 0.01 px and runs NMS in the resized image
   before rescaling (mmdet rescales first); RPN drops proposals smaller than 1e-3 px
   (mmdet: zero-size ones).
-* Sampling randomness (which negatives are drawn) follows torch's generator, so runs are
-  not bit-identical to mmdet's.
-* The auxiliary box-mask loss is normalised over the whole batch (Σ BCE / (K × masked
-  pixels of the batch)).
+* Sampling randomness (which anchors/RoIs are drawn) follows torch's generator, so runs
+  are not bit-identical to mmdet's.
+* Data (see :mod:`denseclip.data.coco`): boxes are clipped to the image; an unknown
+  category id is an error (mmdet skips the annotation); polygon parts with fewer than three
+  points are dropped (pycocotools would rasterise a two-point "polygon" as a box); the
+  training image filter is torchvision's (mmdet also drops images under 32 px).
+
+The auxiliary box-mask loss is computed over the batch as one tensor: Σ BCE over
+classes and counted pixels of all images / (K × counted pixels of all images).
 """
 
 from __future__ import annotations
 
 import math
+import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -112,6 +119,7 @@ from ..config import ConfigError, ModelConfig
 from .guidance import TextGuidance
 
 __all__ = [
+    "BoxPredictor",
     "CLIPMaskRCNN",
     "CLIPRetinaNet",
     "CLIP_MEAN",
@@ -120,13 +128,17 @@ __all__ = [
     "DetectionFPN",
     "DetectionTransform",
     "GridAnchorGenerator",
+    "MaskPredictor",
     "MaxIoUMatcher",
     "MultiLevelRoIAlign",
     "OFFICIAL_DETECTION_RENAMES",
     "box_seg_loss",
     "build_detector",
     "convert_official_detection_keys",
+    "keep_ratio_size",
     "paste_masks",
+    "retinanet_anchor_generator",
+    "rpn_anchor_generator",
 ]
 
 DETECTION_TASKS = ("retinanet", "mask_rcnn")
@@ -163,8 +175,6 @@ OFFICIAL_DETECTION_RENAMES = [
 def convert_official_detection_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Rename an official detection state dict's keys with :data:`OFFICIAL_DETECTION_RENAMES`
     (the backbone keeps CLIP's names and needs no rule)."""
-    import re
-
     out = {}
     for key, value in state_dict.items():
         new = key
@@ -370,9 +380,9 @@ class MultiLevelRoIAlign(nn.Module):
     def forward(self, features: dict[str, Tensor], boxes: list[Tensor],
                 image_shapes: list[tuple[int, int]] | None = None) -> Tensor:
         feats = [features[name] for name in self.featmap_names]
+        # boxes stay float32 (as RoIAlign's autocast rule computes), whatever the features
         rois = torch.cat([
-            torch.cat([torch.full_like(b[:, :1], i, dtype=feats[0].dtype), b.to(feats[0].dtype)],
-                      dim=1)
+            torch.cat([torch.full_like(b[:, :1], i, dtype=torch.float32), b.float()], dim=1)
             for i, b in enumerate(boxes)
         ])
         channels = feats[0].shape[1]
@@ -387,7 +397,7 @@ class MultiLevelRoIAlign(nn.Module):
             idx = torch.nonzero(levels == lvl).flatten()
             if idx.numel() == 0:
                 continue
-            parts.append(roi_align(feat, rois[idx], self.output_size, 1.0 / stride,
+            parts.append(roi_align(feat.float(), rois[idx], self.output_size, 1.0 / stride,
                                    self.sampling_ratio, self.aligned))
             where.append(idx)
         out = parts[0].new_zeros((rois.shape[0], channels, *self.output_size))

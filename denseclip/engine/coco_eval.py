@@ -1,0 +1,193 @@
+"""COCO evaluation of the detectors: results JSON and box / mask AP via pycocotools.
+
+Detector outputs (boxes x1 y1 x2 y2 in original-image pixels, class indices 0..K-1,
+scores, and for Mask R-CNN N×1×H×W mask probabilities at the original size) become COCO
+results: ``bbox`` as [x, y, width, height], ``category_id`` mapped back through the
+dataset's label → category-id table, and ``segmentation`` as compressed RLE of the mask
+thresholded at 0.5 (``>= 0.5``, mmdet's ``mask_thr_binary``). :func:`coco_evaluate` runs the
+official ``COCOeval`` and reports AP, AP50, AP75, APs, APm and APl in percent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from .dist import DistEnv, broadcast_object
+
+__all__ = [
+    "METRIC_NAMES",
+    "coco_evaluate",
+    "detections_to_coco",
+    "evaluate_detection",
+    "masks_to_rles",
+]
+
+METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
+
+
+def masks_to_rles(masks: torch.Tensor | np.ndarray, threshold: float = 0.5) -> list[dict]:
+    """Binary masks (N×H×W or N×1×H×W; probabilities are thresholded with ``>=
+    threshold``) → compressed RLEs with ``counts`` as str (JSON-ready)."""
+    from pycocotools import mask as mask_utils
+
+    if isinstance(masks, torch.Tensor):
+        masks = masks.detach()
+        if masks.is_floating_point():
+            masks = masks >= threshold
+        masks = masks.to("cpu", torch.uint8).numpy()
+    masks = np.asarray(masks)
+    if masks.ndim == 4:
+        masks = masks[:, 0]
+    if masks.dtype != np.uint8:
+        masks = (masks >= threshold).astype(np.uint8) if masks.dtype.kind == "f" \
+            else masks.astype(np.uint8)
+    if masks.shape[0] == 0:
+        return []
+    rles = mask_utils.encode(np.asfortranarray(masks.transpose(1, 2, 0)))
+    for rle in rles:
+        rle["counts"] = rle["counts"].decode("ascii")
+    return rles
+
+
+def detections_to_coco(detections: Sequence[dict[str, torch.Tensor]], image_ids: Sequence[int],
+                       label_to_cat_id: Sequence[int], mask_threshold: float = 0.5
+                       ) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """COCO results of per-image detector outputs: ``(bbox results, segm results)`` (the
+    second is empty when the outputs carry no ``masks``)."""
+    if len(detections) != len(image_ids):
+        raise ValueError(f"{len(detections)} outputs for {len(image_ids)} image ids")
+    bbox_results: list[dict[str, Any]] = []
+    segm_results: list[dict[str, Any]] = []
+    for det, image_id in zip(detections, image_ids, strict=True):
+        boxes = det["boxes"].detach().float().cpu()
+        scores = det["scores"].detach().float().cpu().tolist()
+        labels = det["labels"].detach().cpu().tolist()
+        xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
+        cats = []
+        for label in labels:
+            if not 0 <= label < len(label_to_cat_id):
+                raise ValueError(f"label {label} is outside the {len(label_to_cat_id)} classes")
+            cats.append(int(label_to_cat_id[label]))
+        for box, score, cat in zip(xywh, scores, cats, strict=True):
+            bbox_results.append({"image_id": int(image_id), "category_id": cat,
+                                 "bbox": [round(v, 3) for v in box], "score": float(score)})
+        if "masks" in det:
+            rles = masks_to_rles(det["masks"], mask_threshold)
+            for rle, score, cat in zip(rles, scores, cats, strict=True):
+                segm_results.append({"image_id": int(image_id), "category_id": cat,
+                                     "segmentation": rle, "score": float(score)})
+    return bbox_results, segm_results
+
+
+def coco_evaluate(coco_gt, results: list[dict[str, Any]], iou_type: str,
+                  image_ids: Sequence[int] | None = None) -> dict[str, Any]:
+    """Run ``COCOeval`` (``iou_type`` "bbox" or "segm") over ``image_ids`` (default: every
+    ground-truth image). Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` in percent
+    (NaN where COCO reports -1, e.g. no object of that size) and ``summary``, COCOeval's
+    printed table. Without any result every AP is 0."""
+    from pycocotools.cocoeval import COCOeval
+
+    if iou_type not in ("bbox", "segm"):
+        raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    if not results:
+        return {**{name: 0.0 for name in METRIC_NAMES}, "summary": "no detections"}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds fields in place
+        evaluator = COCOeval(coco_gt, coco_dt, iou_type)
+        if image_ids is not None:
+            evaluator.params.imgIds = sorted(int(i) for i in image_ids)
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    metrics: dict[str, Any] = {}
+    for name, value in zip(METRIC_NAMES, evaluator.stats[:6], strict=True):
+        metrics[name] = float(value) * 100 if value >= 0 else math.nan
+    metrics["summary"] = "\n".join(line for line in out.getvalue().splitlines()
+                                   if line.lstrip().startswith("Average"))
+    return metrics
+
+
+def _gather(obj: Any, env: DistEnv) -> list[Any]:
+    import torch.distributed as dist
+
+    if env.world_size > 1 and dist.is_available() and dist.is_initialized():
+        gathered: list[Any] = [None] * env.world_size
+        dist.all_gather_object(gathered, obj)
+        return gathered
+    return [obj]
+
+
+@torch.no_grad()
+def evaluate_detection(model: nn.Module, dataset, env: DistEnv | None = None,
+                       out_dir: str | Path | None = None, *, batch_size: int = 1,
+                       num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
+    """Box (and, for models that return masks, mask) AP of ``model`` on ``dataset`` (a
+    :class:`~denseclip.data.coco.CocoDetection` with the test pipeline).
+
+    Each process runs its :class:`~denseclip.data.ShardedSampler` shard, so every image is
+    seen exactly once; results are gathered on rank 0 (``all_gather_object`` when a process
+    group is initialised), which writes ``bbox.json`` / ``segm.json`` and ``metrics.json``
+    into ``out_dir`` (if given) and runs COCOeval; every process returns the metrics:
+    ``bbox_AP``, ``bbox_AP50``, … (``segm_*`` too for Mask R-CNN) in percent,
+    ``num_images`` and ``num_detections``."""
+    from tqdm import tqdm
+
+    from ..data.coco import collate_detection
+    from ..data.samplers import ShardedSampler
+
+    env = env or DistEnv()
+    net = model.module if hasattr(model, "module") else model
+    was_training = net.training
+    net.eval()
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, collate_fn=collate_detection,
+        sampler=ShardedSampler(len(dataset), env.rank, env.world_size),
+        pin_memory=env.device.type == "cuda",
+    )
+    bbox_results: list[dict[str, Any]] = []
+    segm_results: list[dict[str, Any]] = []
+    with_masks = False
+    bar = tqdm(loader, desc="eval", disable=not (progress and env.is_main), leave=False,
+               dynamic_ncols=True)
+    try:
+        for batch in bar:
+            images = [img.to(env.device, non_blocking=True) for img in batch["image"]]
+            outputs = net(images)
+            with_masks = with_masks or any("masks" in o for o in outputs)
+            boxes, segms = detections_to_coco(outputs, batch["image_id"], dataset.cat_ids)
+            bbox_results += boxes
+            segm_results += segms
+    finally:
+        net.train(was_training)
+
+    parts = _gather((bbox_results, segm_results, with_masks), env)
+    metrics: dict[str, Any] | None = None
+    if env.is_main:
+        bbox_all = [r for p in parts for r in p[0]]
+        segm_all = [r for p in parts for r in p[1]]
+        with_masks = any(p[2] for p in parts)
+        metrics = {"num_images": len(dataset), "num_detections": len(bbox_all)}
+        types = [("bbox", bbox_all)] + ([("segm", segm_all)] if with_masks else [])
+        if out_dir is not None:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            for name, results in types:
+                (Path(out_dir) / f"{name}.json").write_text(json.dumps(results))
+        for name, results in types:
+            scores = coco_evaluate(dataset.coco, results, name, dataset.ids)
+            metrics[f"{name}_summary"] = scores.pop("summary")
+            metrics.update({f"{name}_{k}": v for k, v in scores.items()})
+        if out_dir is not None:
+            (Path(out_dir) / "metrics.json").write_text(json.dumps(
+                {k: v for k, v in metrics.items() if not k.endswith("_summary")}, indent=2))
+    return broadcast_object(metrics)

@@ -1,0 +1,151 @@
+"""COCO evaluation: results JSON, AP of perfect predictions, sharding and a real model."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+
+import pytest
+import torch
+from torch import nn
+
+import denseclip
+from denseclip.data.coco import CocoDetection
+from denseclip.engine import coco_eval
+from denseclip.engine.coco_eval import (
+    METRIC_NAMES,
+    coco_evaluate,
+    detections_to_coco,
+    evaluate_detection,
+    masks_to_rles,
+)
+from denseclip.engine.dist import DistEnv
+from denseclip.models.detection import build_detector
+
+
+def test_dataset(root, masks: bool = True) -> CocoDetection:
+    return CocoDetection(root / "train", root / "annotations" / "instances_train.json",
+                         with_masks=masks)
+
+
+test_dataset.__test__ = False  # a helper, not a test
+
+
+def perfect(ds: CocoDetection, index: int) -> dict[str, torch.Tensor]:
+    """Ground truth as a detector would output it (original coordinates)."""
+    t = ds[index]["target"]
+    n = len(t["labels"])
+    return {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.linspace(1.0, 0.5, n),
+            "masks": t["masks"][:, None].float()}
+
+
+class Replay(nn.Module):
+    """Returns the perfect detections of the images it is shown, in dataset order."""
+
+    def __init__(self, ds: CocoDetection, indices) -> None:
+        super().__init__()
+        self.outputs = [perfect(ds, i) for i in indices]
+        self.calls = 0
+
+    def forward(self, images):
+        out = self.outputs[self.calls:self.calls + len(images)]
+        self.calls += len(images)
+        return out
+
+
+def test_perfect_predictions_score_100(shared_coco):
+    ds = test_dataset(shared_coco)
+    dets = [perfect(ds, i) for i in range(len(ds))]
+    bbox, segm = detections_to_coco(dets, ds.ids, ds.cat_ids)
+    assert {r["category_id"] for r in bbox} == {3, 7, 11}
+    assert len(bbox) == len(segm) == 6  # crowd region and the empty image add nothing
+    for iou_type, results in (("bbox", bbox), ("segm", segm)):
+        metrics = coco_evaluate(ds.coco, results, iou_type)
+        assert metrics["AP"] == pytest.approx(100.0)
+        assert metrics["AP50"] == pytest.approx(100.0) and metrics["AP75"] == pytest.approx(100.0)
+        assert math.isnan(metrics["APl"])  # no large objects in the ground truth
+        assert "Average Precision" in metrics["summary"]
+    # one wrong class: AP drops
+    dets[0]["labels"] = (dets[0]["labels"] + 1) % 3
+    bbox, _ = detections_to_coco(dets, ds.ids, ds.cat_ids)
+    assert coco_evaluate(ds.coco, bbox, "bbox")["AP"] < 100.0
+
+
+@pytest.mark.filterwarnings("ignore:.*copy keyword:DeprecationWarning")  # pycocotools, NumPy 2
+def test_results_are_coco_json_in_original_coordinates(shared_coco):
+    ds = test_dataset(shared_coco)
+    det = perfect(ds, 0)
+    bbox, segm = detections_to_coco([det], [ds.ids[0]], ds.cat_ids)
+    x1, y1, x2, y2 = det["boxes"][0].tolist()
+    assert bbox[0]["bbox"] == pytest.approx([x1, y1, x2 - x1, y2 - y1], abs=1e-3)
+    assert bbox[0]["image_id"] == 10 and isinstance(bbox[0]["score"], float)
+    assert isinstance(segm[0]["segmentation"]["counts"], str)
+    assert segm[0]["segmentation"]["size"] == [96, 128]
+    json.dumps(bbox + segm)  # JSON-ready
+    assert masks_to_rles(torch.zeros(0, 1, 4, 4)) == []
+    half = torch.tensor([[[0.49, 0.5], [0.7, 0.1]]])
+    from pycocotools import mask as mask_utils
+
+    assert mask_utils.decode(masks_to_rles(half)[0]).tolist() == [[0, 1], [1, 0]]
+    with pytest.raises(ValueError, match="outside the 3 classes"):
+        detections_to_coco([{**det, "labels": torch.tensor([5, 0])}], [10], ds.cat_ids)
+
+
+def test_no_detections_score_zero(shared_coco):
+    ds = test_dataset(shared_coco)
+    metrics = coco_evaluate(ds.coco, [], "bbox")
+    assert all(metrics[k] == 0.0 for k in METRIC_NAMES)
+
+
+def test_evaluate_detection_writes_files_that_round_trip(shared_coco, tmp_path):
+    ds = test_dataset(shared_coco)
+    model = Replay(ds, range(len(ds)))
+    metrics = evaluate_detection(model, ds, out_dir=tmp_path, progress=False)
+    assert metrics["bbox_AP"] == pytest.approx(100.0)
+    assert metrics["segm_AP"] == pytest.approx(100.0)
+    assert metrics["num_images"] == 4 and metrics["num_detections"] == 6
+    assert model.calls == 4  # every image exactly once
+    saved = json.loads((tmp_path / "metrics.json").read_text())
+    assert saved["bbox_AP50"] == pytest.approx(100.0)
+    for name in ("bbox", "segm"):
+        text = (tmp_path / f"{name}.json").read_text()
+        with contextlib.redirect_stdout(io.StringIO()):
+            loaded = ds.coco.loadRes(json.loads(text))  # loadRes edits its input
+        results = json.loads(text)
+        assert len(loaded.getAnnIds()) == 6
+        assert coco_evaluate(ds.coco, results, name)["AP"] == pytest.approx(100.0)
+
+
+def test_ranks_evaluate_disjoint_shards_and_rank0_gathers(shared_coco, monkeypatch):
+    ds = test_dataset(shared_coco)
+    parts = {}
+
+    def fake_gather(obj, env):
+        parts[env.rank] = obj
+        return [parts[r] for r in sorted(parts)]
+
+    monkeypatch.setattr(coco_eval, "_gather", fake_gather)
+    rank1 = Replay(ds, [2, 3])
+    assert evaluate_detection(rank1, ds, DistEnv(rank=1, world_size=2), progress=False) is None
+    rank0 = Replay(ds, [0, 1])
+    metrics = evaluate_detection(rank0, ds, DistEnv(rank=0, world_size=2), progress=False)
+    assert rank0.calls == 2 and rank1.calls == 2
+    assert {r["image_id"] for r in parts[0][0]} == {10, 20}
+    assert {r["image_id"] for r in parts[1][0]} == {40}  # image 30 has no objects
+    assert metrics["bbox_AP"] == pytest.approx(100.0)
+
+
+def test_a_real_detector_evaluates(shared_coco, tmp_path):
+    cfg = denseclip.load_config("tiny_mask_rcnn_denseclip",
+                                [f"model.classes={shared_coco / 'classes.txt'}"])
+    torch.manual_seed(0)
+    model = build_detector(cfg.model, rpn_post_nms_top_n=(100, 100)).train()
+    ds = test_dataset(shared_coco, masks=False)
+    metrics = evaluate_detection(model, ds, out_dir=tmp_path, batch_size=2, progress=False)
+    assert model.training  # mode restored
+    for prefix in ("bbox", "segm"):
+        for name in METRIC_NAMES[:3]:
+            assert 0.0 <= metrics[f"{prefix}_{name}"] <= 100.0
+    assert (tmp_path / "segm.json").is_file()
