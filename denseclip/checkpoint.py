@@ -87,7 +87,8 @@ OPENAI_RENAMES = [
 OPENAI_UNUSED = {"logit_scale", "input_resolution", "context_length", "vocab_size"}
 # Model keys that CLIP weights do not provide: everything DenseCLIP adds on top of CLIP.
 OPENAI_NEW = (r"^guidance\.(contexts|gamma|context_decoder\.|prompt_generator\.)",
-              r"^neck\.", r"^head\.", r"^backbone\.fpn\d", r"\.num_batches_tracked$")
+              r"^neck\.", r"^head\.", r"^rpn\.", r"^roi_heads\.", r"^backbone\.fpn\d",
+              r"\.num_batches_tracked$")
 
 
 def _rename(key: str, table: list[tuple[str, str]]) -> str:
@@ -187,11 +188,21 @@ def _reconcile(key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Ten
     )
 
 
+def official_renames(model: nn.Module) -> list[tuple[str, str]]:
+    """The official release's rename table for ``model``'s family (segmentor/detector)."""
+    from .models.detection import OFFICIAL_DETECTION_RENAMES, _CLIPDetector
+
+    return OFFICIAL_DETECTION_RENAMES if isinstance(model, _CLIPDetector) else OFFICIAL_RENAMES
+
+
 def convert_state_dict(sd: dict[str, torch.Tensor], fmt: str,
-                       model_sd: dict[str, torch.Tensor]) -> tuple[dict, list[str]]:
+                       model_sd: dict[str, torch.Tensor],
+                       official_table: list[tuple[str, str]] | None = None,
+                       ) -> tuple[dict, list[str]]:
     """Rename ``sd`` from ``fmt`` to this package's keys. Returns (renamed, ignored keys):
     keys that by design have no counterpart in ``model_sd``."""
-    table = {"official": OFFICIAL_RENAMES, "openai": OPENAI_RENAMES}.get(fmt, [])
+    table = {"official": official_table or OFFICIAL_RENAMES,
+             "openai": OPENAI_RENAMES}.get(fmt, [])
     out, ignored = {}, []
     for key, value in sd.items():
         if fmt == "openai" and key in OPENAI_UNUSED:
@@ -226,7 +237,7 @@ def load_checkpoint(model: nn.Module, path: str | Path, weights_only: bool = Tru
     obj = read_checkpoint(path, weights_only=weights_only)
     fmt, sd = detect_format(obj, path)
     model_sd = model.state_dict()
-    renamed, ignored = convert_state_dict(sd, fmt, model_sd)
+    renamed, ignored = convert_state_dict(sd, fmt, model_sd, official_renames(model))
 
     unexpected = sorted(k for k in renamed if k not in model_sd)
     missing = [k for k in model_sd if k not in renamed]

@@ -44,23 +44,38 @@ def load_cli_config(args: argparse.Namespace) -> Config:
 def _flops_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
-                        help="input size (default: the config's data.crop_size)")
+                        help="input size (default: the config's data.crop_size; 1280 800 for "
+                             "detection presets, the raw tensor without resizing)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--device", default="meta",
                         help="device to count on (default: meta, shapes only, no arithmetic)")
+    parser.add_argument("--transposed-conv", choices=("input", "output"), default=None,
+                        help="count a transposed convolution per input position (correct) or "
+                             "per output position (fvcore < 2021, as the official detection "
+                             "figures did); default: input for segmentation, output for "
+                             "detection")
 
 
 def run_flops(args: argparse.Namespace) -> int:
-    from .flops import complexity, format_report
+    from .flops import DETECTION_INPUT_SIZE, complexity, format_report
     from .models import build_model
 
     cfg = load_cli_config(args)
     cfg.model.pretrained = None  # weights do not change the counts
-    size = list(args.size) if args.size else list(cfg.data.crop_size)
+    detection = cfg.model.task != "segmentation"
+    if args.size:
+        size = list(args.size)
+    else:
+        size = list(DETECTION_INPUT_SIZE if detection else cfg.data.crop_size)
     if len(size) != 2 or min(size) <= 0:
         raise ConfigError(f"input size must be two positive integers (H W), got {size}")
+    divisor = cfg.model.detection.size_divisor
+    if detection and (size[0] % divisor or size[1] % divisor):
+        raise ConfigError(f"detectors are counted on the raw input tensor: the size must be "
+                          f"a multiple of model.detection.size_divisor ({divisor}), got {size}")
     model = build_model(cfg).to(args.device)
-    result = {"config": cfg.name, **complexity(model, size)}
+    result = {"config": cfg.name, **complexity(model, size,
+                                               transposed_conv=args.transposed_conv)}
     if args.json:
         print(json.dumps(result))
     else:
@@ -134,7 +149,7 @@ def run_test(args: argparse.Namespace) -> int:
         cleanup()
     if env.is_main:
         print(metrics["table"])
-        print(json.dumps({k: round(metrics[k], 4) for k in ("mIoU", "mAcc", "aAcc")}))
+        print(json.dumps({k: round(v, 4) for k, v in metrics["summary"].items()}))
     return 0
 
 

@@ -167,6 +167,7 @@ def build_train_loader(
     rank: int = 0,
     world_size: int = 1,
     start_iter: int = 0,
+    collate_fn: Any = collate_segmentation,
 ) -> DataLoader:
     """An endless loader of training batches for this rank (drop-last batches of
     ``batch_size``). With ``start_iter`` it yields the batches a run started at iteration 0
@@ -185,7 +186,7 @@ def build_train_loader(
         batch_size=batch_size,
         sampler=SeededSampler(sampler),
         num_workers=num_workers,
-        collate_fn=collate_segmentation,
+        collate_fn=collate_fn,
         drop_last=True,
         pin_memory=torch.cuda.is_available(),
         persistent_workers=num_workers > 0,
@@ -195,7 +196,8 @@ def build_train_loader(
 
 
 def build_test_loader(
-    dataset: Dataset, rank: int = 0, world_size: int = 1, num_workers: int = 0
+    dataset: Dataset, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+    collate_fn: Any = collate_segmentation,
 ) -> DataLoader:
     """Batch-size-1 loader over this rank's :class:`ShardedSampler` shard."""
     generator = torch.Generator()
@@ -205,7 +207,7 @@ def build_test_loader(
         batch_size=1,
         sampler=ShardedSampler(len(dataset), rank, world_size),
         num_workers=num_workers,
-        collate_fn=collate_segmentation,
+        collate_fn=collate_fn,
         pin_memory=torch.cuda.is_available(),
         worker_init_fn=seed_worker,
         generator=generator,

@@ -27,8 +27,9 @@ from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
 from ..config import Config, config_from_dict, save_config
 from ..models import build_model
 from .dist import DistEnv, barrier, init_distributed
-from .evaluate import evaluate, unwrap
+from .evaluate import unwrap
 from .optim import build_optimizer, build_scheduler
+from .tasks import make_task
 
 CKPT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
 
@@ -114,14 +115,10 @@ def _autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def _build_datasets(cfg: Config, num_classes: int, with_val: bool):
-    from ..data import build_segmentation_dataset
-
-    train_set = build_segmentation_dataset(cfg.data, cfg.data.train_split, num_classes, True)
-    val_set = None
-    if with_val:
-        val_set = build_segmentation_dataset(cfg.data, cfg.data.val_split, num_classes, False)
-    return train_set, val_set
+def iterations_per_epoch(dataset_size: int, cfg: Config, world_size: int) -> int:
+    """Optimiser steps in one pass over the training set (epoch-based schedules)."""
+    per_step = cfg.data.batch_size * world_size * max(1, cfg.optim.accumulate)
+    return max(1, math.ceil(dataset_size / per_step))
 
 
 def train(cfg: Config, work_dir: str | Path, resume: bool = False,
@@ -145,13 +142,20 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     model = build_model(cfg)
     log = print if env.is_main else (lambda *a, **k: None)
     if load_from and start_ckpt is None:
-        report = load_checkpoint(model, load_from)
-        log(str(report))
+        log(str(load_checkpoint(model, load_from)))
+
+    task = make_task(cfg, model)
+    train_set = task.dataset(cfg.data.train_split, train=True)
+    val_set = task.dataset(cfg.data.val_split, train=False) if cfg.schedule.eval_interval else None
+    ipe = iterations_per_epoch(len(train_set), cfg, env.world_size)
+    if cfg.schedule.max_epochs > 0:
+        cfg.schedule.max_iters = cfg.schedule.max_epochs * ipe
+
     model.to(env.device)
-    if env.distributed and env.device.type == "cuda":
+    if env.distributed and env.device.type == "cuda" and task.sync_batchnorm:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.schedule)
+    scheduler = build_scheduler(optimizer, cfg.schedule, ipe)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
     start_iter = 0
     if start_ckpt is not None:
@@ -171,15 +175,14 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     if env.is_main:
         save_config(cfg, work_dir / "config.yaml")
 
-    num_classes = unwrap(model).num_classes
-    with_val = cfg.schedule.eval_interval > 0
-    train_set, val_set = _build_datasets(cfg, num_classes, with_val)
-    loader = iter(_train_loader(cfg, train_set, env, start_iter))
     accumulate = max(1, cfg.optim.accumulate)
+    loader = iter(_train_loader(cfg, train_set, env, start_iter, task.collate))
     effective = cfg.data.batch_size * env.world_size * accumulate
-    log(f"training {cfg.name}: {len(train_set)} images, {num_classes} classes, "
+    log(f"training {cfg.name}: {len(train_set)} images, {ipe} iterations per epoch, "
         f"effective batch {effective} = {cfg.data.batch_size} per process x {env.world_size} "
-        f"process(es) x {accumulate} accumulation step(s) (the official recipe uses 32)")
+        f"process(es) x {accumulate} accumulation step(s) (the official recipe uses "
+        f"{32 if task.name == 'segmentation' else 16})")
+    meta = task.checkpoint_meta(train_set)
 
     logger = MetricLogger(work_dir, env.is_main)
     max_iters = cfg.schedule.max_iters
@@ -194,14 +197,12 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
             values: dict[str, float] = {}
             skipped = False
             for micro in range(accumulate):
-                batch = next(loader)
-                images = batch["image"].to(env.device, non_blocking=True)
-                targets = batch["target"].to(env.device, non_blocking=True)
+                inputs, targets = task.to_device(next(loader), env.device)
                 sync = micro == accumulate - 1 or not env.distributed
                 ctx = nullcontext() if sync else model.no_sync()
                 with ctx:
                     with _autocast(cfg, env.device):
-                        losses = model(images, targets)
+                        losses = model(inputs, targets)
                     loss = sum(losses.values())
                     if not torch.isfinite(loss.detach()):
                         if cfg.nonfinite_loss == "skip":
@@ -240,11 +241,11 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
                 logger.log(step, "train", values)
             if step % cfg.schedule.checkpoint_interval == 0 or step == max_iters:
                 _save(work_dir / f"iter_{step}.pth", model, optimizer, scheduler, scaler,
-                      step, cfg, env)
+                      step, cfg, env, meta)
             if val_set is not None and (step % cfg.schedule.eval_interval == 0
                                         or step == max_iters):
-                last_metrics = evaluate(model, val_set, cfg, env, progress=progress)
-                summary = {k: last_metrics[k] for k in ("mIoU", "mAcc", "aAcc")}
+                last_metrics = task.evaluate(model, val_set, env, progress=progress)
+                summary = {k: last_metrics[k] for k in task.summary_keys}
                 log(f"\niteration {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                        summary.items()))
                 logger.log(step, "val", summary)
@@ -255,17 +256,18 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     return last_metrics
 
 
-def _train_loader(cfg: Config, dataset, env: DistEnv, start_iter: int):
+def _train_loader(cfg: Config, dataset, env: DistEnv, start_iter: int, collate):
     from ..data import build_train_loader
 
     # Every process draws batch_size x accumulate samples per iteration.
     accumulate = max(1, cfg.optim.accumulate)
     return build_train_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.seed,
-                              env.rank, env.world_size, start_iter=start_iter * accumulate)
+                              env.rank, env.world_size, start_iter=start_iter * accumulate,
+                              collate_fn=collate)
 
 
 def _save(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: Config,
-          env: DistEnv) -> None:
+          env: DistEnv, meta: dict[str, Any]) -> None:
     """Gather every rank's RNG state, then write the checkpoint from the main process."""
     states = [rng_state()]
     if env.distributed:
@@ -276,7 +278,7 @@ def _save(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: Confi
     if env.is_main:
         save_checkpoint(path, unwrap(model), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
-                        iteration=step, rng=states, config=cfg.to_dict())
+                        iteration=step, rng=states, config=cfg.to_dict(), **meta)
     barrier()
 
 
@@ -284,15 +286,16 @@ def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
          out_dir: str | Path | None = None, env: DistEnv | None = None,
          progress: bool = True) -> dict[str, Any]:
     """Evaluate ``checkpoint`` (any format :func:`load_checkpoint` accepts) on the
-    validation split of ``cfg.data``."""
-    from ..data import build_segmentation_dataset
-
+    validation split of ``cfg.data``: mIoU for segmentation, COCO AP for detection."""
     env = env or init_distributed()
     model = build_model(cfg)
     report = load_checkpoint(model, checkpoint)
     if env.is_main:
         print(report)
     model.to(env.device).eval()
-    dataset = build_segmentation_dataset(cfg.data, cfg.data.val_split, model.num_classes, False)
-    return evaluate(model, dataset, cfg, env, aug_test=aug_test, out_dir=out_dir,
-                    progress=progress)
+    task = make_task(cfg, model)
+    dataset = task.dataset(cfg.data.val_split, train=False)
+    metrics = task.evaluate(model, dataset, env, aug_test=aug_test, out_dir=out_dir,
+                            progress=progress)
+    metrics["summary"] = {k: metrics[k] for k in task.summary_keys}
+    return metrics

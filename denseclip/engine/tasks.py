@@ -1,0 +1,110 @@
+"""What differs between segmentation and detection for the shared training engine:
+datasets, batching, moving a batch to the device, evaluation and its headline numbers."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..classes import load_class_names
+from ..config import Config
+from .dist import DistEnv
+
+DETECTION_TASKS = ("retinanet", "mask_rcnn")
+
+
+class SegmentationTask:
+    name = "segmentation"
+    summary_keys = ("mIoU", "mAcc", "aAcc")
+    sync_batchnorm = True  # the official runs use SyncBN
+
+    def __init__(self, cfg: Config, model: nn.Module) -> None:
+        self.cfg = cfg
+        self.num_classes = model.num_classes
+
+    def dataset(self, split: str, train: bool):
+        from ..data import build_segmentation_dataset
+
+        return build_segmentation_dataset(self.cfg.data, split, self.num_classes, train)
+
+    @property
+    def collate(self):
+        from ..data import collate_segmentation
+
+        return collate_segmentation
+
+    def to_device(self, batch: dict[str, Any], device: torch.device):
+        return (batch["image"].to(device, non_blocking=True),
+                batch["target"].to(device, non_blocking=True))
+
+    def evaluate(self, model: nn.Module, dataset, env: DistEnv, aug_test: bool = False,
+                 out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+        from .evaluate import evaluate
+
+        return evaluate(model, dataset, self.cfg, env, aug_test=aug_test, out_dir=out_dir,
+                        progress=progress)
+
+    def checkpoint_meta(self, dataset) -> dict[str, Any]:
+        return {"classes": list(dataset.class_names)}
+
+
+class DetectionTask:
+    name = "detection"
+    summary_keys = tuple(f"bbox_{k}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+    sync_batchnorm = False  # the official detection runs use plain per-GPU BatchNorm
+
+    def __init__(self, cfg: Config, model: nn.Module) -> None:
+        self.cfg = cfg
+        self.with_masks = cfg.model.task == "mask_rcnn"
+        if self.with_masks:
+            self.summary_keys = (*self.summary_keys,
+                                 *(f"segm_{k}" for k in ("AP", "AP50", "AP75", "APs", "APm",
+                                                         "APl")))
+        self.class_names = load_class_names(cfg.model.classes)
+
+    def dataset(self, split: str, train: bool):
+        from ..data.coco import build_coco_dataset
+
+        # Masks are only needed to train Mask R-CNN; evaluation reads them from the JSON.
+        return build_coco_dataset(self.cfg.data, split, train,
+                                  with_masks=self.with_masks and train,
+                                  class_names=self.class_names)
+
+    @property
+    def collate(self):
+        from ..data.coco import collate_detection
+
+        return collate_detection
+
+    def to_device(self, batch: dict[str, Any], device: torch.device):
+        from ..data.coco import move_detection_batch
+
+        return move_detection_batch(batch, device, non_blocking=True)
+
+    def evaluate(self, model: nn.Module, dataset, env: DistEnv, aug_test: bool = False,
+                 out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+        from .coco_eval import evaluate_detection
+
+        if aug_test:
+            raise ValueError("--aug-test is for segmentation; detection evaluates at "
+                             "the (1333, 800) scale only")
+        result = evaluate_detection(model, dataset, env, out_dir,
+                                    num_workers=self.cfg.data.num_workers, progress=progress)
+        summaries = [result.get(f"{t}_summary", "") for t in ("bbox", "segm")]
+        result["table"] = "\n".join(s for s in summaries if s)
+        return result
+
+    def checkpoint_meta(self, dataset) -> dict[str, Any]:
+        # Category id of each contiguous label, so results map back to the JSON's ids.
+        return {"classes": list(dataset.class_names), "cat_ids": list(dataset.cat_ids)}
+
+
+def make_task(cfg: Config, model: nn.Module):
+    if cfg.model.task == "segmentation":
+        return SegmentationTask(cfg, model)
+    if cfg.model.task in DETECTION_TASKS:
+        return DetectionTask(cfg, model)
+    raise ValueError(f"model.task {cfg.model.task!r} has no training engine")
