@@ -8,6 +8,9 @@ PY := $(VENV)/bin/python
 # these releases do, and pip finds them in the machine's local wheel store when it has one.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
 
+# The demo-page test drives a real headless Chromium; as root on Debian it is installed here.
+BROWSER ?= /usr/bin/chromium
+
 .PHONY: test lint demo bench clean-venv
 
 $(VENV)/.installed: pyproject.toml
@@ -16,7 +19,14 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
-test: $(VENV)/.installed
+$(BROWSER):
+	@if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && apt-get install -y -qq chromium chromium-driver >/dev/null; \
+	else \
+		echo "the demo-page test needs Chromium at $(BROWSER): install it (Debian: apt-get install chromium chromium-driver)" >&2; exit 1; \
+	fi
+
+test: $(VENV)/.installed $(BROWSER)
 	$(PY) -m pytest -q
 
 # The quickstart: synthetic ADE20K-layout data, a tiny DenseCLIP trained on CPU, its mIoU.

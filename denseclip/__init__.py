@@ -13,5 +13,13 @@ def load_checkpoint(model, path, **kwargs):
     return _load(model, path, **kwargs)
 
 
-__all__ = ["Config", "ConfigError", "available_presets", "build_model", "load_checkpoint",
-           "load_config", "__version__"]
+def __getattr__(name: str):
+    if name == "Predictor":  # imported on first use: it pulls in PIL and the data pipeline
+        from .predict import Predictor
+
+        return Predictor
+    raise AttributeError(f"module 'denseclip' has no attribute {name!r}")
+
+
+__all__ = ["Config", "ConfigError", "Predictor", "available_presets", "build_model",
+           "load_checkpoint", "load_config", "__version__"]

@@ -1,0 +1,288 @@
+"""A local demo page: upload an image, type class names, see the segmentation.
+
+``denseclip demo CONFIG CHECKPOINT`` serves one HTML page with the standard library's
+``http.server`` (no extra dependency, works offline). The form posts the image and the class
+names; the answer is the same page with the overlays inline (PNG data URLs):
+
+* with class names: the open-vocabulary segmentation from the score maps (coarse,
+  zero-shot) first, then the decode head's segmentation over the trained classes;
+* without: the decode head's segmentation only.
+
+The server is meant for your own machine (default ``127.0.0.1``); it handles one
+prediction at a time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import sys
+import threading
+import warnings
+from email.parser import BytesParser
+from email.policy import HTTP
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from .checkpoint import CheckpointError
+from .config import load_config
+from .predict import PredictionError, Predictor, parse_class_list, to_rgb
+from .visualize import format_share, palette, render_overlay
+
+__all__ = ["DemoServer", "add_arguments", "make_server", "render_page", "run"]
+
+MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px;
+       padding: 0 1rem; color: #222; }
+form { display: flex; flex-wrap: wrap; gap: 1rem; align-items: end; padding: 1rem;
+       background: #f3f4f6; border-radius: 8px; }
+label { display: flex; flex-direction: column; gap: .3rem; font-weight: 600; }
+input[type=text] { min-width: 22rem; padding: .4rem; }
+button { padding: .5rem 1.2rem; font-size: 1rem; }
+.error { color: #a40000; background: #fde8e8; padding: .8rem; border-radius: 6px;
+         white-space: pre-wrap; }
+.warning { color: #7a4d00; }
+img { max-width: 100%; border: 1px solid #ccc; }
+.legend { list-style: none; padding: 0; display: flex; flex-wrap: wrap; gap: .4rem 1.2rem; }
+.swatch { display: inline-block; width: 1em; height: 1em; border: 1px solid #333;
+          vertical-align: middle; margin-right: .3em; }
+.note { color: #555; font-size: .9rem; }
+"""
+
+
+def _png_data_url(image: Image.Image) -> str:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _legend_html(labels: np.ndarray, names: list[str], element_id: str) -> str:
+    counts = np.bincount(labels.ravel(), minlength=len(names))[: len(names)]
+    colours = palette(len(names))
+    items = []
+    for c in sorted(np.flatnonzero(counts), key=lambda c: (-counts[c], c)):
+        r, g, b = (int(v) for v in colours[c])
+        pct = format_share(100.0 * counts[c] / labels.size)
+        items.append(
+            f"<li><span class='swatch' style='background:#{r:02x}{g:02x}{b:02x}'></span>"
+            f"{html.escape(names[c])} ({html.escape(pct)})</li>"
+        )
+    return f"<ul class='legend' id='{element_id}'>" + "".join(items) + "</ul>"
+
+
+def render_page(predictor: Predictor, classes: str = "", result: Any = None,
+                image: np.ndarray | None = None, error: str | None = None,
+                note: str | None = None) -> str:
+    """The demo page: the form, then an error or the overlays of ``result``."""
+    cfg = predictor.cfg
+    parts = [
+        "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>",
+        f"<title>DenseCLIP demo — {html.escape(cfg.name)}</title>",
+        f"<style>{_STYLE}</style></head><body>",
+        "<h1>DenseCLIP demo</h1>",
+        f"<p>Model <b>{html.escape(cfg.name)}</b>, {predictor.num_classes} trained classes.</p>",
+    ]
+    if predictor.load_report is None:
+        parts.append("<p class='warning'>No checkpoint: the weights are random, so the "
+                     "predictions are meaningless.</p>")
+    parts += [
+        "<form id='form' method='post' action='/predict' enctype='multipart/form-data'>",
+        "<label>Image <input type='file' id='image' name='image' accept='image/*' required>"
+        "</label>",
+        "<label>Class names (comma-separated, optional) <input type='text' id='classes' "
+        f"name='classes' placeholder='cat, dog, grass' value='{html.escape(classes)}'></label>",
+        "<button type='submit' id='submit'>Segment</button></form>",
+    ]
+    if error:
+        parts.append(f"<p class='error' id='error'>{html.escape(error)}</p>")
+    if result is not None and image is not None:
+        parts.append("<section id='results'>")
+        if note:
+            parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        trained_id = "overlay"
+        if result.open_labels is not None:
+            trained_id = "overlay-trained"
+            overlay = render_overlay(image, result.open_labels, result.open_class_names)
+            parts += [
+                "<h2>Your classes — score map</h2>",
+                "<p class='note'>Argmax of the pixel-text score maps (stride 32, upsampled): "
+                "coarse and zero-shot; quality depends on CLIP's pre-training.</p>",
+                f"<img id='overlay' alt='segmentation of your classes' "
+                f"src='{_png_data_url(overlay)}'>",
+                _legend_html(result.open_labels, result.open_class_names, "legend"),
+            ]
+        overlay = render_overlay(image, result.labels, result.class_names)
+        parts += [
+            "<h2>Trained classes — decode head</h2>",
+            "<p class='note'>The model's own prediction over the classes it was trained on "
+            "(its accuracy is the trained model's).</p>",
+            f"<img id='{trained_id}' alt='segmentation over the trained classes' "
+            f"src='{_png_data_url(overlay)}'>",
+            _legend_html(result.labels, result.class_names,
+                         "legend" if trained_id == "overlay" else "legend-trained"),
+            "</section>",
+        ]
+    parts.append("</body></html>")
+    return "".join(parts)
+
+
+def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | None, bytes]]:
+    """Form fields of a multipart/form-data body: ``{name: (filename, bytes)}``."""
+    head = f"Content-Type: {content_type}\r\nMIME-Version: 1.0\r\n\r\n".encode("latin-1")
+    message = BytesParser(policy=HTTP).parsebytes(head + body)
+    if not message.is_multipart():
+        raise ValueError("the form data is not multipart")
+    fields: dict[str, tuple[str | None, bytes]] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        if name:
+            fields[str(name)] = (part.get_filename(), part.get_payload(decode=True) or b"")
+    return fields
+
+
+class DemoServer(ThreadingHTTPServer):
+    """The demo's HTTP server; ``server_address`` holds the bound host and port."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], predictor: Predictor, max_side: int = 1024,
+                 quiet: bool = False) -> None:
+        self.predictor = predictor
+        self.max_side = max_side
+        self.quiet = quiet
+        self.lock = threading.Lock()  # one prediction at a time: the model is shared
+        super().__init__(address, _Handler)
+
+    @property
+    def url(self) -> str:
+        host, port = self.server_address[:2]
+        return f"http://{host}:{port}/"
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: DemoServer
+    server_version = "DenseCLIPDemo/0.1"
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
+        if not self.server.quiet:
+            super().log_message(format, *args)
+
+    def _send(self, status: int, body: str, content_type: str = "text/html; charset=utf-8"):
+        data = body.encode("utf-8")
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Cache-Control", "no-store")
+        self.end_headers()
+        self.wfile.write(data)
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        path = self.path.split("?", 1)[0]
+        if path in ("/", "/index.html", "/predict"):
+            self._send(HTTPStatus.OK, render_page(self.server.predictor))
+        elif path == "/health":
+            self._send(HTTPStatus.OK, "ok\n", "text/plain; charset=utf-8")
+        else:
+            self._send(HTTPStatus.NOT_FOUND, "not found\n", "text/plain; charset=utf-8")
+
+    def do_POST(self) -> None:  # noqa: N802
+        predictor = self.server.predictor
+        if self.path.split("?", 1)[0] != "/predict":
+            self._send(HTTPStatus.NOT_FOUND, "not found\n", "text/plain; charset=utf-8")
+            return
+        length = int(self.headers.get("Content-Length") or 0)
+        if length <= 0 or length > MAX_UPLOAD_BYTES:
+            error = ("the upload is empty" if length <= 0 else
+                     f"the upload is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+            self.close_connection = True
+            self._send(HTTPStatus.BAD_REQUEST, render_page(predictor, error=error))
+            return
+        body = self.rfile.read(length)
+        classes = ""
+        try:
+            fields = _parse_multipart(self.headers.get("Content-Type", ""), body)
+            classes = fields.get("classes", (None, b""))[1].decode("utf-8").strip()
+            upload = fields.get("image", (None, b""))[1]
+            if not upload:
+                raise PredictionError("choose an image file to upload")
+            page = self._predict(upload, classes)
+        except (PredictionError, ValueError, OSError) as e:
+            self._send(HTTPStatus.BAD_REQUEST, render_page(predictor, classes, error=str(e)))
+            return
+        self._send(HTTPStatus.OK, page)
+
+    def _predict(self, upload: bytes, classes: str) -> str:
+        server = self.server
+        try:
+            with Image.open(io.BytesIO(upload)) as img:
+                img.load()
+                rgb = to_rgb(img)
+        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+            raise PredictionError(f"cannot read the upload as an image: {e}") from None
+        note = None
+        H, W = rgb.shape[:2]
+        if max(H, W) > server.max_side:
+            factor = server.max_side / max(H, W)
+            size = (max(1, round(W * factor)), max(1, round(H * factor)))
+            rgb = np.asarray(Image.fromarray(rgb).resize(size, Image.BILINEAR))
+            note = f"The {W}x{H} image was reduced to {size[0]}x{size[1]} for the demo."
+        with server.lock:
+            predictor = server.predictor
+            predictor.set_classes(parse_class_list(classes) if classes else None)
+            result = predictor.predict(rgb, return_probs=False)
+        return render_page(predictor, classes, result, rgb, note=note)
+
+
+def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860,
+                max_side: int = 1024, quiet: bool = False) -> DemoServer:
+    """Bind the demo server (``port=0`` picks a free port); call ``serve_forever()`` on it
+    (e.g. in a thread) and ``shutdown()`` + ``server_close()`` to stop it."""
+    return DemoServer((host, port), predictor, max_side=max_side, quiet=quiet)
+
+
+# ------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``denseclip demo``."""
+    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
+    parser.add_argument("checkpoint", help="weights to serve; 'none' for random weights")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1, this machine only)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--max-side", type=int, default=1024,
+                        help="uploads larger than this (pixels, longer side) are reduced")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``denseclip demo``: serve until interrupted (Ctrl-C); 2 if the model cannot load."""
+    cfg = load_config(args.config, args.overrides)
+    checkpoint = None if args.checkpoint.lower() in ("none", "random") else args.checkpoint
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            predictor = Predictor(cfg, checkpoint, args.device)
+        server = make_server(predictor, args.host, args.port, args.max_side)
+    except (CheckpointError, FileNotFoundError, PredictionError, OSError) as e:
+        print(f"denseclip demo: error: {e}", file=sys.stderr)
+        return 2
+    if checkpoint is None:
+        print(f"denseclip demo: warning: no checkpoint, {cfg.name} has random weights",
+              file=sys.stderr)
+    print(f"DenseCLIP demo for {cfg.name} on {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,233 @@
+"""ONNX export of segmentation models with the class-name text features baked in.
+
+The exported graph maps a normalised image batch ``images`` (B, 3, H, W) — RGB, keep-ratio
+resized and normalised as ``(x - 255·mean) / (255·std)`` exactly like the test pipeline —
+to ``logits`` (B, K, H, W) of the decode head over the trained classes. With open-vocabulary
+classes it has a second output ``open_scores`` (B, K', H, W): the score maps (cosine
+similarities) of those classes, upsampled bilinearly to the input. Batch size, height and
+width are dynamic; the sliding-window loop, the final resize and the softmax stay outside,
+as they are per-image control flow (see :mod:`denseclip.predict` for the reference).
+
+The text encoder does not run in the graph: the text embeddings of the trained and the open
+class lists are computed once at export time and stored as constants (post-model prompting;
+pre-model prompting makes text depend on the image and is not exportable this way). The
+class names, normalisation and test settings are stored in the ONNX metadata.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .checkpoint import CheckpointError
+from .config import load_config
+from .models import layers
+from .models.segmentor import Segmentor
+from .predict import (
+    PredictionError,
+    Predictor,
+    guided_score,
+    parse_class_list,
+    read_open_classes,
+)
+
+__all__ = ["ExportError", "SegmentorForExport", "add_arguments", "export_onnx", "run"]
+
+
+class ExportError(ValueError):
+    """The model cannot be exported as asked."""
+
+
+class SegmentorForExport(nn.Module):
+    """A :class:`~denseclip.models.Segmentor` whose text features are constants.
+
+    ``forward(images)`` returns the head's logits (B, K, H, W) at the input size, plus
+    the open classes' score maps (B, K', H, W) when ``open_text`` is given. The results
+    equal the segmentor's eval forward (and the predictor's score maps)."""
+
+    def __init__(self, model: Segmentor, open_text: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.model = model.eval()
+        guidance = model.guidance
+        if guidance is not None and guidance.prompting != "post":
+            raise ExportError(
+                "pre-model prompting computes text features from each image, so they "
+                "cannot be baked in; only post-model prompting models can be exported"
+            )
+        if guidance is None and open_text is not None:
+            raise ExportError("a model without text guidance has no score maps to export")
+        text = None
+        if guidance is not None:
+            with torch.no_grad():
+                text = guidance.text_encoder(guidance.tokens, guidance.contexts).detach()
+        self.register_buffer("text", text)
+        self.register_buffer("open_text", None if open_text is None else open_text.detach())
+
+    def forward(self, images: torch.Tensor):
+        model = self.model
+        align = False  # as the segmentor's own upsampling
+        features, embeddings = model.backbone(images)
+        if model.guidance is not None:
+            score = guided_score(model.guidance, *embeddings, text=self.text)
+            features = list(features)
+            level = features[model.score_level]
+            features[model.score_level] = torch.cat([level, score.to(level.dtype)], dim=1)
+        logits = model.head(model.neck(features))
+        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
+                               align_corners=align)
+        if self.open_text is None:
+            return logits
+        open_scores = guided_score(model.guidance, *embeddings, text=self.open_text)
+        open_scores = F.interpolate(open_scores, size=images.shape[-2:], mode="bilinear",
+                                    align_corners=align)
+        return logits, open_scores
+
+
+def _traceable_resize_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`denseclip.models.layers.resize_grid` without Python arithmetic on shapes.
+
+    The TorchScript tracer records shapes as tensors, so the stored grid side is read as a
+    plain int (it is a constant of the weights), and the resize always runs: a traced
+    "same size" shortcut would freeze the example's grid size into the graph. Resizing to
+    the same size is exact for bilinear sampling without corner alignment."""
+    cells = int(pos.shape[0])
+    n = math.isqrt(cells)
+    if n * n != cells:
+        raise ValueError(f"position embedding of {cells} cells is not a square grid")
+    grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
+    return grid.reshape(pos.shape[1], -1).transpose(0, 1)
+
+
+@contextlib.contextmanager
+def _tracing_friendly_layers() -> Iterator[None]:
+    original = layers.resize_grid
+    layers.resize_grid = _traceable_resize_grid
+    try:
+        yield
+    finally:
+        layers.resize_grid = original
+
+
+def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | None = None,
+                example_size: tuple[int, int] = (64, 96), opset: int = 17,
+                metadata: dict[str, Any] | None = None) -> Path:
+    """Export ``model`` (a segmentor) to ``path``; see the module documentation.
+
+    ``open_text`` are the open classes' text embeddings (1, K', D) (e.g. from
+    :class:`~denseclip.predict.Predictor`); ``metadata`` values are stored JSON-encoded in
+    the model's ``metadata_props``. The graph is traced (TorchScript exporter) at
+    ``example_size`` with dynamic batch, height and width, then checked with ``onnx``.
+    """
+    try:
+        import onnx
+    except ImportError:
+        raise ExportError(
+            "ONNX export needs the onnx package: pip install 'denseclip[export]'"
+        ) from None
+    if not isinstance(model, Segmentor):
+        raise ExportError(f"only segmentation models can be exported, got {type(model).__name__}")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    wrapper = SegmentorForExport(model, open_text).eval()
+    device = next(model.parameters()).device
+    example = torch.zeros(1, 3, *example_size, device=device)
+    outputs = ["logits"] if open_text is None else ["logits", "open_scores"]
+    axes = {"images": {0: "batch", 2: "height", 3: "width"}}
+    axes.update({name: {0: "batch", 2: "height", 3: "width"} for name in outputs})
+    with torch.no_grad(), _tracing_friendly_layers(), warnings.catch_warnings():
+        # The tracer warns about every Python-level shape check; the graph is verified
+        # against PyTorch at other sizes in the tests instead.
+        warnings.simplefilter("ignore")
+        torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
+                          output_names=outputs, dynamic_axes=axes, opset_version=opset,
+                          dynamo=False)
+    proto = onnx.load(str(path))
+    for key, value in (metadata or {}).items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
+    onnx.checker.check_model(proto)
+    onnx.save(proto, str(path))
+    return path
+
+
+def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17) -> Path:
+    """Export a predictor's model and class lists (trained and open) to ONNX."""
+    if predictor.task != "segmentation":
+        raise ExportError(f"ONNX export supports segmentation presets; {predictor.cfg.name} "
+                          f"is a {predictor.task} model")
+    open_text = None
+    if predictor.open_class_names:
+        guidance = predictor.guidance
+        if guidance.prompting != "post":
+            raise ExportError("open-vocabulary export needs post-model prompting")
+        open_text = predictor.open_text_embeddings()
+    cfg = predictor.cfg
+    crop = [int(c) for c in cfg.evaluation.crop_size]
+    metadata = {
+        "config": cfg.name,
+        "class_names": predictor.class_names,
+        "open_class_names": predictor.open_class_names or [],
+        "open_texts": predictor.open_texts or [],
+        "mean_255": [255.0 * m for m in cfg.data.mean],
+        "std_255": [255.0 * s for s in cfg.data.std],
+        "test_scale": list(cfg.data.test_scale),
+        "evaluation": {"mode": cfg.evaluation.mode, "crop_size": list(cfg.evaluation.crop_size),
+                       "stride": list(cfg.evaluation.stride)},
+        "align_corners": cfg.model.align_corners,
+    }
+    return export_onnx(predictor.model, path, open_text, example_size=(crop[0], crop[1]),
+                       opset=opset, metadata=metadata)
+
+
+# ------------------------------------------------------------------------------ CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``denseclip export``."""
+    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
+    parser.add_argument("checkpoint", help="weights to export; 'none' for random weights")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. evaluation.crop_size=[640,640]")
+    parser.add_argument("--format", default="onnx", choices=["onnx"], help="output format")
+    parser.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--classes", metavar="NAMES",
+                       help="also output score maps for these comma-separated classes")
+    group.add_argument("--classes-file", metavar="FILE",
+                       help="open-vocabulary classes, one 'name' or 'name: text' per line")
+    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``denseclip export``: 0 on success, 2 when the model cannot be exported as asked."""
+    cfg = load_config(args.config, args.overrides)
+    try:
+        classes = None
+        if args.classes is not None:
+            classes = parse_class_list(args.classes)
+        elif args.classes_file is not None:
+            classes = read_open_classes(args.classes_file)
+        checkpoint = None if args.checkpoint.lower() in ("none", "random") else args.checkpoint
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            predictor = Predictor(cfg, checkpoint, "cpu", classes)
+        if checkpoint is None:
+            print(f"denseclip export: warning: no checkpoint, {cfg.name} has random weights",
+                  file=sys.stderr)
+        path = export_predictor(predictor, args.out, args.opset)
+    except (ExportError, PredictionError, CheckpointError, FileNotFoundError) as e:
+        print(f"denseclip export: error: {e}", file=sys.stderr)
+        return 2
+    outputs = "logits" + (", open_scores" if predictor.open_class_names else "")
+    print(f"wrote {path}: images (B, 3, H, W) -> {outputs}")
+    return 0

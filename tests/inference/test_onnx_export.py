@@ -1,0 +1,143 @@
+"""ONNX export: text features baked in, dynamic batch and image size, parity with PyTorch."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+import numpy as np
+import onnx  # noqa: E402
+import onnxruntime as ort  # noqa: E402
+import pytest
+import torch
+
+import denseclip
+from denseclip import export
+from denseclip.checkpoint import save_checkpoint
+from denseclip.export import ExportError, SegmentorForExport, export_onnx, export_predictor
+from denseclip.predict import Predictor
+
+NAMES = ["cat", "dog", "grass"]
+TOLERANCE = 1e-3
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny tensors: one intra-op thread avoids synchronisation overhead."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def make_predictor(preset: str, classes=None, overrides=()) -> Predictor:
+    torch.manual_seed(0)
+    cfg = denseclip.load_config(preset, overrides)
+    return Predictor.from_model(denseclip.build_model(cfg), cfg, classes=classes)
+
+
+def session(path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("preset", ["tiny_denseclip_res", "tiny_denseclip_vit"])
+def test_onnx_matches_pytorch_at_two_sizes(preset, tmp_path):
+    predictor = make_predictor(preset, NAMES)
+    calls = []
+    predictor.guidance.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    path = export_predictor(predictor, tmp_path / "model.onnx")
+    sess = session(path)
+    assert [i.name for i in sess.get_inputs()] == ["images"]
+    assert [o.name for o in sess.get_outputs()] == ["logits", "open_scores"]
+    # The text encoder is not in the graph: no token-embedding table (vocabulary x width).
+    vocab = predictor.cfg.model.text.vocab_size
+    shapes = [tuple(t.dims) for t in onnx.load(str(path)).graph.initializer]
+    assert shapes and not any(vocab in s for s in shapes)
+    calls.clear()
+    torch.manual_seed(1)
+    diffs = []
+    for shape in [(1, 3, 64, 96), (2, 3, 96, 160)]:
+        x = torch.randn(shape)
+        with torch.no_grad():
+            reference = predictor.model(x)
+            window = predictor._window(x)  # head logits + upsampled open score maps
+        logits, open_scores = sess.run(None, {"images": x.numpy()})
+        assert logits.shape == (shape[0], 150, *shape[2:])
+        assert open_scores.shape == (shape[0], 3, *shape[2:])
+        diffs.append(float(np.abs(logits - reference.numpy()).max()))
+        diffs.append(float(np.abs(open_scores - window[:, 150:].numpy()).max()))
+        np.testing.assert_allclose(window[:, :150].numpy(), reference.numpy(), rtol=0, atol=0)
+    print(f"\n{preset}: ONNX vs PyTorch max |diff| (logits, open scores) per size: {diffs}")
+    assert max(diffs) <= TOLERANCE
+    assert calls == [1]  # PyTorch embedded the trained names once; ONNX never ran the encoder
+
+
+def test_metadata_and_trained_classes_only(tmp_path):
+    predictor = make_predictor("tiny_denseclip_res")
+    path = export_predictor(predictor, tmp_path / "model.onnx")
+    sess = session(path)
+    assert [o.name for o in sess.get_outputs()] == ["logits"]
+    meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()}
+    assert meta["class_names"] == predictor.class_names and meta["open_class_names"] == []
+    assert meta["test_scale"] == [128, 64]
+    assert meta["mean_255"] == pytest.approx([255 * m for m in predictor.cfg.data.mean])
+    x = torch.randn(1, 3, 70, 50)  # not a multiple of the stride
+    with torch.no_grad():
+        reference = predictor.model(x).numpy()
+    (logits,) = sess.run(None, {"images": x.numpy()})
+    assert np.abs(logits - reference).max() <= TOLERANCE
+
+
+def test_baseline_without_text(tmp_path):
+    predictor = make_predictor("tiny_clip_res")
+    path = export_onnx(predictor.model, tmp_path / "clip.onnx")
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = predictor.model(x).numpy()
+    (logits,) = session(path).run(None, {"images": x.numpy()})
+    assert np.abs(logits - reference).max() <= TOLERANCE
+
+
+def test_wrapper_equals_the_segmentor():
+    predictor = make_predictor("tiny_denseclip_res")
+    wrapper = SegmentorForExport(predictor.model)
+    x = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(wrapper(x), predictor.model(x), rtol=0, atol=0)
+
+
+def test_pre_model_prompting_is_refused(tmp_path):
+    predictor = make_predictor("tiny_denseclip_res", overrides=["model.guidance.prompting=pre"])
+    with pytest.raises(ExportError, match="pre-model prompting"):
+        export_predictor(predictor, tmp_path / "model.onnx")
+
+
+def run_cli(*argv: str) -> int:
+    parser = argparse.ArgumentParser(prog="denseclip export")
+    export.add_arguments(parser)
+    return export.run(parser.parse_args(list(argv)))
+
+
+def test_cli(tmp_path, capsys):
+    torch.manual_seed(0)
+    model = denseclip.build_model(denseclip.load_config("tiny_denseclip_res"))
+    checkpoint = save_checkpoint(tmp_path / "tiny.pth", model)
+    out = tmp_path / "exported" / "tiny.onnx"
+    status = run_cli("tiny_denseclip_res", str(checkpoint), "--format", "onnx", "--out",
+                     str(out), "--classes", "cat,dog")
+    assert status == 0, capsys.readouterr().err
+    assert "open_scores" in capsys.readouterr().out
+    sess = session(out)
+    meta = sess.get_modelmeta().custom_metadata_map
+    assert json.loads(meta["open_class_names"]) == ["cat", "dog"]
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        reference = model.eval()(x).numpy()
+    logits, _ = sess.run(None, {"images": x.numpy()})
+    assert np.abs(logits - reference).max() <= TOLERANCE
+
+    status = run_cli("tiny_denseclip_res", str(checkpoint), "--out", str(out), "--classes",
+                     "a remarkably verbose description")
+    assert status == 2 and "at most 3" in capsys.readouterr().err
