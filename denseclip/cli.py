@@ -15,6 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from . import demo, export, predict
 from .config import Config, ConfigError, load_config
 
 EXIT_USAGE = 2  # bad arguments or config, like argparse's own errors
@@ -44,8 +45,10 @@ def load_cli_config(args: argparse.Namespace) -> Config:
 def _flops_arguments(parser: argparse.ArgumentParser) -> None:
     add_config_arguments(parser)
     parser.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
-                        help="input size (default: the config's data.crop_size; 1280 800 for "
-                             "detection presets, the raw tensor without resizing)")
+                        help="input size (default: the config's data.crop_size; for detection, "
+                             "where it is the raw tensor, not resized: 1280 800, or the padded "
+                             "model.detection max_size x min_size when the backbone's stored "
+                             "position grid is smaller)")
     parser.add_argument("--json", action="store_true", help="print one JSON object")
     parser.add_argument("--device", default="meta",
                         help="device to count on (default: meta, shapes only, no arithmetic)")
@@ -63,13 +66,21 @@ def run_flops(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
     cfg.model.pretrained = None  # weights do not change the counts
     detection = cfg.model.task != "segmentation"
+    divisor = cfg.model.detection.size_divisor
     if args.size:
         size = list(args.size)
+    elif not detection:
+        size = list(cfg.data.crop_size)
     else:
-        size = list(DETECTION_INPUT_SIZE if detection else cfg.data.crop_size)
+        # mmdet's FLOPs default, unless the backbone crops a stored position grid too small
+        # for it (the tiny presets): then the largest padded test input
+        backbone = cfg.model.backbone
+        size = list(DETECTION_INPUT_SIZE)
+        if backbone.pos_embed == "crop" and max(size) > backbone.input_resolution:
+            det = cfg.model.detection
+            size = [-(-det.max_size // divisor) * divisor, -(-det.min_size // divisor) * divisor]
     if len(size) != 2 or min(size) <= 0:
         raise ConfigError(f"input size must be two positive integers (H W), got {size}")
-    divisor = cfg.model.detection.size_divisor
     if detection and (size[0] % divisor or size[1] % divisor):
         raise ConfigError(f"detectors are counted on the raw input tensor: the size must be "
                           f"a multiple of model.detection.size_divisor ({divisor}), got {size}")
@@ -192,6 +203,12 @@ COMMANDS: list[Command] = [
     Command("test", "evaluate a checkpoint on the validation split", _test_arguments, run_test),
     Command("quickstart", "generate synthetic data, train a tiny DenseCLIP on CPU, evaluate",
             _quickstart_arguments, run_quickstart),
+    Command("predict", "segment or detect images: overlays, label maps, heatmaps, JSON",
+            predict.add_arguments, predict.run),
+    Command("export", "export a segmentation model to ONNX with its text features baked in",
+            export.add_arguments, export.run),
+    Command("demo", "serve a local web page to try a model on your own images",
+            demo.add_arguments, demo.run),
     Command("flops", "count parameters and multiply-adds (GMACs) of a config's model",
             _flops_arguments, run_flops),
     Command("presets", "list the bundled config presets", _no_arguments, run_presets),

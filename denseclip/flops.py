@@ -33,6 +33,24 @@ Per-module figures come from the counter's module breakdown, which attributes ev
 ``guidance``: context decoder, gamma update, score-map einsum), ``neck``, ``head``, and
 ``other`` (ops the model runs itself, outside those children: the final resize of the
 logits to the input size). They sum to the total.
+
+Detectors (models with a ``forward_dummy`` method: :mod:`denseclip.models.detection`) are
+counted the way the official detection FLOPs were (DESIGN §8): ``forward_dummy`` on the raw
+``1×3×H×W`` tensor (no resize, no post-processing; Mask R-CNN runs 1000 fixed proposals
+through the box head and the first 100 through the mask head, RoIAlign costing nothing),
+with the default size 1280×800 (H×W, the default of mmdet's FLOPs script). Their parts are
+``backbone``, ``text_encoder``, ``context_decoder``, ``neck`` and ``head`` (RetinaNet) or
+``rpn`` and ``roi_heads`` (Mask R-CNN), and ``other``.
+
+Transposed convolutions. The correct count (``transposed_conv="input"``, PyTorch's) is
+``c_in · c_out/groups · k_h · k_w`` per *input* position. fvcore releases before late 2021
+counted them per *output* position (``batch · prod(weight shape) · prod(output spatial
+size)``, ``transposed_conv="output"``): for the stride-2 2×2 deconvolutions in the ViT
+necks and the Mask R-CNN mask head that is 4× the true cost. The official detection
+figures include this over-count (15.4 G of Mask R-CNN's 301.4 at 1280×800, from the 100
+mask RoIs), so detectors default to ``"output"`` and reproduce them; segmentors default to
+``"input"``, which reproduces DESIGN §8's corrected segmentation table (the paper's ViT
+figures, 1037.4 / 1043.1, are the ``"output"`` counts).
 """
 
 from __future__ import annotations
@@ -46,8 +64,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-__all__ = ["EXTRA_OPS", "MODULES", "complexity", "count_macs", "count_parameters",
-           "format_report"]
+__all__ = ["DETECTION_INPUT_SIZE", "EXTRA_OPS", "MODULES", "TRANSPOSED_CONV", "complexity",
+           "count_macs", "count_parameters", "format_report", "is_detector"]
 
 aten = torch.ops.aten
 
@@ -108,36 +126,74 @@ EXTRA_OPS: dict[Any, Any] = {
 }
 
 
-def _custom_mapping(extra_ops: bool) -> dict[Any, Any]:
-    if not extra_ops:
-        return {}
-    mapping = dict(EXTRA_OPS)
+def _conv_over_output(x_shape, w_shape, *args, out_shape=None, **kwargs) -> int:
+    """Any convolution as ``batch · prod(weight shape) · prod(output spatial size)``:
+    PyTorch's count for a direct convolution, fvcore's pre-2021 count for a transposed one
+    (per output instead of per input position)."""
+    return _FLOPS_PER_MAC * x_shape[0] * _numel(w_shape) * _numel(out_shape[2:])
+
+
+#: The convolution ops of FlopCounterMode's table (all take (input, weight, ...)).
+_CONV_OPS = (aten.convolution, aten._convolution, aten.cudnn_convolution,
+             aten.convolution_overrideable, aten._slow_conv2d_forward)
+
+#: Ways of counting a transposed convolution: per input position (correct) or per output
+#: position (fvcore before late 2021; the official detection figures).
+TRANSPOSED_CONV = ("input", "output")
+
+
+def _custom_mapping(extra_ops: bool, transposed_conv: str = "input") -> dict[Any, Any]:
+    if transposed_conv not in TRANSPOSED_CONV:
+        raise ValueError(f"transposed_conv must be one of {TRANSPOSED_CONV}, "
+                         f"got {transposed_conv!r}")
+    mapping: dict[Any, Any] = dict(EXTRA_OPS) if extra_ops else {}
+    if transposed_conv == "output":
+        mapping.update((op, _conv_over_output) for op in _CONV_OPS)
     # FlopCounterMode decomposes any op *overload* it has no entry for before counting
     # (e.g. nearest upsampling into index ops), so the overloads are keyed too; the
     # formula itself is looked up by overload packet.
-    for packet, formula in EXTRA_OPS.items():
+    for packet, formula in list(mapping.items()):
         for name in packet.overloads():
             mapping[getattr(packet, name)] = formula
     return mapping
 
 
+class _MethodCall(nn.Module):
+    """Calls ``model.<method>`` as a module call, so that the counter's module tracker
+    names every submodule of ``model`` by its path (it names the descendants of the first
+    module entered; a plain method call enters none)."""
+
+    def __init__(self, model: nn.Module, method: str) -> None:
+        super().__init__()
+        self.model = model
+        self.method = method
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return getattr(self.model, self.method)(*args, **kwargs)
+
+
 def count_macs(module: nn.Module, *inputs: Any, extra_ops: bool = True,
+               transposed_conv: str = "input", method: str | None = None,
                **kwargs: Any) -> dict[str, int]:
-    """Multiply-adds of ``module(*inputs, **kwargs)`` run under ``no_grad`` (as it is:
-    the caller chooses train or eval mode).
+    """Multiply-adds of ``module(*inputs, **kwargs)`` (or of ``module.<method>(...)``) run
+    under ``no_grad`` (as it is: the caller chooses train or eval mode).
 
     Returns the counter's module breakdown in multiply-adds, keyed by module path
     relative to ``module`` (``""`` is the whole call, ``"backbone"``,
-    ``"guidance.text_encoder"``, ...). Each path's figure *includes* its submodules.
+    ``"guidance.text_encoder"``, ...). Each path's figure *includes* its submodules; only
+    modules that were called appear (with ``method``, ``module`` itself is not one).
+    ``transposed_conv`` is one of :data:`TRANSPOSED_CONV` (see the module docstring).
     """
     for m in module.modules():  # count the text encoder even when its output is cached
         if hasattr(m, "clear_cache"):
             m.clear_cache()
-    counter = FlopCounterMode(display=False, custom_mapping=_custom_mapping(extra_ops))
+    mapping = _custom_mapping(extra_ops, transposed_conv)
+    counter = FlopCounterMode(display=False, custom_mapping=mapping)
+    call = module if method is None else _MethodCall(module, method)
     with torch.no_grad(), counter:
-        module(*inputs, **kwargs)
+        call(*inputs, **kwargs)
     # The counter names modules "<RootClass>.<path>" and the whole call "Global".
-    root = type(module).__name__ + "."
+    root = type(module).__name__ + "." if method is None else "_MethodCall.model."
     out = {"": counter.get_total_flops() // _FLOPS_PER_MAC}
     for name, ops in counter.get_flop_counts().items():
         if name.startswith(root):
@@ -169,49 +225,83 @@ def _module_device(model: nn.Module) -> torch.device:
     return torch.device("cpu")
 
 
-#: Disjoint parts of a segmentor reported by :func:`complexity` (``other`` is the rest).
+#: Disjoint parts of a segmentor (and a RetinaNet) reported by :func:`complexity`
+#: (``other`` is the rest). A Mask R-CNN reports ``rpn`` and ``roi_heads`` for ``head``.
 MODULES = ("backbone", "text_encoder", "context_decoder", "neck", "head")
 
+#: Default (H, W) for detectors: the ``--shape 1280 800`` default of mmdet's FLOPs script.
+DETECTION_INPUT_SIZE = (1280, 800)
 
-def complexity(model: nn.Module, input_size: Sequence[int] = (1024, 1024),
-               extra_ops: bool = True) -> dict[str, Any]:
+
+def _subtree(macs: dict[str, int], path: str) -> int:
+    """Multiply-adds under module ``path``: its own figure when it was called, else the
+    sum over its outermost called descendants (``rpn`` when only ``rpn.head`` ran)."""
+    if path in macs:
+        return macs[path]
+    prefix = path + "."
+    inside = [p for p in macs if p.startswith(prefix)]
+    return sum(macs[p] for p in inside
+               if not any(p.startswith(q + ".") for q in inside if q != p))
+
+
+def is_detector(model: nn.Module) -> bool:
+    """Whether ``model`` is counted through ``forward_dummy`` (the detectors)."""
+    return callable(getattr(model, "forward_dummy", None))
+
+
+def complexity(model: nn.Module, input_size: Sequence[int] | None = None,
+               extra_ops: bool = True, transposed_conv: str | None = None) -> dict[str, Any]:
     """Parameters and multiply-adds of one forward pass of a ``1×3×H×W`` batch.
 
     The model runs in eval mode under ``no_grad`` on its own device; its training flag is
     restored afterwards. A model moved to the ``meta`` device gives the same counts
     fastest: only shapes propagate, no arithmetic runs. ``extra_ops=False`` drops the
     element-wise estimates (:data:`EXTRA_OPS`) and keeps convolutions and matrix
-    products only.
+    products only. A detector (a model with ``forward_dummy``) is counted through that
+    method, without pre- or post-processing (module docstring).
 
-    Returns ``{"input_size": [H, W], "params": {"total", "trainable",
-    "excluding_text_encoder"}, "gmacs": {"total", "excluding_text_encoder",
-    "by_module": {"backbone", "text_encoder", "context_decoder", "neck", "head",
-    "other"}}}``: parameters as ints, GMACs (10^9 multiply-adds) as floats. Parts the
-    model lacks (the guidance of a baseline) count 0; ``by_module`` sums to ``total``.
+    ``input_size`` defaults to 1024×1024 for segmentors and :data:`DETECTION_INPUT_SIZE`
+    for detectors; ``transposed_conv`` (one of :data:`TRANSPOSED_CONV`) to ``"input"``
+    for segmentors and ``"output"`` for detectors, the conventions of DESIGN §8's tables.
+
+    Returns ``{"input_size": [H, W], "transposed_conv", "params": {"total",
+    "trainable", "excluding_text_encoder"}, "gmacs": {"total", "excluding_text_encoder",
+    "by_module": {"backbone", "text_encoder", "context_decoder", "neck", "head" (Mask
+    R-CNN: "rpn", "roi_heads"), "other"}}}``: parameters as ints, GMACs (10^9
+    multiply-adds) as floats. Parts the model lacks (the guidance of a baseline) count 0;
+    ``by_module`` sums to ``total``.
     """
+    detector = is_detector(model)
+    if input_size is None:
+        input_size = DETECTION_INPUT_SIZE if detector else (1024, 1024)
     if len(input_size) != 2:
         raise ValueError(f"input_size must be (H, W), got {tuple(input_size)}")
+    if transposed_conv is None:
+        transposed_conv = "output" if detector else "input"
     h, w = (int(s) for s in input_size)
     images = torch.zeros(1, 3, h, w, device=_module_device(model))
     was_training = model.training
     model.eval()
     try:
-        macs = count_macs(model, images, extra_ops=extra_ops)
+        macs = count_macs(model, images, extra_ops=extra_ops, transposed_conv=transposed_conv,
+                          method="forward_dummy" if detector else None)
     finally:
         model.train(was_training)
 
     total = macs[""]
-    text = macs.get("guidance.text_encoder", 0)
+    text = _subtree(macs, "guidance.text_encoder")
+    heads = ("rpn", "roi_heads") if hasattr(model, "roi_heads") else ("head",)
     by_module = {
-        "backbone": macs.get("backbone", 0),
+        "backbone": _subtree(macs, "backbone"),
         "text_encoder": text,
-        "context_decoder": macs.get("guidance", 0) - text,
-        "neck": macs.get("neck", 0),
-        "head": macs.get("head", 0),
+        "context_decoder": _subtree(macs, "guidance") - text,
+        "neck": _subtree(macs, "neck"),
+        **{name: _subtree(macs, name) for name in heads},
     }
     by_module["other"] = total - sum(by_module.values())
     return {
         "input_size": [h, w],
+        "transposed_conv": transposed_conv,
         "params": count_parameters(model),
         "gmacs": {
             "total": total / 1e9,
@@ -232,6 +322,8 @@ def format_report(result: dict[str, Any], title: str | None = None) -> str:
     if title:
         lines.append(title)
     lines.append(f"input 1x3x{h}x{w}, one multiply-add = one operation")
+    if result.get("transposed_conv") == "output":
+        lines.append("transposed convolutions counted per output position (fvcore < 2021)")
     lines.append(f"{'module':<{width}}{'GMACs':>12}{'share':>9}")
     lines.append("-" * (width + 21))
     for name, value in rows:

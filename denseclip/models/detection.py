@@ -721,6 +721,19 @@ class CLIPRetinaNet(_CLIPDetector, RetinaNet):
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
 
+    def forward_dummy(self, images: Tensor) -> dict[str, Tensor]:
+        """The network alone, for counting operations: backbone (+ score map) → FPN →
+        head on a normalised B×3×H×W batch (H, W multiples of the size divisor), with no
+        transform, anchors or post-processing. Returns the head's ``cls_logits``
+        (B, N, K) and ``bbox_regression`` (B, N, 4) over all anchors of all levels."""
+        divisor = self.transform.size_divisible
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2] % divisor \
+                or images.shape[-1] % divisor:
+            raise ValueError(f"forward_dummy takes a B×3×H×W batch with H and W multiples of "
+                             f"{divisor}, got shape {tuple(images.shape)}")
+        pyramid, _, _ = self.extract_features(images)
+        return self.head(pyramid)
+
     def forward(self, images, targets=None):
         images, targets, original_sizes = self._check_inputs(images, targets)
         image_list, targets = self.transform(images, targets)
@@ -941,6 +954,56 @@ class CLIPMaskRCNN(_CLIPDetector, GeneralizedRCNN):
         super().__init__(backbone, rpn, roi_heads, transform)
         self._setup(backbone, guidance, neck, num_classes, in_levels, score_level,
                     seg_loss_weight, train_bn, with_masks=True)
+
+    def forward_dummy(self, images: Tensor, *, num_proposals: int = 1000,
+                      num_mask_rois: int = 100) -> tuple[Tensor, ...]:
+        """The network alone, for counting operations (the dummy forward of mmdet's
+        two-stage detectors): backbone (+ score map) → FPN → RPN head; then, per image,
+        ``num_proposals`` fixed boxes through RoIAlign → box head → box predictor, and the
+        first ``num_mask_rois`` of all of them through the mask RoIAlign → mask head →
+        mask predictor. ``images`` is a normalised B×3×H×W batch (H, W multiples of the
+        size divisor); no transform, anchors, proposal filtering or post-processing.
+
+        The proposals are a deterministic grid of boxes of four sizes (mmdet draws 1000
+        random ones); being shape-only arithmetic, they also build on the ``meta`` device.
+        They are all pooled from the finest FPN level, as mmdet's random boxes (a few
+        pixels wide) are: RoIAlign performs no multiply-adds that a counter records, and
+        the heads' cost depends on the number of RoIs only.
+
+        Returns (RPN objectness per level…, RPN deltas per level…, class logits, box
+        deltas, mask logits), each in the layout the heads produce."""
+        divisor = self.transform.size_divisible
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2] % divisor \
+                or images.shape[-1] % divisor:
+            raise ValueError(f"forward_dummy takes a B×3×H×W batch with H and W multiples of "
+                             f"{divisor}, got shape {tuple(images.shape)}")
+        pyramid, _, _ = self.extract_features(images)
+        objectness, rpn_deltas = self.rpn.head(pyramid)
+
+        h, w = images.shape[-2:]
+        cols = math.ceil(math.sqrt(num_proposals))
+        rows = math.ceil(num_proposals / cols)
+        i = torch.arange(num_proposals, dtype=torch.float32, device=images.device)
+        cx = (torch.remainder(i, cols) + 0.5) * (w / cols)
+        cy = (torch.div(i, cols, rounding_mode="floor") + 0.5) * (h / rows)
+        half = 16.0 * torch.pow(2.0, torch.remainder(i, 4))  # 32, 64, 128 and 256 px
+        one = torch.stack([(cx - half).clamp(min=0), (cy - half).clamp(min=0),
+                           (cx + half).clamp(max=w), (cy + half).clamp(max=h)], dim=1)
+        rois = torch.cat([
+            torch.cat([torch.full_like(one[:, :1], b), one], dim=1)
+            for b in range(images.shape[0])
+        ])
+
+        heads = self.roi_heads
+        finest, scale = pyramid[0].float(), 1.0 / heads.box_roi_pool.strides[0]
+        box_pool, mask_pool = heads.box_roi_pool, heads.mask_roi_pool
+        box_feats = roi_align(finest, rois, box_pool.output_size, scale,
+                              box_pool.sampling_ratio, box_pool.aligned)
+        class_logits, box_deltas = heads.box_predictor(heads.box_head(box_feats))
+        mask_feats = roi_align(finest, rois[:num_mask_rois], mask_pool.output_size, scale,
+                               mask_pool.sampling_ratio, mask_pool.aligned)
+        mask_logits = heads.mask_predictor(heads.mask_head(mask_feats))
+        return (*objectness, *rpn_deltas, class_logits, box_deltas, mask_logits)
 
     def forward(self, images, targets=None):
         images, targets, original_sizes = self._check_inputs(images, targets)
