@@ -67,15 +67,18 @@ def _summarise(keys: Iterable[str], limit: int = 8) -> str:
 
 
 # ---------------------------------------------------------------------------- rename tables
-# Official DenseCLIP (mmseg) key → ours. The backbone keeps CLIP's own names.
-OFFICIAL_RENAMES = [
+# Official DenseCLIP key → ours, for what segmentors and detectors share. The backbone
+# keeps CLIP's own names; mmcv's ConvModule nests FPN convs under ".conv.".
+OFFICIAL_SHARED_RENAMES = [
     (r"^contexts$", "guidance.contexts"),
     (r"^gamma$", "guidance.gamma"),
     (r"^text_encoder\.", "guidance.text_encoder."),
     (r"^context_decoder\.", "guidance.context_decoder."),
     (r"^neck\.(lateral|fpn)_convs\.(\d+)\.conv\.", r"neck.\1_convs.\2."),
-    (r"^decode_head\.", "head."),
 ]
+# Official segmentation release (mmseg) → ours; detection adds its heads in
+# denseclip.models.detection.OFFICIAL_DETECTION_RENAMES.
+OFFICIAL_RENAMES = [*OFFICIAL_SHARED_RENAMES, (r"^decode_head\.", "head.")]
 
 # OpenAI CLIP key → ours.
 OPENAI_RENAMES = [
@@ -91,7 +94,8 @@ OPENAI_NEW = (r"^guidance\.(contexts|gamma|context_decoder\.|prompt_generator\.)
               r"\.num_batches_tracked$")
 
 
-def _rename(key: str, table: list[tuple[str, str]]) -> str:
+def rename_key(key: str, table: list[tuple[str, str]]) -> str:
+    """``key`` renamed by the first matching (regex, replacement) rule of ``table``."""
     for pattern, repl in table:
         new, n = re.subn(pattern, repl, key)
         if n:
@@ -208,7 +212,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], fmt: str,
         if fmt == "openai" and key in OPENAI_UNUSED:
             ignored.append(key)
             continue
-        new = _rename(key, table)
+        new = rename_key(key, table)
         if fmt == "openai" and new not in model_sd:
             # CLIP parts this model does not build (text tower of a baseline, attention pool
             # or ViT projection when no embeddings are used) are expected to stay unused.

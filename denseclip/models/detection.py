@@ -88,7 +88,6 @@ classes and counted pixels of all images / (K × counted pixels of all images).
 from __future__ import annotations
 
 import math
-import re
 from collections import OrderedDict
 from collections.abc import Sequence
 from typing import Any
@@ -114,6 +113,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align, sigmoid_focal_loss
 
+from ..checkpoint import OFFICIAL_SHARED_RENAMES, rename_key
 from ..classes import load_class_names
 from ..config import ConfigError, ModelConfig
 from .guidance import TextGuidance
@@ -148,11 +148,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # Official DenseCLIP detection release key (mmdet 2.17) → ours. First matching rule wins.
 OFFICIAL_DETECTION_RENAMES = [
-    (r"^contexts$", "guidance.contexts"),
-    (r"^gamma$", "guidance.gamma"),
-    (r"^text_encoder\.", "guidance.text_encoder."),
-    (r"^context_decoder\.", "guidance.context_decoder."),
-    (r"^neck\.(lateral|fpn)_convs\.(\d+)\.conv\.", r"neck.\1_convs.\2."),
+    *OFFICIAL_SHARED_RENAMES,
     # RetinaNet head
     (r"^bbox_head\.cls_convs\.(\d+)\.conv\.", r"head.classification_head.conv.\1.0."),
     (r"^bbox_head\.reg_convs\.(\d+)\.conv\.", r"head.regression_head.conv.\1.0."),
@@ -175,15 +171,7 @@ OFFICIAL_DETECTION_RENAMES = [
 def convert_official_detection_keys(state_dict: dict[str, Any]) -> dict[str, Any]:
     """Rename an official detection state dict's keys with :data:`OFFICIAL_DETECTION_RENAMES`
     (the backbone keeps CLIP's names and needs no rule)."""
-    out = {}
-    for key, value in state_dict.items():
-        new = key
-        for pattern, repl in OFFICIAL_DETECTION_RENAMES:
-            new, n = re.subn(pattern, repl, key)
-            if n:
-                break
-        out[new] = value
-    return out
+    return {rename_key(k, OFFICIAL_DETECTION_RENAMES): v for k, v in state_dict.items()}
 
 
 # ------------------------------------------------------------------------------ init

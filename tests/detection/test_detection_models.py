@@ -125,13 +125,16 @@ def to_official(key: str) -> str:
 
 
 @pytest.mark.parametrize("name", ["tiny_retinanet_denseclip", "tiny_mask_rcnn_denseclip"])
-def test_official_release_weights_load_into_our_model(shared_coco, name):
+def test_official_release_weights_load_into_our_model(shared_coco, name, tmp_path):
     source = tiny(name, shared_coco)
     official = {to_official(k): v for k, v in source.state_dict().items()}
+    assert convert_official_detection_keys(official).keys() == source.state_dict().keys()
+    torch.save({"meta": {"epoch": 12}, "state_dict": official}, tmp_path / "release.pth")
     target = tiny(name, shared_coco)
     for p in target.parameters():
         p.data.zero_()
-    target.load_state_dict(convert_official_detection_keys(official), strict=True)
+    report = denseclip.load_checkpoint(target, tmp_path / "release.pth")
+    assert report.format == "official" and report.new == [] and report.ignored == []
     for (k, a), b in zip(source.state_dict().items(), target.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
 
