@@ -38,8 +38,7 @@ from .predict import (
     PredictionError,
     Predictor,
     guided_score,
-    parse_class_list,
-    read_open_classes,
+    predictor_from_args,
 )
 
 __all__ = ["ExportError", "SegmentorForExport", "add_arguments", "export_onnx", "run"]
@@ -212,18 +211,7 @@ def run(args: argparse.Namespace) -> int:
     """``denseclip export``: 0 on success, 2 when the model cannot be exported as asked."""
     cfg = load_config(args.config, args.overrides)
     try:
-        classes = None
-        if args.classes is not None:
-            classes = parse_class_list(args.classes)
-        elif args.classes_file is not None:
-            classes = read_open_classes(args.classes_file)
-        checkpoint = None if args.checkpoint.lower() in ("none", "random") else args.checkpoint
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            predictor = Predictor(cfg, checkpoint, "cpu", classes)
-        if checkpoint is None:
-            print(f"denseclip export: warning: no checkpoint, {cfg.name} has random weights",
-                  file=sys.stderr)
+        predictor = predictor_from_args(args, cfg, "export", device="cpu")
         path = export_predictor(predictor, args.out, args.opset)
     except (ExportError, PredictionError, CheckpointError, FileNotFoundError) as e:
         print(f"denseclip export: error: {e}", file=sys.stderr)

@@ -51,7 +51,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import nn
 from torchvision import tv_tensors
 
@@ -82,7 +82,6 @@ __all__ = [
 DETECTION_TASKS = ("retinanet", "mask_rcnn")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                   ".ppm", ".pgm", ".pbm", ".pnm"}
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 # Classes resized together when only the label map is wanted (bounds memory for big images).
 _ARGMAX_CHUNK = 16
 
@@ -104,15 +103,9 @@ def to_rgb(image: Any) -> np.ndarray:
 
         return load_image(image)
     if isinstance(image, Image.Image):
-        img = ImageOps.exif_transpose(image)
-        if img.mode in _SIXTEEN_BIT_MODES:
-            wide = np.asarray(img).astype(np.float64)
-            grey = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-            return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
-        if img.mode == "F":
-            grey = np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8)
-            return np.ascontiguousarray(np.repeat(grey[:, :, None], 3, axis=2))
-        return np.array(img.convert("RGB"), dtype=np.uint8)
+        from .data.segmentation import pil_to_rgb
+
+        return pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise PredictionError(
@@ -756,6 +749,26 @@ def _error(message: str) -> int:
     return 2
 
 
+def predictor_from_args(args: argparse.Namespace, cfg, command: str,
+                        **kwargs: Any) -> Predictor:
+    """A :class:`Predictor` for a command's ``checkpoint`` (``none``/``random``: random
+    weights, with a warning) and ``--classes``/``--classes-file`` arguments."""
+    classes = None
+    if args.classes is not None:
+        classes = parse_class_list(args.classes)
+    elif args.classes_file is not None:
+        classes = read_open_classes(args.classes_file)
+    checkpoint = None if args.checkpoint.lower() in ("none", "random") else args.checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        predictor = Predictor(cfg, checkpoint, **kwargs)
+    if checkpoint is None:
+        print(f"denseclip {command}: warning: no checkpoint, {cfg.name} has random weights; "
+              f"its outputs are meaningless", file=sys.stderr)
+    predictor.set_classes(classes)
+    return predictor
+
+
 def run(args: argparse.Namespace) -> int:
     """``denseclip predict``: exit status 0 when every image was written, 1 when some
     failed (each listed with its reason on stderr), 2 for a bad config, checkpoint or class
@@ -774,19 +787,8 @@ def run(args: argparse.Namespace) -> int:
         return _error(f"--batch-size must be positive, got {args.batch_size}")
     cfg = load_config(args.config, overrides)  # ConfigError → exit status 2 in the CLI
     try:
-        classes = None
-        if args.classes is not None:
-            classes = parse_class_list(args.classes)
-        elif args.classes_file is not None:
-            classes = read_open_classes(args.classes_file)
-        checkpoint = None if args.checkpoint.lower() in ("none", "random") else args.checkpoint
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            predictor = Predictor(cfg, checkpoint, args.device, batch_size=args.batch_size)
-        if checkpoint is None:
-            print(f"denseclip predict: warning: no checkpoint, {cfg.name} has random weights; "
-                  f"predictions are meaningless", file=sys.stderr)
-        predictor.set_classes(classes)
+        predictor = predictor_from_args(args, cfg, "predict", device=args.device,
+                                        batch_size=args.batch_size)
     except (PredictionError, CheckpointError, FileNotFoundError) as e:
         where = f"--classes-file {args.classes_file}: " if args.classes_file and isinstance(
             e, PredictionError) else ""

@@ -67,7 +67,7 @@ from torchvision.transforms import v2
 
 from denseclip.config import DataConfig
 from denseclip.data.segmentation import DatasetError
-from denseclip.data.transforms import KeepRatioResize
+from denseclip.data.transforms import KeepRatioResize, apply_seeded
 
 __all__ = [
     "CocoDetection",
@@ -371,12 +371,7 @@ class CocoDetection(Dataset):
         if self.with_masks:
             sample["masks"] = tv_tensors.Mask(torch.from_numpy(self.load_masks(index)))
         if self.transforms is not None:
-            if seed is None:
-                sample = self.transforms(sample)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(int(seed))
-                    sample = self.transforms(sample)
+            sample = apply_seeded(self.transforms, sample, seed)
         target = {"boxes": sample["boxes"].as_subclass(torch.Tensor).float().contiguous(),
                   "labels": labels}
         if self.with_masks:

@@ -51,6 +51,7 @@ from torchvision import tv_tensors
 from denseclip.config import DataConfig
 from denseclip.data.transforms import (
     IGNORE_INDEX,
+    apply_seeded,
     build_test_transforms,
     build_train_transforms,
 )
@@ -94,21 +95,27 @@ def read_class_names(path: str | Path) -> list[str]:
     return lines
 
 
+def pil_to_rgb(img: Image.Image) -> np.ndarray:
+    """A PIL image as an (H, W, 3) uint8 RGB array: EXIF orientation applied, grayscale and
+    palette expanded, alpha dropped, 16-bit and float grayscale scaled to 8 bits."""
+    img = ImageOps.exif_transpose(img)
+    if img.mode in _SIXTEEN_BIT_MODES:
+        wide = np.asarray(img).astype(np.float64)
+        gray = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    if img.mode == "F":
+        gray = np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
+    return np.array(img.convert("RGB"), dtype=np.uint8)
+
+
 def load_image(path: str | Path) -> np.ndarray:
     """Decode an image file to an RGB ``uint8`` array (H, W, 3), EXIF orientation applied."""
     path = Path(path)
     try:
         with Image.open(path) as img:
             img.load()
-            img = ImageOps.exif_transpose(img)
-            if img.mode in _SIXTEEN_BIT_MODES:
-                wide = np.asarray(img).astype(np.float64)
-                gray = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-                return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-            if img.mode == "F":
-                gray = np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8)
-                return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-            return np.array(img.convert("RGB"), dtype=np.uint8)
+            return pil_to_rgb(img)
     except FileNotFoundError:
         raise FileNotFoundError(f"image file {path} does not exist") from None
     except _READ_ERRORS as e:
@@ -313,12 +320,7 @@ class SegmentationDataset(Dataset):
         target = torch.from_numpy(target_np)
         sample: dict[str, Any] = {"image": image, "target": tv_tensors.Mask(target)}
         if self.transforms is not None:
-            if seed is None:
-                sample = self.transforms(sample)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(int(seed))
-                    sample = self.transforms(sample)
+            sample = apply_seeded(self.transforms, sample, seed)
         item = {
             "image": sample["image"].as_subclass(torch.Tensor).contiguous(),
             "target": sample["target"].as_subclass(torch.Tensor).long().contiguous(),

@@ -23,7 +23,7 @@ that per sample (see :mod:`denseclip.data.segmentation`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -337,3 +337,13 @@ def build_train_transforms(cfg: DataConfig, ignore_index: int = IGNORE_INDEX) ->
 def build_test_transforms(cfg: DataConfig) -> v2.Compose:
     """The test pipeline: keep-ratio resize to ``cfg.test_scale`` and normalise (no crop)."""
     return v2.Compose([KeepRatioResize(cfg.test_scale), Normalize255(cfg.mean, cfg.std)])
+
+
+def apply_seeded(transforms: Callable[[Any], Any], sample: Any, seed: int | None) -> Any:
+    """Run ``transforms`` on ``sample``; with a ``seed``, torch's generator is seeded for
+    the call and restored afterwards, so the augmentation is fixed by the seed alone."""
+    if seed is None:
+        return transforms(sample)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(int(seed))
+        return transforms(sample)
