@@ -10,7 +10,6 @@ from typing import Any
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image, ImageDraw
 
 CLASS_NAMES = ["square", "circle", "triangle"]
@@ -132,13 +131,3 @@ def shared_coco(tmp_path_factory) -> Path:
     write_coco(root, "train")
     (root / "classes.txt").write_text("\n".join(CLASS_NAMES) + "\n")
     return root
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """The tensors here are small: one intra-op thread avoids synchronisation overhead and
-    slowdowns when other processes share the cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)

@@ -21,15 +21,6 @@ NAMES = ["cat", "dog", "grass"]
 TOLERANCE = 1e-3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids synchronisation overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def make_predictor(preset: str, classes=None, overrides=()) -> Predictor:
     torch.manual_seed(0)
     cfg = denseclip.load_config(preset, overrides)

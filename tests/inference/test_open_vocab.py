@@ -14,22 +14,10 @@ import denseclip
 from denseclip.models import tokenize
 from denseclip.predict import PredictionError, Predictor, parse_class_list, read_open_classes
 
+from .conftest import random_image
+
 PRESET = "tiny_denseclip_res"
 NAMES = ["cat", "dog", "grass"]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids synchronisation overhead (and large
-    slowdowns when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
 
 
 def make_predictor(preset: str = PRESET, classes=None, overrides=()) -> Predictor:

@@ -15,26 +15,15 @@ from denseclip import predict
 from denseclip.checkpoint import save_checkpoint
 from denseclip.classes import load_class_names
 
+from .conftest import random_image
+
 PRESET = "tiny_denseclip_res"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids synchronisation overhead."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="denseclip predict")
     predict.add_arguments(parser)
     return predict.run(parser.parse_args(list(argv)))
-
-
-def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")

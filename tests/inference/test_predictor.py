@@ -20,21 +20,9 @@ from denseclip.predict import (
     SegmentationPrediction,
 )
 
+from .conftest import random_image
+
 PRESET = "tiny_denseclip_res"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny tensors: one intra-op thread avoids synchronisation overhead (and large
-    slowdowns when other processes share the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def random_image(h: int, w: int, seed: int = 0) -> np.ndarray:
-    return (np.random.default_rng(seed).random((h, w, 3)) * 255).astype(np.uint8)
 
 
 @pytest.fixture(scope="module")
