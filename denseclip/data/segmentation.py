@@ -381,30 +381,10 @@ class FolderDataset(SegmentationDataset):
     file (one name per line; line i names class i, or raw value i+1 with
     ``reduce_zero_label``)."""
 
-    def __init__(
-        self,
-        img_dir: str | Path,
-        ann_dir: str | Path,
-        classes_file: str | Path,
-        *,
-        reduce_zero_label: bool = False,
-        ignore_value: int = IGNORE_INDEX,
-        img_suffix: str = ".jpg",
-        seg_suffix: str = ".png",
-        transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-        test_mode: bool = False,
-    ):
-        super().__init__(
-            img_dir,
-            ann_dir,
-            read_class_names(classes_file),
-            reduce_zero_label=reduce_zero_label,
-            ignore_value=ignore_value,
-            img_suffix=img_suffix,
-            seg_suffix=seg_suffix,
-            transforms=transforms,
-            test_mode=test_mode,
-        )
+    def __init__(self, img_dir: str | Path, ann_dir: str | Path, classes_file: str | Path,
+                 **options: Any):
+        """``options``: the keyword arguments of :class:`SegmentationDataset`."""
+        super().__init__(img_dir, ann_dir, read_class_names(classes_file), **options)
         self.classes_file = Path(classes_file)
 
 

@@ -546,6 +546,15 @@ class _CLIPDetector:
                     m.eval()
         return self
 
+    def _dummy_features(self, images: Tensor) -> list[Tensor]:
+        """FPN levels of a ``forward_dummy`` input, after checking its shape."""
+        divisor = self.transform.size_divisible
+        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2] % divisor \
+                or images.shape[-1] % divisor:
+            raise ValueError(f"forward_dummy takes a B×3×H×W batch with H and W multiples of "
+                             f"{divisor}, got shape {tuple(images.shape)}")
+        return self.extract_features(images)[0]
+
     def extract_features(self, x: Tensor) -> tuple[list[Tensor], Tensor | None, Tensor]:
         """Backbone (+ score map / τ concatenated to ``score_level``) → FPN outputs.
         Returns (pyramid, score map (B, K, h, w) or None, C2)."""
@@ -714,12 +723,7 @@ class CLIPRetinaNet(_CLIPDetector, RetinaNet):
         head on a normalised B×3×H×W batch (H, W multiples of the size divisor), with no
         transform, anchors or post-processing. Returns the head's ``cls_logits``
         (B, N, K) and ``bbox_regression`` (B, N, 4) over all anchors of all levels."""
-        divisor = self.transform.size_divisible
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2] % divisor \
-                or images.shape[-1] % divisor:
-            raise ValueError(f"forward_dummy takes a B×3×H×W batch with H and W multiples of "
-                             f"{divisor}, got shape {tuple(images.shape)}")
-        pyramid, _, _ = self.extract_features(images)
+        pyramid = self._dummy_features(images)
         return self.head(pyramid)
 
     def forward(self, images, targets=None):
@@ -960,12 +964,7 @@ class CLIPMaskRCNN(_CLIPDetector, GeneralizedRCNN):
 
         Returns (RPN objectness per level…, RPN deltas per level…, class logits, box
         deltas, mask logits), each in the layout the heads produce."""
-        divisor = self.transform.size_divisible
-        if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2] % divisor \
-                or images.shape[-1] % divisor:
-            raise ValueError(f"forward_dummy takes a B×3×H×W batch with H and W multiples of "
-                             f"{divisor}, got shape {tuple(images.shape)}")
-        pyramid, _, _ = self.extract_features(images)
+        pyramid = self._dummy_features(images)
         objectness, rpn_deltas = self.rpn.head(pyramid)
 
         h, w = images.shape[-2:]
