@@ -116,6 +116,7 @@ from torchvision.ops import roi_align, sigmoid_focal_loss
 from ..checkpoint import OFFICIAL_SHARED_RENAMES, rename_key
 from ..classes import load_class_names
 from ..config import ConfigError, ModelConfig
+from .fpn import conv_module_init
 from .guidance import TextGuidance
 
 __all__ = [
@@ -175,15 +176,6 @@ def convert_official_detection_keys(state_dict: dict[str, Any]) -> dict[str, Any
 
 
 # ------------------------------------------------------------------------------ init
-def _conv_module_init(module: nn.Module) -> None:
-    """mmcv ``ConvModule``'s construction-time init: Kaiming normal (fan-out, ReLU), bias 0."""
-    for m in module.modules():
-        if isinstance(m, nn.Conv2d):
-            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-
-
 def _default_init(module: nn.Module) -> None:
     """PyTorch's default initialisation of every conv/linear layer in ``module``."""
     for m in module.modules():
@@ -216,7 +208,7 @@ class DetectionFPN(nn.Module):
             self.fpn_convs.append(nn.Conv2d(in_channels[-1], out_channels, 3, stride=2, padding=1))
             self.fpn_convs.append(nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1))
         self.num_inputs = len(in_channels)
-        _conv_module_init(self)
+        conv_module_init(self)
 
     @property
     def num_outputs(self) -> int:
@@ -653,8 +645,8 @@ class CLIPRetinaNet(_CLIPDetector, RetinaNet):
         if not focal_prior_init:
             # official state: head convs as mmcv ConvModules, the two predictors PyTorch's
             # default (the detector's own init is never called)
-            _conv_module_init(head.classification_head.conv)
-            _conv_module_init(head.regression_head.conv)
+            conv_module_init(head.classification_head.conv)
+            conv_module_init(head.regression_head.conv)
             _default_init(head.classification_head.cls_logits)
             _default_init(head.regression_head.bbox_reg)
         super().__init__(backbone, num_classes, anchor_generator=anchors, head=head,
@@ -929,7 +921,7 @@ class CLIPMaskRCNN(_CLIPDetector, GeneralizedRCNN):
         rpn.proposal_matcher = MaxIoUMatcher(0.7, 0.3, min_pos_iou=0.3)
         names, strides = ["0", "1", "2", "3"], [4, 8, 16, 32]
         mask_head = MaskRCNNHeads(neck_channels, [head_channels] * 4, 1)
-        _conv_module_init(mask_head)
+        conv_module_init(mask_head)
         roi_heads = _RoIHeads(
             MultiLevelRoIAlign(names, 7, strides),
             TwoMLPHead(neck_channels * 7 * 7, representation_size),

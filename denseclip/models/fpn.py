@@ -9,6 +9,17 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def conv_module_init(module: nn.Module) -> None:
+    """The initialisation mmcv's ``ConvModule`` applies when it is constructed (so also in
+    the official models, whose own ``init_weights`` the training script never calls):
+    Kaiming normal (fan-out, ReLU) for every conv, bias 0."""
+    for m in module.modules():
+        if isinstance(m, nn.Conv2d):
+            nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+
+
 class FPN(nn.Module):
     """Lateral 1×1 convs (with bias), top-down nearest upsample-and-add, 3×3 output convs;
     no norm or activation. One output per input level."""
@@ -19,6 +30,7 @@ class FPN(nn.Module):
         self.fpn_convs = nn.ModuleList(
             nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels
         )
+        conv_module_init(self)  # the official convs are mmcv ConvModules
 
     def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, features, strict=True)]
@@ -57,6 +69,7 @@ class SemanticFPNHead(nn.Module):
                     layers.append(nn.Upsample(scale_factor=2, mode="bilinear",
                                               align_corners=False))
             self.scale_heads.append(nn.Sequential(*layers))
+        conv_module_init(self.scale_heads)  # ConvModules; the classifier keeps torch's init
         self.dropout = nn.Dropout2d(dropout)
         self.conv_seg = nn.Conv2d(channels, num_classes, 1)
         self.num_classes = num_classes

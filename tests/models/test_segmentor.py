@@ -245,3 +245,17 @@ def test_invalid_model_settings_are_reported(override, phrase):
 def test_guidance_needs_the_embeddings():
     with pytest.raises(denseclip.ConfigError, match="needs model.backbone.embeddings"):
         build("tiny_denseclip_res", ["model.backbone.embeddings=false"])
+
+
+def test_neck_and_head_convs_follow_mmcv_conv_module_init():
+    torch.manual_seed(0)
+    model = denseclip.build_model(denseclip.load_config("fpn_clipres50_512x512_80k"))
+    conv = model.neck.fpn_convs[0]  # 256 -> 256, 3x3: fan-out = 256 * 9
+    assert conv.bias.abs().max() == 0
+    assert conv.weight.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.05)
+    head_conv = model.head.scale_heads[3][0].conv
+    assert head_conv.weight.std().item() == pytest.approx((2 / (256 * 9)) ** 0.5, rel=0.05)
+    # The classifier is a plain conv: PyTorch's default (uniform, bound 1/sqrt(fan_in)).
+    bound = 1 / 256**0.5
+    assert model.head.conv_seg.weight.abs().max() <= bound
+    assert model.head.conv_seg.bias.abs().max() > 0
