@@ -23,23 +23,12 @@ from denseclip.data.transforms import (
     rgb_to_hsv,
 )
 
+from .conftest import PALETTE, block_labels
+
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
 
 
-# Colours far apart: a colour-coded image is PALETTE[label], decodable pixel by pixel.
-PALETTE = np.array(
-    [[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255],
-     [255, 255, 0], [255, 0, 255], [0, 255, 255], [255, 255, 255]],
-    dtype=np.uint8,
-)
-
-
-def block_labels(rng: np.random.Generator, shape: tuple[int, int], values: list[int],
-                 block: int = 8) -> np.ndarray:
-    h, w = shape
-    cells = rng.choice(values, size=(-(-h // block), -(-w // block)))
-    return np.kron(cells, np.ones((block, block), dtype=np.int64))[:h, :w].astype(np.uint8)
 
 
 def _sample(label: np.ndarray) -> dict:
