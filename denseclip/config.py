@@ -93,6 +93,11 @@ class DetectionConfig:
     train_bn: bool = True
     score_thresh: float = 0.05
     detections_per_img: int = 100
+    # Mask R-CNN only: RPN proposals kept per image before/after NMS as (training, test),
+    # and RoIs sampled per image for the box head in training (mmdet 2.17's settings).
+    rpn_pre_nms_top_n: list[int] = field(default_factory=lambda: [2000, 1000])
+    rpn_post_nms_top_n: list[int] = field(default_factory=lambda: [1000, 1000])
+    box_batch_size_per_image: int = 512
 
 
 @dataclass

@@ -1007,9 +1007,9 @@ class CLIPMaskRCNN(_CLIPDetector, GeneralizedRCNN):
 def build_detector(cfg: ModelConfig, **options: Any) -> nn.Module:
     """The ``cfg.task`` detector (``retinanet`` or ``mask_rcnn``) for ``cfg.classes``.
 
-    ``options`` override recipe constants that have no config field (e.g. Mask R-CNN's
-    ``rpn_post_nms_top_n=(1000, 1000)``, ``box_batch_size_per_image=512``). The Mask R-CNN
-    box-head width is 4 × ``cfg.head_channels`` (1024 for the presets' 256)."""
+    ``options`` override keyword arguments of the detector classes (e.g. Mask R-CNN's
+    ``rpn_batch_size_per_image``). The Mask R-CNN box-head width is 4 × ``cfg.head_channels``
+    (1024 for the presets' 256)."""
     from .build import build_backbone, build_guidance
 
     if cfg.task not in DETECTION_TASKS:
@@ -1042,6 +1042,12 @@ def build_detector(cfg: ModelConfig, **options: Any) -> nn.Module:
                                   "model.head_channels equal to model.neck_channels")
             return CLIPRetinaNet(backbone, len(class_names), guidance,
                                  focal_prior_init=det.focal_prior_init, **common)
+        for name in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
+            value = getattr(det, name)
+            if len(value) != 2:
+                raise ConfigError(f"model.detection.{name} must be [training, test], got {value}")
+            common.setdefault(name, tuple(value))
+        common.setdefault("box_batch_size_per_image", det.box_batch_size_per_image)
         common.setdefault("representation_size", 4 * cfg.head_channels)
         return CLIPMaskRCNN(backbone, len(class_names), guidance,
                             head_channels=cfg.head_channels, **common)

@@ -360,3 +360,18 @@ def test_retinanet_is_torchvisions_class(shared_coco):
 
     model = tiny("tiny_retinanet_denseclip", shared_coco)
     assert isinstance(model, CLIPRetinaNet) and isinstance(model, RetinaNet)
+
+
+def test_proposal_counts_come_from_the_config(shared_coco):
+    cfg = denseclip.load_config("tiny_mask_rcnn_denseclip",
+                      [f"model.classes={shared_coco / 'classes.txt'}",
+                       "model.detection.rpn_post_nms_top_n=[50,30]",
+                       "model.detection.box_batch_size_per_image=32"])
+    model = build_detector(cfg.model)
+    assert model.rpn._post_nms_top_n == {"training": 50, "testing": 30}
+    assert model.rpn._pre_nms_top_n == {"training": 200, "testing": 100}
+    assert model.roi_heads.fg_bg_sampler.batch_size_per_image == 32
+    with pytest.raises(ConfigError, match="rpn_pre_nms_top_n"):
+        build_detector(denseclip.load_config("tiny_mask_rcnn_denseclip", [
+            f"model.classes={shared_coco / 'classes.txt'}",
+            "model.detection.rpn_pre_nms_top_n=[5]"]).model)
