@@ -17,12 +17,9 @@ class names, normalisation and test settings are stored in the ONNX metadata.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
-import math
 import sys
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +29,10 @@ from torch import nn
 
 from .checkpoint import CheckpointError
 from .config import load_config
-from .models import layers
 from .models.segmentor import Segmentor
 from .predict import (
     PredictionError,
     Predictor,
-    guided_score,
     predictor_from_args,
 )
 
@@ -78,7 +73,7 @@ class SegmentorForExport(nn.Module):
         align = False  # as the segmentor's own upsampling
         features, embeddings = model.backbone(images)
         if model.guidance is not None:
-            score = guided_score(model.guidance, *embeddings, text=self.text)
+            score = model.guidance(*embeddings, text=self.text).score
             features = list(features)
             level = features[model.score_level]
             features[model.score_level] = torch.cat([level, score.to(level.dtype)], dim=1)
@@ -87,36 +82,10 @@ class SegmentorForExport(nn.Module):
                                align_corners=align)
         if self.open_text is None:
             return logits
-        open_scores = guided_score(model.guidance, *embeddings, text=self.open_text)
+        open_scores = model.guidance(*embeddings, text=self.open_text).score
         open_scores = F.interpolate(open_scores, size=images.shape[-2:], mode="bilinear",
                                     align_corners=align)
         return logits, open_scores
-
-
-def _traceable_resize_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """:func:`denseclip.models.layers.resize_grid` without Python arithmetic on shapes.
-
-    The TorchScript tracer records shapes as tensors, so the stored grid side is read as a
-    plain int (it is a constant of the weights), and the resize always runs: a traced
-    "same size" shortcut would freeze the example's grid size into the graph. Resizing to
-    the same size is exact for bilinear sampling without corner alignment."""
-    cells = int(pos.shape[0])
-    n = math.isqrt(cells)
-    if n * n != cells:
-        raise ValueError(f"position embedding of {cells} cells is not a square grid")
-    grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-    return grid.reshape(pos.shape[1], -1).transpose(0, 1)
-
-
-@contextlib.contextmanager
-def _tracing_friendly_layers() -> Iterator[None]:
-    original = layers.resize_grid
-    layers.resize_grid = _traceable_resize_grid
-    try:
-        yield
-    finally:
-        layers.resize_grid = original
 
 
 def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | None = None,
@@ -145,7 +114,7 @@ def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | No
     outputs = ["logits"] if open_text is None else ["logits", "open_scores"]
     axes = {"images": {0: "batch", 2: "height", 3: "width"}}
     axes.update({name: {0: "batch", 2: "height", 3: "width"} for name in outputs})
-    with torch.no_grad(), _tracing_friendly_layers(), warnings.catch_warnings():
+    with torch.no_grad(), warnings.catch_warnings():
         # The tracer warns about every Python-level shape check; the graph is verified
         # against PyTorch at other sizes in the tests instead.
         warnings.simplefilter("ignore")

@@ -61,6 +61,7 @@ from .config import Config, ConfigError, load_config
 from .data.transforms import build_test_transforms
 from .engine.inference import keep_ratio_scale, slide_inference, whole_inference
 from .models import build_model
+from .models.detection import DETECTION_TASKS
 from .models.guidance import TextGuidance
 from .models.segmentor import MIN_INPUT_SIZE
 from .models.text_encoder import tokenize
@@ -72,14 +73,12 @@ __all__ = [
     "SegmentationPrediction",
     "add_arguments",
     "collect_inputs",
-    "guided_score",
     "parse_class_list",
     "read_open_classes",
     "run",
     "to_rgb",
 ]
 
-DETECTION_TASKS = ("retinanet", "mask_rcnn")
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp",
                   ".ppm", ".pgm", ".pbm", ".pnm"}
 # Classes resized together when only the label map is wanted (bounds memory for big images).
@@ -192,42 +191,6 @@ def _as_class_dict(classes: Any) -> dict[str, str]:
     if any(not n for n in names):
         raise PredictionError(f"class names must be non-empty, got {list(classes)!r}")
     return _unique({n: n for n in names}, names)
-
-
-# ------------------------------------------------------------------------------ scores
-def guided_score(guidance: TextGuidance, global_embed: torch.Tensor, dense_embed: torch.Tensor,
-                 text: torch.Tensor | None = None,
-                 tokens: torch.Tensor | None = None) -> torch.Tensor:
-    """Score maps (B, K', h, w) for another class list, with ``guidance``'s weights.
-
-    Post-model prompting takes precomputed text embeddings ``text`` (1, K', D) (from
-    ``guidance.text_encoder(tokens, guidance.contexts)``), refines them with the context
-    decoder against this image and scores every pixel, exactly as
-    :meth:`TextGuidance.forward` does for its own class list. Pre-model prompting needs the
-    ``tokens`` (K', T): its contexts depend on the image, so the text encoder runs here.
-    """
-    B = dense_embed.shape[0]
-    visual = torch.cat([global_embed[:, :, None], dense_embed.flatten(2)], dim=2)
-    visual = visual.transpose(1, 2)  # (B, 1+hw, D)
-    if guidance.prompting == "post":
-        if text is None:
-            raise ValueError("post-model prompting needs precomputed text embeddings")
-        t = text.to(visual.dtype).expand(B, -1, -1)  # (B, K', D)
-        t = t + guidance.gamma * guidance.context_decoder(t, visual)
-    else:
-        if tokens is None:
-            raise ValueError("pre-model prompting needs the class tokens")
-        t = guidance.text_encoder(tokens, guidance.prompt_generator(visual))
-    return torch.einsum(
-        "bchw,bkc->bkhw", F.normalize(dense_embed, dim=1), F.normalize(t, dim=2)
-    )
-
-
-def _weights_key(guidance: TextGuidance) -> tuple:
-    """Identity and version of every tensor the text embeddings depend on."""
-    contexts = getattr(guidance, "contexts", None)
-    own = () if contexts is None else (contexts.data_ptr(), contexts._version)
-    return own + tuple((p.data_ptr(), p._version) for p in guidance.text_encoder.parameters())
 
 
 # ------------------------------------------------------------------------------ results
@@ -391,7 +354,7 @@ class Predictor:
         trained ones in the model's guidance); they are recomputed on the next image."""
         self._open_cache = None
         if self.guidance is not None:
-            self.guidance._text_cache = None  # TextGuidance's inference cache
+            self.guidance.clear_cache()
 
     def open_text_embeddings(self) -> torch.Tensor:
         """Text embeddings (1, K', D) of the open classes behind the learned contexts,
@@ -399,9 +362,7 @@ class Predictor:
         class list or the weights change."""
         guidance = self.guidance
         assert guidance is not None and self._open_tokens is not None
-        key = (tuple(self.open_texts or ()), str(self._open_tokens.device),
-               torch.is_autocast_enabled(self._open_tokens.device.type),
-               _weights_key(guidance))
+        key = guidance.cache_key(self.open_texts or (), self._open_tokens.device)
         if self._open_cache is None or self._open_cache[0] != key:
             with torch.no_grad():
                 text = guidance.text_encoder(self._open_tokens, guidance.contexts)
@@ -486,8 +447,7 @@ class Predictor:
         global_embed, dense_embed = captured[-1]
         guidance = self.guidance
         text = self.open_text_embeddings() if guidance.prompting == "post" else None
-        score = guided_score(guidance, global_embed, dense_embed, text=text,
-                             tokens=self._open_tokens)
+        score = guidance(global_embed, dense_embed, text=text, tokens=self._open_tokens).score
         score = _resize(score.float(), images.shape[-2:], self.cfg.model.align_corners)
         return torch.cat([logits, score.to(logits.dtype)], dim=1)
 

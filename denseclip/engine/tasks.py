@@ -11,9 +11,8 @@ from torch import nn
 
 from ..classes import load_class_names
 from ..config import Config
+from ..models.detection import DETECTION_TASKS
 from .dist import DistEnv
-
-DETECTION_TASKS = ("retinanet", "mask_rcnn")
 
 
 class SegmentationTask:

@@ -188,43 +188,56 @@ class TextGuidance(nn.Module):
         """Forget cached text embeddings (the next inference recomputes them)."""
         self._text_cache = None
 
+    def cache_key(self, texts: Sequence[str], device: torch.device) -> tuple:
+        """What inference-time text embeddings of ``texts`` depend on: the texts, device,
+        autocast state, and the identity and version of the contexts and every text-encoder
+        weight (any in-place update, e.g. an optimiser step or ``load_state_dict``, bumps a
+        tensor's version counter)."""
+        try:
+            autocast = torch.is_autocast_enabled(device.type)
+        except RuntimeError:  # a device type without autocast (e.g. meta)
+            autocast = False
+        contexts = getattr(self, "contexts", None)
+        own = () if contexts is None else (contexts.data_ptr(), contexts._version)
+        weights = tuple((p.data_ptr(), p._version) for p in self.text_encoder.parameters())
+        return (tuple(texts), device, autocast, own, weights)
+
     def text_embeddings(self) -> torch.Tensor:
         """Text embeddings (1, K, D) of the class list behind the learned contexts
         (post-model prompting; they do not depend on the image).
 
         Without autograd (inference) the result is cached and reused across images and
-        sliding windows until the class list, the contexts or the text encoder's weights
-        change (any in-place update, e.g. an optimiser step or ``load_state_dict``, bumps
-        a tensor's version counter, which is part of the cache key)."""
+        sliding windows until :meth:`cache_key` changes."""
         if torch.is_grad_enabled():
             return self.text_encoder(self.tokens, self.contexts)
-        try:
-            autocast = torch.is_autocast_enabled(self.tokens.device.type)
-        except RuntimeError:  # a device type without autocast (e.g. meta)
-            autocast = False
-        key = (
-            tuple(self.class_names),
-            self.tokens.device,
-            autocast,
-            self.contexts.data_ptr(),
-            self.contexts._version,
-            tuple((p.data_ptr(), p._version) for p in self.text_encoder.parameters()),
-        )
+        key = self.cache_key(self.class_names, self.tokens.device)
         if self._text_cache is None or self._text_cache[0] != key:
             self._text_cache = (key, self.text_encoder(self.tokens, self.contexts))
         return self._text_cache[1]
 
-    def forward(self, global_embed: torch.Tensor, dense_embed: torch.Tensor) -> GuidanceOutput:
-        """``global_embed`` (B, D) and ``dense_embed`` (B, D, h, w) → text and score maps."""
+    def forward(self, global_embed: torch.Tensor, dense_embed: torch.Tensor,
+                text: torch.Tensor | None = None,
+                tokens: torch.Tensor | None = None) -> GuidanceOutput:
+        """``global_embed`` (B, D) and ``dense_embed`` (B, D, h, w) → text and score maps.
+
+        By default the scores are for this module's class list. Another list (open
+        vocabulary) is scored with the same weights by passing its precomputed post-model
+        embeddings ``text`` (1, K', D) or its ``tokens`` (K', T)."""
         B = dense_embed.shape[0]
         # Visual context: [global; every position] → (B, 1+hw, D).
         visual = torch.cat([global_embed[:, :, None], dense_embed.flatten(2)], dim=2)
         visual = visual.transpose(1, 2)
         if self.prompting == "post":
-            text = self.text_embeddings().expand(B, -1, -1)  # (B, K, D)
+            if text is None:
+                text = (self.text_embeddings() if tokens is None
+                        else self.text_encoder(tokens, self.contexts))
+            text = text.to(visual.dtype).expand(B, -1, -1)  # (B, K, D)
             text = text + self.gamma * self.context_decoder(text, visual)
         else:
-            text = self.text_encoder(self.tokens, self.prompt_generator(visual))
+            if text is not None:
+                raise ValueError("pre-model prompting computes text per image: pass tokens")
+            tokens = self.tokens if tokens is None else tokens
+            text = self.text_encoder(tokens, self.prompt_generator(visual))
         score = torch.einsum(
             "bchw,bkc->bkhw", F.normalize(dense_embed, dim=1), F.normalize(text, dim=2)
         )

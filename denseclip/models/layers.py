@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -111,11 +113,17 @@ class Transformer(nn.Module):
 
 
 def resize_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize a square (n*n, C) position-embedding grid to ``size`` → (h*w, C)."""
-    n = int(round(pos.shape[0] ** 0.5))
-    if n * n != pos.shape[0]:
-        raise ValueError(f"position embedding of {pos.shape[0]} cells is not a square grid")
-    if (n, n) == tuple(size):
+    """Bilinearly resize a square (n*n, C) position-embedding grid to ``size`` → (h*w, C).
+
+    The stored grid side is a constant of the weights, read as a plain int so that tracing
+    (ONNX export) does not record it; while tracing, the resize always runs, since a
+    traced same-size shortcut would freeze the example's grid into the graph (resizing to
+    the same size is exact without corner alignment)."""
+    cells = int(pos.shape[0])
+    n = math.isqrt(cells)
+    if n * n != cells:
+        raise ValueError(f"position embedding of {cells} cells is not a square grid")
+    if (n, n) == tuple(size) and not torch.jit.is_tracing():
         return pos
     grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
