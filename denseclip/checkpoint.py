@@ -238,7 +238,15 @@ def load_checkpoint(model: nn.Module, path: str | Path, weights_only: bool = Tru
     the key and both shapes.
     """
     path = Path(path)
-    obj = read_checkpoint(path, weights_only=weights_only)
+    return load_checkpoint_object(model, read_checkpoint(path, weights_only=weights_only),
+                                  path, strict)
+
+
+def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
+                           strict: bool = True) -> LoadReport:
+    """:func:`load_checkpoint` for a checkpoint already read with :func:`read_checkpoint`
+    (``path`` names it in messages)."""
+    path = Path(path)
     fmt, sd = detect_format(obj, path)
     model_sd = model.state_dict()
     renamed, ignored = convert_state_dict(sd, fmt, model_sd, official_renames(model))

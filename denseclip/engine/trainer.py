@@ -23,7 +23,12 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from ..checkpoint import load_checkpoint, read_checkpoint, save_checkpoint
+from ..checkpoint import (
+    load_checkpoint,
+    load_checkpoint_object,
+    read_checkpoint,
+    save_checkpoint,
+)
 from ..config import Config, config_from_dict, save_config
 from ..models import build_model
 from .dist import DistEnv, barrier, init_distributed
@@ -159,7 +164,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
     start_iter = 0
     if start_ckpt is not None:
-        load_checkpoint(model, start_ckpt)
+        load_checkpoint_object(model, state, start_ckpt)  # read once above
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
