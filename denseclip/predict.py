@@ -57,9 +57,9 @@ from torchvision import tv_tensors
 
 from .checkpoint import CheckpointError, load_checkpoint
 from .classes import load_class_names
-from .config import Config, ConfigError, load_config
+from .config import Config, load_config
 from .data.transforms import build_test_transforms
-from .engine.inference import keep_ratio_scale, slide_inference, whole_inference
+from .engine.inference import keep_ratio_scale, mode_logits
 from .models import build_model
 from .models.detection import DETECTION_TASKS
 from .models.guidance import TextGuidance
@@ -453,16 +453,9 @@ class Predictor:
 
     def _logits(self, batch: torch.Tensor) -> torch.Tensor:
         """Merged window outputs (B, K + K', h, w) at the preprocessed size."""
-        ev = self.cfg.evaluation
         channels = self.num_classes + len(self.open_class_names or ())
-        size = batch.shape[-2:]
-        align = self.cfg.model.align_corners
-        if ev.mode == "slide":
-            return slide_inference(self._window, batch, ev.crop_size, ev.stride, channels,
-                                   size, max_batch=self.batch_size, align_corners=align)
-        if ev.mode == "whole":
-            return whole_inference(self._window, batch, size, align_corners=align)
-        raise ConfigError(f"evaluation.mode must be 'slide' or 'whole', got {ev.mode!r}")
+        return mode_logits(self._window, batch, self.cfg.evaluation, channels, batch.shape[-2:],
+                           self.batch_size, self.cfg.model.align_corners)
 
     def _finish(self, raw: torch.Tensor, size: tuple[int, int],
                 return_probs: bool) -> SegmentationPrediction:

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
-from denseclip.config import EvalConfig
+from denseclip.config import ConfigError, EvalConfig
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Size = Sequence[int]
@@ -150,6 +150,28 @@ def slide_inference(
 
 
 @torch.no_grad()
+def mode_logits(
+    model: Model,
+    image: torch.Tensor,
+    eval_cfg: EvalConfig,
+    num_classes: int,
+    out_size: Size,
+    max_batch: int = 8,
+    align_corners: bool = False,
+) -> torch.Tensor:
+    """Logits ``B x K x H_out x W_out`` from :func:`slide_inference` or
+    :func:`whole_inference`, as ``eval_cfg.mode`` says."""
+    if eval_cfg.mode == "slide":
+        return slide_inference(model, image, eval_cfg.crop_size, eval_cfg.stride, num_classes,
+                               out_size, max_batch=max_batch, align_corners=align_corners)
+    if eval_cfg.mode == "whole":
+        return whole_inference(model, image, out_size, align_corners=align_corners)
+    raise ConfigError(
+        f"evaluation.mode: unknown evaluation mode {eval_cfg.mode!r}; expected 'slide' or 'whole'"
+    )
+
+
+@torch.no_grad()
 def inference(
     model: Model,
     image: torch.Tensor,
@@ -159,27 +181,10 @@ def inference(
     max_batch: int = 8,
     align_corners: bool = False,
 ) -> torch.Tensor:
-    """Class probabilities ``B x K x H_out x W_out`` of one test view (mmseg ``inference``).
-
-    Logits come from :func:`slide_inference` or :func:`whole_inference` according to
-    ``eval_cfg.mode``, are resized to ``out_size`` and then soft-maxed over classes.
-    """
-    if eval_cfg.mode == "slide":
-        logits = slide_inference(
-            model,
-            image,
-            eval_cfg.crop_size,
-            eval_cfg.stride,
-            num_classes,
-            out_size,
-            max_batch=max_batch,
-            align_corners=align_corners,
-        )
-    elif eval_cfg.mode == "whole":
-        logits = whole_inference(model, image, out_size, align_corners=align_corners)
-    else:
-        raise ValueError(f"unknown evaluation mode {eval_cfg.mode!r}; expected 'slide' or 'whole'")
-    return logits.softmax(dim=1)
+    """Class probabilities ``B x K x H_out x W_out`` of one test view (mmseg ``inference``):
+    :func:`mode_logits` resized to ``out_size``, then soft-maxed over classes."""
+    return mode_logits(model, image, eval_cfg, num_classes, out_size, max_batch,
+                       align_corners).softmax(dim=1)
 
 
 @torch.no_grad()
