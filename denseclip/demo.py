@@ -108,29 +108,29 @@ def render_page(predictor: Predictor, classes: str = "", result: Any = None,
         parts.append("<section id='results'>")
         if note:
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
-        trained_id = "overlay"
+        # The first overlay on the page is "overlay"/"legend": the open classes' when given.
+        sections = []
         if result.open_labels is not None:
-            trained_id = "overlay-trained"
-            overlay = render_overlay(image, result.open_labels, result.open_class_names)
+            sections.append((
+                "Your classes — score map",
+                "Argmax of the pixel-text score maps (stride 32, upsampled): coarse and "
+                "zero-shot; quality depends on CLIP's pre-training.",
+                "segmentation of your classes", result.open_labels, result.open_class_names))
+        sections.append((
+            "Trained classes — decode head",
+            "The model's own prediction over the classes it was trained on (its accuracy is "
+            "the trained model's).",
+            "segmentation over the trained classes", result.labels, result.class_names))
+        for i, (title, text, alt, labels, names) in enumerate(sections):
+            suffix = "" if i == 0 else "-trained"
+            overlay = render_overlay(image, labels, names)
             parts += [
-                "<h2>Your classes — score map</h2>",
-                "<p class='note'>Argmax of the pixel-text score maps (stride 32, upsampled): "
-                "coarse and zero-shot; quality depends on CLIP's pre-training.</p>",
-                f"<img id='overlay' alt='segmentation of your classes' "
-                f"src='{_png_data_url(overlay)}'>",
-                _legend_html(result.open_labels, result.open_class_names, "legend"),
+                f"<h2>{title}</h2>",
+                f"<p class='note'>{text}</p>",
+                f"<img id='overlay{suffix}' alt='{alt}' src='{_png_data_url(overlay)}'>",
+                _legend_html(labels, names, f"legend{suffix}"),
             ]
-        overlay = render_overlay(image, result.labels, result.class_names)
-        parts += [
-            "<h2>Trained classes — decode head</h2>",
-            "<p class='note'>The model's own prediction over the classes it was trained on "
-            "(its accuracy is the trained model's).</p>",
-            f"<img id='{trained_id}' alt='segmentation over the trained classes' "
-            f"src='{_png_data_url(overlay)}'>",
-            _legend_html(result.labels, result.class_names,
-                         "legend" if trained_id == "overlay" else "legend-trained"),
-            "</section>",
-        ]
+        parts.append("</section>")
     parts.append("</body></html>")
     return "".join(parts)
 
