@@ -70,7 +70,6 @@ class GuidanceConfig:
     decoder_heads: int = 4
     decoder_layers: int = 3
     decoder_dropout: float = 0.1
-    pre_queries: int = 8  # pre-model prompting only: learnable queries (one per context)
     gamma_init: float = 1e-4
     tau: float = 0.07
     score_level: int = 3  # backbone level that receives the score map (3 = x4; 2 for ViT)
