@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import spatial_pos_embed
+from .layers import attention, spatial_pos_embed
 
 
 class Bottleneck(nn.Module):
@@ -80,10 +80,9 @@ class AttentionPool2d(nn.Module):
         def heads(t: torch.Tensor) -> torch.Tensor:  # (B, L, C) -> (B, heads, L, C/heads)
             return t.reshape(B, t.shape[1], self.heads, -1).transpose(1, 2)
 
-        q = heads(self.q_proj(tokens)) * (C // self.heads) ** -0.5
+        q = heads(self.q_proj(tokens)) * (C // self.heads) ** -0.5  # scaled first, as CLIP
         k, v = heads(self.k_proj(tokens)), heads(self.v_proj(tokens))
-        attn = (q @ k.transpose(-2, -1)).softmax(dim=-1)  # (B, heads, 1+HW, 1+HW)
-        out = (attn @ v).transpose(1, 2).reshape(B, -1, C)
+        out = attention(q, k, v, scale=1).transpose(1, 2).reshape(B, -1, C)
         out = self.c_proj(out)  # (B, 1+HW, D)
         global_embed = out[:, 0]
         dense_embed = out[:, 1:].transpose(1, 2).reshape(B, -1, H, W)

@@ -117,7 +117,7 @@ from ..checkpoint import OFFICIAL_SHARED_RENAMES, rename_key
 from ..classes import load_class_names
 from ..config import ConfigError, ModelConfig
 from .fpn import conv_module_init
-from .guidance import TextGuidance
+from .guidance import GuidedModel, TextGuidance
 
 __all__ = [
     "BoxPredictor",
@@ -492,13 +492,13 @@ def box_seg_loss(score_logits: Tensor, boxes: Sequence[Tensor], labels: Sequence
 
 
 # ------------------------------------------------------------------------------ shared part
-class _CLIPDetector:
-    """Mixin of both detectors: CLIP feature extraction, DenseCLIP's score map and seg loss,
-    input checks and the BatchNorm mode."""
+class _CLIPDetector(GuidedModel):
+    """Mixin of both detectors: CLIP feature extraction (the shared :class:`GuidedModel`
+    fusion, with score / τ), DenseCLIP's seg loss, input checks and the BatchNorm mode."""
 
-    backbone: nn.Module
-    guidance: TextGuidance | None
     neck: DetectionFPN
+    fuse_logits = True
+    head_description = "detection head"
 
     def _setup(self, backbone: nn.Module, guidance: TextGuidance | None, neck: DetectionFPN,
                num_classes: int, in_levels: Sequence[int], score_level: int,
@@ -515,20 +515,6 @@ class _CLIPDetector:
             for m in backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
                     m.requires_grad_(False)
-
-    @property
-    def class_names(self) -> list[str] | None:
-        return None if self.guidance is None else self.guidance.class_names
-
-    def set_classes(self, class_names: Sequence[str]) -> None:
-        """Replace the class names behind the score map (same count: the heads are tied
-        to ``num_classes``)."""
-        if self.guidance is None:
-            raise ValueError("this model has no text guidance, so it has no class names")
-        if len(class_names) != self.num_classes:
-            raise ValueError(f"{len(class_names)} class names given, but the heads predict "
-                             f"{self.num_classes} classes")
-        self.guidance.set_classes(class_names)
 
     def train(self, mode: bool = True):
         super().train(mode)  # type: ignore[misc]
@@ -548,21 +534,12 @@ class _CLIPDetector:
         return self.extract_features(images)[0]
 
     def extract_features(self, x: Tensor) -> tuple[list[Tensor], Tensor | None, Tensor]:
-        """Backbone (+ score map / τ concatenated to ``score_level``) → FPN outputs.
+        """:meth:`forward_features` (score map / τ fused into ``score_level``) → FPN.
         Returns (pyramid, score map (B, K, h, w) or None, C2)."""
-        features, embeddings = self.backbone(x)
-        features = list(features)
-        score = None
-        if self.guidance is not None:
-            score = self.guidance(*embeddings).score
-            level = features[self.score_level]
-            if score.shape[-2:] != level.shape[-2:]:
-                raise RuntimeError(f"score map {tuple(score.shape[-2:])} does not match backbone "
-                                   f"level {self.score_level} {tuple(level.shape[-2:])}")
-            features[self.score_level] = torch.cat(
-                [level, (score / self.guidance.tau).to(level.dtype)], dim=1)
-        pyramid = self.neck([features[i] for i in self.in_levels])
-        return pyramid, score, features[0]
+        dense = self.forward_features(x)
+        pyramid = self.neck([dense.features[i] for i in self.in_levels])
+        score = None if dense.guided is None else dense.guided.score
+        return pyramid, score, dense.features[0]
 
     def _seg_aux_loss(self, score: Tensor | None, c2: Tensor,
                       targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:

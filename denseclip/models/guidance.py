@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import attention
 from .losses import cross_entropy
 from .text_encoder import CLIPTextEncoder, tokenize
 
@@ -37,8 +38,7 @@ class Attention(nn.Module):
             return t.reshape(B, t.shape[1], self.heads, -1).transpose(1, 2)
 
         q, k, v = heads(self.q_proj(q)), heads(self.k_proj(kv)), heads(self.v_proj(kv))
-        attn = (q @ k.transpose(-2, -1) * (C // self.heads) ** -0.5).softmax(dim=-1)
-        x = (attn @ v).transpose(1, 2).reshape(B, N, C)
+        x = attention(q, k, v).transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(x))
 
 
@@ -250,3 +250,74 @@ class TextGuidance(nn.Module):
         logits = F.interpolate(score / self.tau, size=target.shape[-2:], mode="bilinear",
                                align_corners=False)
         return cross_entropy(logits, target, ignore_index, average)
+
+
+# ------------------------------------------------------------------------------ fusion
+def fuse(features: Sequence[torch.Tensor], score: torch.Tensor, level: int) -> list[torch.Tensor]:
+    """DenseCLIP's fusion step: the score map (B, K, h, w) is concatenated to backbone level
+    ``level`` (B, C, h, w), which then has C + K channels; the other levels are unchanged."""
+    features = list(features)
+    target = features[level]
+    if score.shape[-2:] != target.shape[-2:]:
+        raise RuntimeError(
+            f"score map {tuple(score.shape[-2:])} does not match backbone level {level} "
+            f"{tuple(target.shape[-2:])}"
+        )
+    features[level] = torch.cat([target, score.to(target.dtype)], dim=1)
+    return features
+
+
+@dataclass
+class DenseFeatures:
+    """What a DenseCLIP model's feature extractor produces for an image batch."""
+
+    features: list[torch.Tensor]  # backbone levels, the score map fused into one of them
+    embeddings: tuple[torch.Tensor, torch.Tensor] | None  # CLIP (global (B, D), dense (B, D, h, w))
+    guided: GuidanceOutput | None  # text embeddings and score maps of the model's classes
+
+
+class GuidedModel:
+    """The part every DenseCLIP task model shares (mixed into ``nn.Module`` subclasses that
+    set ``backbone``, ``guidance``, ``score_level`` and ``num_classes``): backbone → text
+    guidance → fusion, and the class names behind the score maps.
+
+    Segmentation fuses the cosine score map; the detectors fuse score / τ
+    (``fuse_logits = True``), as the official models do.
+    """
+
+    backbone: nn.Module
+    guidance: TextGuidance | None
+    score_level: int
+    num_classes: int
+    fuse_logits: bool = False
+    head_description = "head"  # what predicts the classes, for error messages
+
+    @property
+    def class_names(self) -> list[str] | None:
+        return None if self.guidance is None else self.guidance.class_names
+
+    def set_classes(self, class_names: Sequence[str]) -> None:
+        """Replace the class names behind the score maps; the heads are tied to
+        ``num_classes``, so the list must keep that length."""
+        if self.guidance is None:
+            raise ValueError("this model has no text guidance, so it has no class names")
+        if len(class_names) != self.num_classes:
+            raise ValueError(
+                f"{len(class_names)} class names given, but the {self.head_description} "
+                f"predicts {self.num_classes} classes"
+            )
+        self.guidance.set_classes(class_names)
+
+    def forward_features(self, images: torch.Tensor,
+                         text: torch.Tensor | None = None) -> DenseFeatures:
+        """Backbone levels with the score map of the model's classes fused into
+        ``score_level`` (no fusion without guidance). ``text`` (1, K, D) replaces the
+        class-name embeddings (e.g. constants baked into an exported graph)."""
+        features, embeddings = self.backbone(images)
+        features = list(features)
+        guided = None
+        if self.guidance is not None:
+            guided = self.guidance(*embeddings, text=text)
+            score = guided.score / self.guidance.tau if self.fuse_logits else guided.score
+            features = fuse(features, score, self.score_level)
+        return DenseFeatures(features, embeddings, guided)

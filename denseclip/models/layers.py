@@ -41,13 +41,19 @@ class DropPath(nn.Module):
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-              mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Scaled dot-product attention over (..., L, d) tensors.
+              mask: torch.Tensor | None = None, scale: float | None = None) -> torch.Tensor:
+    """Scaled dot-product attention over (..., L, d) tensors: the one implementation used
+    by the CLIP towers, the attention pool and the context decoder.
 
-    Written with explicit matrix products rather than a fused kernel so that
+    The scores are scaled by ``scale`` (default ``d ** -0.5``) after the product; a caller
+    whose queries are already scaled (CLIP's attention pool scales them first) passes
+    ``scale=1``. Written with explicit matrix products rather than a fused kernel so that
     ``torch.utils.flop_counter`` sees (and counts) the two attention matmuls.
     """
-    scores = q @ k.transpose(-2, -1) * (q.shape[-1] ** -0.5)
+    scores = q @ k.transpose(-2, -1)
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    if scale != 1:
+        scores = scores * scale
     if mask is not None:
         scores = scores + mask
     return scores.softmax(dim=-1) @ v

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fpn import FPN, SemanticFPNHead
-from .guidance import TextGuidance
+from .guidance import DenseFeatures, GuidedModel, TextGuidance
 from .losses import cross_entropy
 
 MIN_INPUT_SIZE = 32  # the coarsest backbone stride
@@ -38,19 +38,22 @@ def check_images(images: torch.Tensor) -> None:
         )
 
 
-class Segmentor(nn.Module):
-    """Backbone → (text guidance: score map concatenated to one level) → FPN → Semantic
-    FPN head.
+class Segmentor(GuidedModel, nn.Module):
+    """Backbone → (text guidance: score map fused into one level) → FPN → Semantic FPN head.
 
     Eval mode: ``model(images)`` returns logits (B, K, H, W) at the input resolution.
     Training mode: ``model(images, targets)`` returns a dict of weighted losses
     (``loss_seg``, and ``loss_aux`` with text guidance) whose sum is the training loss.
+    The two halves are :meth:`forward_features` (shared with the detectors) and
+    :meth:`forward_head`.
     """
+
+    head_description = "decode head"
 
     def __init__(self, backbone: nn.Module, num_classes: int, guidance: TextGuidance | None = None,
                  score_level: int = 3, neck_channels: int = 256, head_channels: int = 256,
                  head_dropout: float = 0.1, ignore_index: int = 255, loss_average: str = "all",
-                 aux_loss_weight: float = 0.4) -> None:
+                 aux_loss_weight: float = 0.4, align_corners: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.guidance = guidance
@@ -69,55 +72,40 @@ class Segmentor(nn.Module):
         self.ignore_index = ignore_index
         self.loss_average = loss_average
         self.aux_loss_weight = aux_loss_weight
+        self.align_corners = align_corners
 
-    @property
-    def class_names(self) -> list[str] | None:
-        return None if self.guidance is None else self.guidance.class_names
+    def upsample(self, x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+        """Bilinear resize of logits or score maps to ``size`` (``model.align_corners``)."""
+        return F.interpolate(x, size=tuple(size), mode="bilinear",
+                             align_corners=self.align_corners)
 
-    def set_classes(self, class_names: Sequence[str]) -> None:
-        """Replace the class names behind the score maps; the decode head is tied to
-        ``num_classes``, so the list must keep that length."""
-        if self.guidance is None:
-            raise ValueError("this model has no text guidance, so it has no class names")
-        if len(class_names) != self.num_classes:
-            raise ValueError(
-                f"{len(class_names)} class names given, but the decode head predicts "
-                f"{self.num_classes} classes"
-            )
-        self.guidance.set_classes(class_names)
+    def forward_head(self, features: list[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        """FPN and decode head on fused backbone levels → logits (B, K, *size)."""
+        return self.upsample(self.head(self.neck(features)), size)  # from stride 4
 
-    def encode(self, images: torch.Tensor):
-        """Run backbone and guidance; returns (features for the neck, guidance output)."""
-        features, embeddings = self.backbone(images)
-        out = None
-        if self.guidance is not None:
-            out = self.guidance(*embeddings)
-            level = features[self.score_level]
-            score = out.score.to(level.dtype)
-            if score.shape[-2:] != level.shape[-2:]:
-                raise RuntimeError(
-                    f"score map {tuple(score.shape[-2:])} does not match backbone level "
-                    f"{self.score_level} {tuple(level.shape[-2:])}"
-                )
-            features = list(features)
-            features[self.score_level] = torch.cat([level, score], dim=1)
-        return features, out
+    def forward_scores(self, dense: DenseFeatures, size: Sequence[int], *,
+                       text: torch.Tensor | None = None,
+                       tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Score maps (B, K', *size) of another class list for the same images (open
+        vocabulary), from the CLIP embeddings of :meth:`forward_features`: cosine
+        similarities upsampled bilinearly. ``text``/``tokens`` as :class:`TextGuidance`."""
+        if self.guidance is None or dense.embeddings is None:
+            raise ValueError("this model has no text guidance, so it has no score maps")
+        score = self.guidance(*dense.embeddings, text=text, tokens=tokens).score
+        return self.upsample(score.float(), size)
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
         check_images(images)
-        features, guided = self.encode(images)
-        logits = self.head(self.neck(features))  # (B, K, H/4, W/4)
+        dense = self.forward_features(images)
         if targets is None:
-            return F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
-                                 align_corners=False)
+            return self.forward_head(dense.features, images.shape[-2:])
         if targets.ndim != 3 or targets.shape[0] != images.shape[0]:
             raise ValueError(f"targets must be (B, H, W) class indices, got {tuple(targets.shape)}")
         targets = targets.long()
-        logits = F.interpolate(logits, size=targets.shape[-2:], mode="bilinear",
-                               align_corners=False)
+        logits = self.forward_head(dense.features, targets.shape[-2:])
         losses = {"loss_seg": cross_entropy(logits, targets, self.ignore_index, self.loss_average)}
-        if guided is not None:
-            aux = self.guidance.identity_loss(guided.score, targets, self.ignore_index,
+        if dense.guided is not None:
+            aux = self.guidance.identity_loss(dense.guided.score, targets, self.ignore_index,
                                               self.loss_average)
             losses["loss_aux"] = self.aux_loss_weight * aux
         return losses

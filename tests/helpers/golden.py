@@ -18,8 +18,8 @@ import numpy as np
 import torch
 
 import denseclip
-from denseclip.export import SegmentorForExport
 from denseclip import Predictor
+from denseclip.export import SegmentorForExport
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "golden_tiny.pt"
 SEGMENTATION = {

@@ -131,7 +131,7 @@ def test_pre_model_prompting_makes_text_depend_on_the_image():
     assert not hasattr(model.guidance, "contexts")
     images, _ = batch(b=2)
     with torch.no_grad():
-        _, out = model.encode(images)
+        out = model.forward_features(images).guided
     assert out.text.shape == (2, 150, 32)
     assert not torch.allclose(out.text[0], out.text[1])
 
