@@ -3,7 +3,9 @@
 A preset is a YAML file under ``denseclip/configs``; it may name one ``_base_`` file whose
 values it extends (nested mappings are merged, everything else replaced). Overrides are
 ``section.key=value`` strings whose value is parsed as YAML (``optim.lr=2e-4``,
-``data.crop_size=[256,256]``). Unknown keys are errors that list the valid ones.
+``data.crop_size=[256,256]``). Unknown keys are errors that list the valid ones. Choice
+fields are typed ``Literal[...]``; a value outside the choices is an error when the config
+loads, naming the key, the value and the allowed values.
 """
 
 from __future__ import annotations
@@ -13,11 +15,27 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
+
+# CLIP's image normalisation in 0..1 units: the defaults of ``data.mean``/``data.std``.
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+
+# The allowed values of each choice field (checked when a config loads).
+Task = Literal["segmentation", "retinanet", "mask_rcnn"]
+BackboneType = Literal["resnet", "vit"]
+PosEmbed = Literal["interpolate", "crop"]
+Prompting = Literal["post", "pre"]
+LossAverage = Literal["all", "valid"]
+DatasetKind = Literal["ade20k", "folder", "coco"]
+LrPolicy = Literal["poly", "step"]
+EvalMode = Literal["slide", "whole"]
+AmpMode = Literal["none", "bf16", "fp16"]
+NonfiniteLoss = Literal["stop", "skip"]
 
 
 class ConfigError(ValueError):
@@ -28,7 +46,7 @@ class ConfigError(ValueError):
 class BackboneConfig:
     """A CLIP visual tower (DESIGN §2)."""
 
-    type: str = "resnet"  # "resnet" (CLIP ModifiedResNet) or "vit" (CLIP ViT)
+    type: BackboneType = "resnet"  # "resnet" (CLIP ModifiedResNet) or "vit" (CLIP ViT)
     # ResNet: blocks per stage and stem width. ViT: ``layers[0]`` is the depth.
     layers: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
     width: int = 64  # ResNet base width, or ViT token width
@@ -39,7 +57,7 @@ class BackboneConfig:
     embeddings: bool = True
     # How the spatial position embedding meets a run-time grid of another size:
     # "interpolate" (segmentation) or "crop" to the top-left cells (official detection).
-    pos_embed: str = "interpolate"
+    pos_embed: PosEmbed = "interpolate"
     patch_size: int = 16  # ViT only
     out_indices: list[int] = field(default_factory=lambda: [3, 5, 7, 11])  # ViT only
     drop_path_rate: float = 0.0  # ViT only
@@ -65,7 +83,8 @@ class GuidanceConfig:
     """Text guidance: context decoder, gamma, score maps and their losses (DESIGN §1, §4)."""
 
     enabled: bool = True  # False builds the plain CLIP baseline (no text at all)
-    prompting: str = "post"  # "post" (official) or "pre" (paper §3.3, image-conditioned contexts)
+    # "post" (official) or "pre" (paper §3.3, image-conditioned contexts)
+    prompting: Prompting = "post"
     decoder_width: int = 256
     decoder_heads: int = 4
     decoder_layers: int = 3
@@ -102,7 +121,7 @@ class DetectionConfig:
 @dataclass
 class ModelConfig:
     # "segmentation", "retinanet" or "mask_rcnn"
-    task: str = "segmentation"
+    task: Task = "segmentation"
     classes: str = "ade20k"  # a bundled list name ("ade20k", "coco") or a file, one per line
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     text: TextConfig = field(default_factory=TextConfig)
@@ -113,7 +132,7 @@ class ModelConfig:
     ignore_index: int = 255
     # Cross-entropy mean over "all" pixels, ignored ones included (mmseg 0.19, official),
     # or over "valid" pixels only.
-    loss_average: str = "all"
+    loss_average: LossAverage = "all"
     align_corners: bool = False
     detection: DetectionConfig = field(default_factory=DetectionConfig)
     pretrained: str | None = None  # CLIP weights loaded by build_model, if given
@@ -121,7 +140,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "ade20k"  # "ade20k", "folder" or "coco"
+    dataset: DatasetKind = "ade20k"  # "ade20k", "folder" or "coco"
     root: str = "data/ade/ADEChallengeData2016"
     # ADE20K/folder: images/<split>, annotations/<split>; COCO: <split>/ images with
     # annotations/instances_<split>.json.
@@ -137,8 +156,8 @@ class DataConfig:
     flip_prob: float = 0.5
     photometric: bool = True
     test_scale: list[int] = field(default_factory=lambda: [2048, 512])
-    mean: list[float] = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
-    std: list[float] = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))  # 0..1 units
+    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     batch_size: int = 4  # per process
     num_workers: int = 4
 
@@ -156,7 +175,7 @@ class OptimConfig:
 
 @dataclass
 class ScheduleConfig:
-    policy: str = "poly"  # "poly" (segmentation) or "step" (detection)
+    policy: LrPolicy = "poly"  # "poly" (segmentation) or "step" (detection)
     # Epoch-based runs (max_epochs > 0) convert epochs to iterations from the dataset size;
     # ``steps`` are epochs at which a step policy multiplies the lr by ``step_gamma``.
     max_epochs: int = 0
@@ -174,7 +193,7 @@ class ScheduleConfig:
 
 @dataclass
 class EvalConfig:
-    mode: str = "slide"  # "slide" or "whole"
+    mode: EvalMode = "slide"  # "slide" or "whole"
     crop_size: list[int] = field(default_factory=lambda: [512, 512])
     stride: list[int] = field(default_factory=lambda: [341, 341])
     aug_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
@@ -190,8 +209,8 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
-    amp: str = "none"  # "none", "bf16" or "fp16"
-    nonfinite_loss: str = "stop"  # "stop" or "skip"
+    amp: AmpMode = "none"  # "none", "bf16" or "fp16"
+    nonfinite_loss: NonfiniteLoss = "stop"  # "stop" or "skip"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -255,6 +274,13 @@ def _resolve_path(name_or_path: str | Path) -> Path:
 def _coerce(value: Any, tp: Any, where: str) -> Any:
     """Check ``value`` against the annotation ``tp`` (ints are accepted for floats)."""
     origin = typing.get_origin(tp)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        # Equal and of the same type: True must not pass for a literal 1.
+        if any(value == c and type(value) is type(c) for c in choices):
+            return value
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{where}: {value!r} is not one of {allowed}")
     if origin in (typing.Union, types.UnionType):
         args = typing.get_args(tp)
         if value is None and type(None) in args:

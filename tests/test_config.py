@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
+import typing
+from typing import Literal
+
 import pytest
 
 import denseclip
 from denseclip import Config, ConfigError, load_config
-from denseclip.config import config_from_dict, save_config
+from denseclip.config import CLIP_MEAN, CLIP_STD, _coerce, config_from_dict, save_config
 
 VIT = "denseclip_fpn_vit-b_640x640_80k"
 RN50 = "denseclip_fpn_res50_512x512_80k"
@@ -161,3 +165,104 @@ def test_unknown_preset_is_a_config_error():
     with pytest.raises(ConfigError, match="unknown preset 'denseclip_rn50'.*available presets: "):
         load_config("denseclip_rn50")
     assert issubclass(ConfigError, ValueError)
+
+
+# Every choice field of Config, by dotted key, with its allowed values (in order).
+CHOICES = {
+    "model.task": ("segmentation", "retinanet", "mask_rcnn"),
+    "model.loss_average": ("all", "valid"),
+    "model.backbone.type": ("resnet", "vit"),
+    "model.backbone.pos_embed": ("interpolate", "crop"),
+    "model.guidance.prompting": ("post", "pre"),
+    "data.dataset": ("ade20k", "folder", "coco"),
+    "schedule.policy": ("poly", "step"),
+    "evaluation.mode": ("slide", "whole"),
+    "amp": ("none", "bf16", "fp16"),
+    "nonfinite_loss": ("stop", "skip"),
+}
+
+
+def _get(cfg, key):
+    for part in key.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
+def _annotations(cls, prefix=""):
+    """Dotted key -> resolved annotation of every field of ``cls``, nested sections walked."""
+    out = {}
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            out.update(_annotations(tp, f"{key}."))
+        else:
+            out[key] = tp
+    return out
+
+
+def test_choice_fields_are_literals():
+    annotations = _annotations(Config)
+    names = {key.rsplit(".", 1)[-1] for key in CHOICES}
+    for key, tp in annotations.items():
+        if key.rsplit(".", 1)[-1] in names:
+            assert typing.get_origin(tp) is Literal, f"{key} is annotated {tp}, not a Literal"
+    literals = {k: typing.get_args(tp) for k, tp in annotations.items()
+                if typing.get_origin(tp) is Literal}
+    assert literals == CHOICES
+    # every default is one of its own choices
+    for key, allowed in CHOICES.items():
+        assert _get(Config(), key) in allowed
+
+
+@pytest.mark.parametrize("key", CHOICES)
+@pytest.mark.parametrize("bad", ["bogus", "1", "true", "[post]"])
+def test_choice_field_rejects_a_bad_value(key, bad):
+    with pytest.raises(ConfigError) as info:
+        load_config("tiny_denseclip_res", [f"{key}={bad}"])
+    message = str(info.value)
+    value = {"bogus": "'bogus'", "1": "1", "true": "True", "[post]": "['post']"}[bad]
+    assert f"{key}: {value} is not one of " in message
+    for allowed in CHOICES[key]:
+        assert repr(allowed) in message
+
+
+@pytest.mark.parametrize(("key", "value"),
+                         [(k, v) for k, allowed in CHOICES.items() for v in allowed])
+def test_choice_field_accepts_every_allowed_value(key, value, tmp_path):
+    cfg = load_config("tiny_denseclip_res", [f"{key}={value}"])
+    assert _get(cfg, key) == value
+    path = tmp_path / "saved.yaml"
+    save_config(cfg, path)
+    assert load_config(path) == cfg
+
+
+def test_choice_error_message_and_yaml_file(tmp_path):
+    with pytest.raises(ConfigError, match=r"nonfinite_loss: 'skipp' is not one of 'stop', 'skip'"):
+        load_config("tiny_denseclip_res", ["nonfinite_loss=skipp"])
+    (tmp_path / "amp.yaml").write_text("_base_: " + str(denseclip.config.PRESET_DIR / "_tiny.yaml")
+                                       + "\namp: fp32\n")
+    with pytest.raises(ConfigError, match=r"amp\.yaml: amp: 'fp32' is not one of 'none', "):
+        load_config(tmp_path / "amp.yaml")
+    with pytest.raises(ConfigError, match=r"schedule\.policy: 'Poly' is not one of"):
+        config_from_dict({"schedule": {"policy": "Poly"}})
+
+
+def test_literal_coercion_checks_the_type():
+    assert _coerce(1, Literal[1, 2], "x") == 1
+    with pytest.raises(ConfigError, match=r"x: True is not one of 1, 2"):
+        _coerce(True, Literal[1, 2], "x")
+    with pytest.raises(ConfigError, match="is not one of"):
+        _coerce(1.0, Literal[1, 2], "x")
+    with pytest.raises(ConfigError, match="is not one of"):
+        _coerce(1, Literal[True], "x")
+    assert _coerce(None, Literal["a"] | None, "x") is None
+    assert _coerce("a", Literal["a"] | None, "x") == "a"
+
+
+def test_clip_normalisation_defaults():
+    data = Config().data
+    assert data.mean == list(CLIP_MEAN) and data.std == list(CLIP_STD)
+    assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
+    assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
