@@ -21,8 +21,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+
+from .utils import resize_grid, unwrap_model
 
 FORMAT = "denseclip"
 
@@ -67,18 +68,8 @@ def _summarise(keys: Iterable[str], limit: int = 8) -> str:
 
 
 # ---------------------------------------------------------------------------- rename tables
-# Official DenseCLIP key → ours, for what segmentors and detectors share. The backbone
-# keeps CLIP's own names; mmcv's ConvModule nests FPN convs under ".conv.".
-OFFICIAL_SHARED_RENAMES = [
-    (r"^contexts$", "guidance.contexts"),
-    (r"^gamma$", "guidance.gamma"),
-    (r"^text_encoder\.", "guidance.text_encoder."),
-    (r"^context_decoder\.", "guidance.context_decoder."),
-    (r"^neck\.(lateral|fpn)_convs\.(\d+)\.conv\.", r"neck.\1_convs.\2."),
-]
-# Official segmentation release (mmseg) → ours; detection adds its heads in
-# denseclip.models.detection.OFFICIAL_DETECTION_RENAMES.
-OFFICIAL_RENAMES = [*OFFICIAL_SHARED_RENAMES, (r"^decode_head\.", "head.")]
+# Official DenseCLIP releases: each model class carries its table as ``official_renames``
+# (denseclip.models.official).
 
 # OpenAI CLIP key → ours.
 OPENAI_RENAMES = [
@@ -101,6 +92,13 @@ def rename_key(key: str, table: list[tuple[str, str]]) -> str:
         if n:
             return new
     return key
+
+
+def convert_official_keys(state_dict: dict[str, Any],
+                          table: list[tuple[str, str]]) -> dict[str, Any]:
+    """An official release's state dict with its keys renamed by ``table`` (a model class's
+    ``official_renames``, see :mod:`denseclip.models.official`)."""
+    return {rename_key(k, table): v for k, v in state_dict.items()}
 
 
 # ---------------------------------------------------------------------------- reading files
@@ -168,9 +166,7 @@ def _resize_pos_embed(value: torch.Tensor, target: torch.Size) -> torch.Tensor:
     n, m = round((value.shape[0] - 1) ** 0.5), round((target[0] - 1) ** 0.5)
     if n * n + 1 != value.shape[0] or m * m + 1 != target[0] or value.shape[1] != target[1]:
         raise CheckpointError("not a square position grid")
-    grid = value[1:].reshape(1, n, n, -1).permute(0, 3, 1, 2).float()
-    grid = F.interpolate(grid, size=(m, m), mode="bilinear", align_corners=False)
-    grid = grid.reshape(value.shape[1], m * m).transpose(0, 1).to(value.dtype)
+    grid = resize_grid(value[1:].float(), (m, m)).to(value.dtype)
     return torch.cat([value[:1], grid])
 
 
@@ -192,11 +188,10 @@ def _reconcile(key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Ten
     )
 
 
-def official_renames(model: nn.Module) -> list[tuple[str, str]]:
-    """The official release's rename table for ``model``'s family (segmentor/detector)."""
-    from .models.detection import OFFICIAL_DETECTION_RENAMES, _CLIPDetector
-
-    return OFFICIAL_DETECTION_RENAMES if isinstance(model, _CLIPDetector) else OFFICIAL_RENAMES
+def official_renames(model: nn.Module) -> list[tuple[str, str]] | None:
+    """The official release's rename table of ``model``'s class (its ``official_renames``
+    attribute), or None when the class has none."""
+    return getattr(model, "official_renames", None)
 
 
 def convert_state_dict(sd: dict[str, torch.Tensor], fmt: str,
@@ -204,9 +199,12 @@ def convert_state_dict(sd: dict[str, torch.Tensor], fmt: str,
                        official_table: list[tuple[str, str]] | None = None,
                        ) -> tuple[dict, list[str]]:
     """Rename ``sd`` from ``fmt`` to this package's keys. Returns (renamed, ignored keys):
-    keys that by design have no counterpart in ``model_sd``."""
-    table = {"official": official_table or OFFICIAL_RENAMES,
-             "openai": OPENAI_RENAMES}.get(fmt, [])
+    keys that by design have no counterpart in ``model_sd``. An official release needs
+    ``official_table``, the model's rename table."""
+    if fmt == "official" and official_table is None:
+        raise CheckpointError("converting an official release needs the model's rename table "
+                              "(official_table)")
+    table = {"official": official_table, "openai": OPENAI_RENAMES}.get(fmt) or []
     out, ignored = {}, []
     for key, value in sd.items():
         if fmt == "openai" and key in OPENAI_UNUSED:
@@ -249,7 +247,14 @@ def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
     path = Path(path)
     fmt, sd = detect_format(obj, path)
     model_sd = model.state_dict()
-    renamed, ignored = convert_state_dict(sd, fmt, model_sd, official_renames(model))
+    official_table = official_renames(model)
+    if fmt == "official" and official_table is None:
+        raise CheckpointError(
+            f"{path}: an official DenseCLIP release, but {type(model).__name__} has no "
+            f"official_renames table to map its keys; official releases load into the "
+            f"segmentor and the detectors only"
+        )
+    renamed, ignored = convert_state_dict(sd, fmt, model_sd, official_table)
 
     unexpected = sorted(k for k in renamed if k not in model_sd)
     missing = [k for k in model_sd if k not in renamed]
@@ -293,8 +298,7 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
     temporary file in the same directory, flushed to disk, then renamed over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    module = model.module if hasattr(model, "module") else model  # unwrap DDP
-    payload = {"format": FORMAT, "model": module.state_dict(), **extra}
+    payload = {"format": FORMAT, "model": unwrap_model(model).state_dict(), **extra}
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:

@@ -16,6 +16,7 @@ from denseclip.checkpoint import CheckpointError, convert_state_dict, save_check
 from denseclip.models.clip_resnet import CLIPResNet
 from denseclip.models.clip_vit import CLIPViT
 from denseclip.models.layers import LayerNorm, Transformer
+from denseclip.models.official import OFFICIAL_SEGMENTATION_RENAMES
 
 OFFICIAL_KEYS = Path(__file__).parent / "fixtures" / "official_keys"
 SEG_PRESETS = [
@@ -47,7 +48,8 @@ def test_official_keys_map_onto_every_model_key(name):
         model = denseclip.build_model(denseclip.load_config(name))
     model_sd = model.state_dict()
     official = read_official_keys(name)
-    converted, ignored = convert_state_dict(official, "official", model_sd)
+    converted, ignored = convert_state_dict(official, "official", model_sd,
+                                            OFFICIAL_SEGMENTATION_RENAMES)
     assert ignored == []
     assert len(converted) == len(official)  # the renaming is one-to-one
     assert sorted(converted) == sorted(model_sd)

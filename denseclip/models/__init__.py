@@ -1,14 +1,26 @@
-"""DenseCLIP model components."""
+"""DenseCLIP models: the CLIP towers, the text guidance shared by every task (with the one
+fusion step, :meth:`GuidedModel.forward_features`), the segmentor and the detectors, and the
+builder that maps a config's task to its model."""
 
-from .build import build_backbone, build_guidance, build_model, build_segmentor
+from .build import build_backbone, build_detector, build_guidance, build_model, build_segmentor
 from .clip_resnet import CLIPResNet
 from .clip_vit import CLIPViT
-from .guidance import ContextDecoder, GuidanceOutput, PromptGenerator, TextGuidance
+from .detection import CLIPMaskRCNN, CLIPRetinaNet
+from .guidance import (
+    ContextDecoder,
+    DenseFeatures,
+    GuidanceOutput,
+    GuidedModel,
+    PromptGenerator,
+    TextGuidance,
+    fuse,
+)
 from .segmentor import Segmentor
 from .text_encoder import CLIPTextEncoder, tokenize
 
 __all__ = [
-    "CLIPResNet", "CLIPViT", "CLIPTextEncoder", "ContextDecoder", "GuidanceOutput",
-    "PromptGenerator", "Segmentor", "TextGuidance", "build_backbone", "build_guidance",
-    "build_model", "build_segmentor", "tokenize",
+    "CLIPMaskRCNN", "CLIPResNet", "CLIPRetinaNet", "CLIPTextEncoder", "CLIPViT",
+    "ContextDecoder", "DenseFeatures", "GuidanceOutput", "GuidedModel", "PromptGenerator",
+    "Segmentor", "TextGuidance", "build_backbone", "build_detector", "build_guidance",
+    "build_model", "build_segmentor", "fuse", "tokenize",
 ]

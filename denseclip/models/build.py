@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
+from ..checkpoint import load_checkpoint
 from ..classes import load_class_names
-from ..config import BackboneConfig, Config, ConfigError, ModelConfig
+from ..config import CLIP_MEAN, CLIP_STD, BackboneConfig, Config, ConfigError, ModelConfig
 from .clip_resnet import CLIPResNet
 from .clip_vit import CLIPViT
+from .detection import DETECTION_TASKS, CLIPMaskRCNN, CLIPRetinaNet
 from .guidance import TextGuidance
 from .segmentor import Segmentor
 from .text_encoder import CLIPTextEncoder
@@ -40,41 +44,83 @@ def build_guidance(cfg: ModelConfig, class_names: list[str]) -> TextGuidance:
                         g.gamma_init, g.tau)
 
 
-def build_segmentor(cfg: ModelConfig) -> Segmentor:
+def _backbone_and_guidance(cfg: ModelConfig) -> tuple[list[str], nn.Module,
+                                                      TextGuidance | None]:
+    """What every task model starts from: its class names, the CLIP backbone and, for
+    DenseCLIP (``model.guidance.enabled``), the text guidance."""
     class_names = load_class_names(cfg.classes)
     guided = cfg.guidance.enabled
     if guided and not cfg.backbone.embeddings:
         raise ConfigError("model.guidance.enabled needs model.backbone.embeddings: true")
+    backbone = build_backbone(cfg.backbone)
+    return class_names, backbone, build_guidance(cfg, class_names) if guided else None
+
+
+def build_segmentor(cfg: ModelConfig) -> Segmentor:
+    """The Semantic FPN segmentor (DenseCLIP, or the plain CLIP baseline) of ``cfg``."""
     if not 0 <= cfg.guidance.score_level < 4:
         raise ConfigError(
             f"model.guidance.score_level must be 0..3, got {cfg.guidance.score_level}"
         )
-    if cfg.loss_average not in ("all", "valid"):
-        raise ConfigError(f"model.loss_average must be 'all' or 'valid', got {cfg.loss_average!r}")
-    if cfg.backbone.pos_embed not in ("interpolate", "crop"):
-        raise ConfigError(
-            f"model.backbone.pos_embed must be 'interpolate' or 'crop', "
-            f"got {cfg.backbone.pos_embed!r}"
-        )
-    backbone = build_backbone(cfg.backbone)
-    guidance = build_guidance(cfg, class_names) if guided else None
+    class_names, backbone, guidance = _backbone_and_guidance(cfg)
     return Segmentor(backbone, len(class_names), guidance, cfg.guidance.score_level,
                      cfg.neck_channels, cfg.head_channels, cfg.head_dropout, cfg.ignore_index,
-                     cfg.loss_average, cfg.guidance.aux_loss_weight)
+                     cfg.loss_average, cfg.guidance.aux_loss_weight, cfg.align_corners)
+
+
+def build_detector(cfg: ModelConfig, **options: Any) -> nn.Module:
+    """The ``cfg.task`` detector (``retinanet`` or ``mask_rcnn``) for ``cfg.classes``.
+
+    ``options`` override keyword arguments of the detector classes (e.g. Mask R-CNN's
+    ``rpn_batch_size_per_image``). The Mask R-CNN box-head width is 4 × ``cfg.head_channels``
+    (1024 for the presets' 256)."""
+    if cfg.task not in DETECTION_TASKS:
+        raise ConfigError(f"model.task must be one of {DETECTION_TASKS}, got {cfg.task!r}")
+    if cfg.backbone.type != "resnet":
+        raise ConfigError("detection supports CLIP ResNet backbones only "
+                          f"(model.backbone.type=resnet), got {cfg.backbone.type!r}")
+    det = cfg.detection
+    if det.seg_loss and not cfg.guidance.enabled:
+        raise ConfigError("model.detection.seg_loss needs text guidance "
+                          "(model.guidance.enabled: true); turn it off for CLIP baselines")
+    class_names, backbone, guidance = _backbone_and_guidance(cfg)
+    common: dict[str, Any] = dict(
+        score_level=cfg.guidance.score_level, neck_channels=cfg.neck_channels,
+        min_size=det.min_size, max_size=det.max_size, size_divisor=det.size_divisor,
+        score_thresh=det.score_thresh, detections_per_img=det.detections_per_img,
+        seg_loss_weight=det.seg_loss_weight if det.seg_loss else 0.0, train_bn=det.train_bn,
+    )
+    common.update(image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    common.update(options)
+    try:
+        if cfg.task == "retinanet":
+            if cfg.head_channels != cfg.neck_channels:
+                raise ConfigError("RetinaNet head convs keep the FPN width: set "
+                                  "model.head_channels equal to model.neck_channels")
+            return CLIPRetinaNet(backbone, len(class_names), guidance,
+                                 focal_prior_init=det.focal_prior_init, **common)
+        for name in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
+            value = getattr(det, name)
+            if len(value) != 2:
+                raise ConfigError(f"model.detection.{name} must be [training, test], got {value}")
+            common.setdefault(name, tuple(value))
+        common.setdefault("box_batch_size_per_image", det.box_batch_size_per_image)
+        common.setdefault("representation_size", 4 * cfg.head_channels)
+        return CLIPMaskRCNN(backbone, len(class_names), guidance,
+                            head_channels=cfg.head_channels, **common)
+    except ValueError as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"model: {e}") from None
 
 
 def build_model(cfg: Config) -> nn.Module:
     """Build the model described by ``cfg.model`` (and load ``model.pretrained`` if set)."""
+    # model.task is one of the choices of config.Task (checked when the config loads)
     if cfg.model.task == "segmentation":
         model = build_segmentor(cfg.model)
-    elif cfg.model.task in ("retinanet", "mask_rcnn"):
-        from .detection import build_detector  # imported here: it builds on this module
-
-        model = build_detector(cfg.model)
     else:
-        raise ConfigError(f"model.task {cfg.model.task!r} is not supported (segmentation)")
+        model = build_detector(cfg.model)
     if cfg.model.pretrained:
-        from ..checkpoint import load_checkpoint
-
         load_checkpoint(model, cfg.model.pretrained)
     return model

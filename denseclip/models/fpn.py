@@ -1,8 +1,10 @@
-"""Feature pyramid neck and the Semantic FPN decode head (DESIGN §5)."""
+"""Feature pyramid neck (segmentor and detectors) and the Semantic FPN decode head
+(DESIGN §5)."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -21,24 +23,54 @@ def conv_module_init(module: nn.Module) -> None:
 
 
 class FPN(nn.Module):
-    """Lateral 1×1 convs (with bias), top-down nearest upsample-and-add, 3×3 output convs;
-    no norm or activation. One output per input level."""
+    """Lateral 1×1 convs, top-down nearest upsample-and-add, 3×3 output convs (all with
+    bias; no norm or activation): one output per input level, plus ``extra`` levels.
 
-    def __init__(self, in_channels: list[int], out_channels: int = 256) -> None:
+    ``extra="none"`` (the segmentor): no more outputs. ``extra="conv_on_input"``
+    (RetinaNet): two more, a 3×3 stride-2 conv on the last *input* map and a 3×3 stride-2
+    conv on that result, no activation between (stored as ``fpn_convs[n]`` and
+    ``fpn_convs[n + 1]``, mmdet's layout). ``extra="maxpool"`` (Mask R-CNN): one more, a
+    1×1 stride-2 max-pool of the last output.
+    """
+
+    EXTRA_OUTPUTS = {"none": 0, "conv_on_input": 2, "maxpool": 1}
+
+    def __init__(self, in_channels: Sequence[int], out_channels: int = 256,
+                 extra: str = "none") -> None:
         super().__init__()
+        if extra not in self.EXTRA_OUTPUTS:
+            raise ValueError(f"extra must be none, conv_on_input or maxpool, got {extra!r}")
+        self.extra = extra
         self.lateral_convs = nn.ModuleList(nn.Conv2d(c, out_channels, 1) for c in in_channels)
         self.fpn_convs = nn.ModuleList(
             nn.Conv2d(out_channels, out_channels, 3, padding=1) for _ in in_channels
         )
+        if extra == "conv_on_input":
+            self.fpn_convs.append(nn.Conv2d(in_channels[-1], out_channels, 3, stride=2, padding=1))
+            self.fpn_convs.append(nn.Conv2d(out_channels, out_channels, 3, stride=2, padding=1))
+        self.num_inputs = len(in_channels)
         conv_module_init(self)  # the official convs are mmcv ConvModules
 
-    def forward(self, features: list[torch.Tensor]) -> list[torch.Tensor]:
+    @property
+    def num_outputs(self) -> int:
+        return self.num_inputs + self.EXTRA_OUTPUTS[self.extra]
+
+    def forward(self, features: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if len(features) != self.num_inputs:
+            raise ValueError(f"FPN expected {self.num_inputs} feature maps, got {len(features)}")
         laterals = [conv(x) for conv, x in zip(self.lateral_convs, features, strict=True)]
         for i in range(len(laterals) - 1, 0, -1):
             laterals[i - 1] = laterals[i - 1] + F.interpolate(
                 laterals[i], size=laterals[i - 1].shape[-2:], mode="nearest"
             )
-        return [conv(x) for conv, x in zip(self.fpn_convs, laterals, strict=True)]
+        n = self.num_inputs
+        outs = [self.fpn_convs[i](laterals[i]) for i in range(n)]
+        if self.extra == "conv_on_input":
+            outs.append(self.fpn_convs[n](features[-1]))
+            outs.append(self.fpn_convs[n + 1](outs[-1]))
+        elif self.extra == "maxpool":
+            outs.append(F.max_pool2d(outs[-1], kernel_size=1, stride=2))
+        return outs
 
 
 class ConvBNReLU(nn.Module):

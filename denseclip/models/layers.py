@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from ..utils import resize_grid
 
 
 class LayerNorm(nn.LayerNorm):
@@ -116,24 +116,6 @@ class Transformer(nn.Module):
         for block in self.resblocks:
             x = block(x, mask)
         return x
-
-
-def resize_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Bilinearly resize a square (n*n, C) position-embedding grid to ``size`` → (h*w, C).
-
-    The stored grid side is a constant of the weights, read as a plain int so that tracing
-    (ONNX export) does not record it; while tracing, the resize always runs, since a
-    traced same-size shortcut would freeze the example's grid into the graph (resizing to
-    the same size is exact without corner alignment)."""
-    cells = int(pos.shape[0])
-    n = math.isqrt(cells)
-    if n * n != cells:
-        raise ValueError(f"position embedding of {cells} cells is not a square grid")
-    if (n, n) == tuple(size) and not torch.jit.is_tracing():
-        return pos
-    grid = pos.reshape(1, n, n, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=size, mode="bilinear", align_corners=False)
-    return grid.reshape(pos.shape[1], -1).transpose(0, 1)
 
 
 def spatial_pos_embed(pos: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:

@@ -11,6 +11,7 @@ from torch import nn
 from .fpn import FPN, SemanticFPNHead
 from .guidance import DenseFeatures, GuidedModel, TextGuidance
 from .losses import cross_entropy
+from .official import OFFICIAL_SEGMENTATION_RENAMES
 
 MIN_INPUT_SIZE = 32  # the coarsest backbone stride
 
@@ -49,6 +50,7 @@ class Segmentor(GuidedModel, nn.Module):
     """
 
     head_description = "decode head"
+    official_renames = OFFICIAL_SEGMENTATION_RENAMES
 
     def __init__(self, backbone: nn.Module, num_classes: int, guidance: TextGuidance | None = None,
                  score_level: int = 3, neck_channels: int = 256, head_channels: int = 256,

@@ -9,16 +9,15 @@ import functools
 from collections.abc import Sequence
 
 import torch
+from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
 from .layers import LayerNorm, Transformer
 
 
 @functools.lru_cache(maxsize=1)
-def _tokenizer():
-    from open_clip.tokenizer import SimpleTokenizer
-
-    return SimpleTokenizer()
+def _tokenizer() -> SimpleTokenizer:
+    return SimpleTokenizer()  # reads the bundled vocabulary once
 
 
 def tokenize(names: Sequence[str], length: int) -> torch.Tensor:

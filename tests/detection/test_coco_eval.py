@@ -9,20 +9,21 @@ import math
 
 import pytest
 import torch
+from pycocotools import mask as mask_utils
 from torch import nn
 
 import denseclip
 from denseclip.data.coco import CocoDetection
-from denseclip.engine import coco_eval
-from denseclip.engine.coco_eval import (
+from denseclip.engine.dist import DistEnv
+from denseclip.evaluation import coco as coco_eval
+from denseclip.evaluation.coco import (
     METRIC_NAMES,
     coco_evaluate,
     detections_to_coco,
     evaluate_detection,
     masks_to_rles,
 )
-from denseclip.engine.dist import DistEnv
-from denseclip.models.detection import build_detector
+from denseclip.models.build import build_detector
 
 
 def test_dataset(root, masks: bool = True) -> CocoDetection:
@@ -86,8 +87,6 @@ def test_results_are_coco_json_in_original_coordinates(shared_coco):
     json.dumps(bbox + segm)  # JSON-ready
     assert masks_to_rles(torch.zeros(0, 1, 4, 4)) == []
     half = torch.tensor([[[0.49, 0.5], [0.7, 0.1]]])
-    from pycocotools import mask as mask_utils
-
     assert mask_utils.decode(masks_to_rles(half)[0]).tolist() == [[0, 1], [1, 0]]
     with pytest.raises(ValueError, match="outside the 3 classes"):
         detections_to_coco([{**det, "labels": torch.tensor([5, 0])}], [10], ds.cat_ids)

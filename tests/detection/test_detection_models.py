@@ -11,13 +11,16 @@ from pathlib import Path
 import pytest
 import torch
 from torch import nn
+from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import roi_align
 
 import denseclip
+from denseclip.checkpoint import convert_official_keys
 from denseclip.config import ConfigError, DataConfig
 from denseclip.data.coco import CocoDetection, build_coco_train_transforms, collate_detection
 from denseclip.flops import count_parameters
+from denseclip.models.build import build_detector
 from denseclip.models.detection import (
     CLIPMaskRCNN,
     CLIPRetinaNet,
@@ -26,12 +29,11 @@ from denseclip.models.detection import (
     MaxIoUMatcher,
     MultiLevelRoIAlign,
     box_seg_loss,
-    build_detector,
-    convert_official_detection_keys,
-    keep_ratio_size,
     paste_masks,
     retinanet_anchor_generator,
 )
+from denseclip.models.official import OFFICIAL_DETECTION_RENAMES
+from denseclip.utils import keep_ratio_size
 
 OFFICIAL_KEYS = Path(__file__).parents[1] / "fixtures" / "official_keys"
 # preset → params excluding the text encoder (M), DESIGN §8
@@ -90,7 +92,7 @@ def test_official_keys_map_name_for_name_with_equal_shapes(name):
         model = denseclip.build_model(denseclip.load_config(name))
     model_sd = model.state_dict()
     official = read_official_keys(name)
-    converted = convert_official_detection_keys(official)
+    converted = convert_official_keys(official, OFFICIAL_DETECTION_RENAMES)
     assert len(converted) == len(official)  # one-to-one
     assert sorted(converted) == sorted(model_sd)
     for key, shape in converted.items():
@@ -128,7 +130,8 @@ def to_official(key: str) -> str:
 def test_official_release_weights_load_into_our_model(shared_coco, name, tmp_path):
     source = tiny(name, shared_coco)
     official = {to_official(k): v for k, v in source.state_dict().items()}
-    assert convert_official_detection_keys(official).keys() == source.state_dict().keys()
+    assert convert_official_keys(official, OFFICIAL_DETECTION_RENAMES).keys() == (
+        source.state_dict().keys())
     torch.save({"meta": {"epoch": 12}, "state_dict": official}, tmp_path / "release.pth")
     target = tiny(name, shared_coco)
     for p in target.parameters():
@@ -229,7 +232,7 @@ def test_box_seg_loss_matches_a_direct_computation():
 
 
 def test_transform_rounds_like_mmcv_and_pastes_masks_back():
-    assert keep_ratio_size(480, 640, 800, 1333) == (800, 1067)  # torchvision floors: 1066
+    assert keep_ratio_size(480, 640, (1333, 800)) == (800, 1067)  # torchvision floors: 1066
     t = DetectionTransform(800, 1333, [0.0] * 3, [1.0] * 3).eval()
     images, _ = t([torch.rand(3, 480, 640)])
     assert images.image_sizes == [(800, 1067)] and images.tensors.shape[-2:] == (800, 1088)
@@ -356,8 +359,6 @@ def test_training_overfits_two_images(shared_coco, name):
 
 
 def test_retinanet_is_torchvisions_class(shared_coco):
-    from torchvision.models.detection import RetinaNet
-
     model = tiny("tiny_retinanet_denseclip", shared_coco)
     assert isinstance(model, CLIPRetinaNet) and isinstance(model, RetinaNet)
 

@@ -230,11 +230,11 @@ def test_unknown_preset_lists_the_available_ones():
 @pytest.mark.parametrize(
     ("override", "phrase"),
     [
-        ("model.backbone.type=convnext", "must be 'resnet' or 'vit'"),
+        ("model.backbone.type=convnext", "'convnext' is not one of 'resnet', 'vit'"),
         ("model.backbone.layers=[1,1,1]", "a ResNet needs 4 stages"),
         ("model.guidance.score_level=4", "score_level must be 0..3"),
-        ("model.task=detection", "not supported"),
-        ("model.guidance.prompting=middle", "prompting must be 'post' or 'pre'"),
+        ("model.task=detection", "'detection' is not one of 'segmentation'"),
+        ("model.guidance.prompting=middle", "'middle' is not one of 'post', 'pre'"),
     ],
 )
 def test_invalid_model_settings_are_reported(override, phrase):
