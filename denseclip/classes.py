@@ -1,8 +1,23 @@
-"""Class-name lists: the bundled ADE20K and COCO names, or a user file."""
+"""Class lists: the bundled ADE20K and COCO names, class files and typed class lists.
+
+One format serves every place that reads a class file (``model.classes=FILE``, the folder
+dataset's ``classes.txt``, ``--classes-file`` of ``predict``/``export``):
+
+* one class per line, in label order: the i-th class line is label i;
+* a line is ``name`` or ``name: text`` — ``name`` is what results, legends and file names
+  show, ``text`` (default: the name) is what the text encoder embeds;
+* blank lines and lines starting with ``#`` are skipped;
+* a line with no name before ``:``, a repeated name, or a file with no class is an error
+  naming the file (and line).
+
+A comma-separated list (``"cat, dog,grass"``) is read by :func:`parse_class_list`.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from pathlib import Path
+from typing import Any
 
 BUNDLED = {
     "ade20k": Path(__file__).parent / "data" / "ade20k_classes.txt",
@@ -10,25 +25,84 @@ BUNDLED = {
 }
 
 
-def read_class_file(path: str | Path) -> list[str]:
-    """One class name per line; blank lines and ``#`` comments are skipped. A line
-    ``name: description`` keeps only the name."""
+class ClassListError(ValueError):
+    """A class file or class list is unusable; the message names the file or position."""
+
+
+def _check_unique(names: Iterable[str], where: str) -> None:
+    seen: set[str] = set()
+    dupes: list[str] = []
+    for name in names:
+        if name in seen and name not in dupes:
+            dupes.append(name)
+        seen.add(name)
+    if dupes:
+        raise ClassListError(f"{where}duplicate class name(s) {dupes}; each class needs its "
+                             f"own name")
+
+
+def read_classes(path: str | Path) -> dict[str, str]:
+    """Read a class file (format in the module documentation): ``{name: text to embed}``
+    in label order. Raises ``FileNotFoundError`` or :class:`ClassListError` naming the
+    file."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"class-names file {path} does not exist")
-    names = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+        raise FileNotFoundError(f"class file {path} does not exist")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise ClassListError(f"cannot read class file {path}: {e}") from None
+    classes: dict[str, str] = {}
+    order: list[str] = []
+    for number, line in enumerate(lines, 1):
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        names.append(line.split(":", 1)[0].strip())
-    if not names:
-        raise ValueError(f"class-names file {path} lists no classes")
-    return names
+        name, _, text = line.partition(":")
+        name, text = name.strip(), text.strip()
+        if not name:
+            raise ClassListError(f"{path}, line {number}: no class name before ':'")
+        order.append(name)
+        classes[name] = text or name
+    if not classes:
+        raise ClassListError(f"class file {path} lists no classes")
+    _check_unique(order, f"{path}: ")
+    return classes
 
 
 def load_class_names(spec: str | Path) -> list[str]:
-    """A bundled list name (``ade20k``, ``coco``) or a path to a class-names file."""
-    if str(spec) in BUNDLED:
-        return read_class_file(BUNDLED[str(spec)])
-    return read_class_file(spec)
+    """The class names of a bundled list (``ade20k``, ``coco``) or of a class file."""
+    return list(read_classes(BUNDLED.get(str(spec), spec)))
+
+
+def parse_class_list(text: str) -> dict[str, str]:
+    """``"cat, dog,grass"`` → ``{name: text to embed}`` (the names themselves)."""
+    names = [part.strip() for part in text.split(",")]
+    if not any(names):
+        raise ClassListError("the class list is empty; give names like --classes 'cat,dog'")
+    empty = [i + 1 for i, name in enumerate(names) if not name]
+    if empty:
+        raise ClassListError(f"the class list {text!r} has an empty name at position(s) {empty}")
+    _check_unique(names, "")
+    return {name: name for name in names}
+
+
+def as_class_dict(classes: Any) -> dict[str, str]:
+    """A class list given as a comma-separated string, a sequence of names or a mapping
+    ``{name: text to embed}`` → ``{name: text}``, checked (non-empty, unique names)."""
+    if isinstance(classes, str):
+        return parse_class_list(classes)
+    if isinstance(classes, Mapping):
+        out = {str(k).strip(): str(v).strip() for k, v in classes.items()}
+        if not out:
+            raise ClassListError("the class list is empty")
+        if any(not k or not v for k, v in out.items()):
+            raise ClassListError(f"class names and texts must be non-empty, got {classes!r}")
+        return out
+    names = [str(n).strip() for n in classes]
+    if not names:
+        raise ClassListError("the class list is empty")
+    if any(not n for n in names):
+        raise ClassListError(f"class names must be non-empty, got {list(classes)!r}")
+    _check_unique(names, "")
+    return {n: n for n in names}

@@ -1,4 +1,5 @@
-"""A local demo page: upload an image, type class names, see the segmentation.
+"""A local demo page: upload an image, type class names, see the segmentation (or, for a
+detection preset, the detections).
 
 ``denseclip demo CONFIG CHECKPOINT`` serves one HTML page with the standard library's
 ``http.server`` (no extra dependency, works offline). The form posts the image and the class
@@ -6,7 +7,9 @@ names; the answer is the same page with the overlays inline (PNG data URLs):
 
 * with class names: the open-vocabulary segmentation from the score maps (coarse,
   zero-shot) first, then the decode head's segmentation over the trained classes;
-* without: the decode head's segmentation only.
+* without: the decode head's segmentation only;
+* detection presets: the boxes (and masks) scoring at least ``score_thr``, with a list of
+  the detected classes; they take no class names.
 
 The server is meant for your own machine (default ``127.0.0.1``); it handles one
 prediction at a time.
@@ -14,13 +17,10 @@ prediction at a time.
 
 from __future__ import annotations
 
-import argparse
 import base64
 import html
 import io
-import sys
 import threading
-import warnings
 from email.parser import BytesParser
 from email.policy import HTTP
 from http import HTTPStatus
@@ -30,12 +30,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .checkpoint import CheckpointError
-from .config import load_config
-from .predict import PredictionError, Predictor, parse_class_list, to_rgb
-from .visualize import format_share, palette, render_overlay
+from .inference import DetectionPrediction, PredictionError, Predictor, to_rgb
+from .inference.render import format_share, palette, render_detections, render_overlay
 
-__all__ = ["DemoServer", "add_arguments", "make_server", "render_page", "run"]
+__all__ = ["DemoServer", "make_server", "render_page"]
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 
@@ -78,11 +76,34 @@ def _legend_html(labels: np.ndarray, names: list[str], element_id: str) -> str:
     return f"<ul class='legend' id='{element_id}'>" + "".join(items) + "</ul>"
 
 
+def _detections_html(result: DetectionPrediction, image: np.ndarray, score_thr: float) -> list[str]:
+    overlay = render_detections(image, result.boxes, result.labels, result.scores,
+                                result.class_names, result.masks, score_thr)
+    keep = np.flatnonzero(result.scores >= score_thr)
+    names = result.class_names
+    colours = palette(len(names))
+    items = []
+    for c in sorted(set(result.labels[keep].tolist())):
+        r, g, b = (int(v) for v in colours[c % len(names)])
+        count = int((result.labels[keep] == c).sum())
+        items.append(
+            f"<li><span class='swatch' style='background:#{r:02x}{g:02x}{b:02x}'></span>"
+            f"{html.escape(names[c])} ({count})</li>"
+        )
+    return [
+        "<h2>Detections</h2>",
+        f"<p class='note'>{len(keep)} detection(s) scoring at least {score_thr:g}.</p>",
+        f"<img id='overlay' alt='detections' src='{_png_data_url(overlay)}'>",
+        "<ul class='legend' id='legend'>" + "".join(items) + "</ul>",
+    ]
+
+
 def render_page(predictor: Predictor, classes: str = "", result: Any = None,
                 image: np.ndarray | None = None, error: str | None = None,
-                note: str | None = None) -> str:
+                note: str | None = None, score_thr: float = 0.3) -> str:
     """The demo page: the form, then an error or the overlays of ``result``."""
     cfg = predictor.cfg
+    segmentation = predictor.task == "segmentation"
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
@@ -98,9 +119,11 @@ def render_page(predictor: Predictor, classes: str = "", result: Any = None,
         "<form id='form' method='post' action='/predict' enctype='multipart/form-data'>",
         "<label>Image <input type='file' id='image' name='image' accept='image/*' required>"
         "</label>",
-        "<label>Class names (comma-separated, optional) <input type='text' id='classes' "
-        f"name='classes' placeholder='cat, dog, grass' value='{html.escape(classes)}'></label>",
-        "<button type='submit' id='submit'>Segment</button></form>",
+        ("<label>Class names (comma-separated, optional) <input type='text' id='classes' "
+         f"name='classes' placeholder='cat, dog, grass' value='{html.escape(classes)}'>"
+         "</label>") if segmentation else "",
+        f"<button type='submit' id='submit'>{'Segment' if segmentation else 'Detect'}"
+        "</button></form>",
     ]
     if error:
         parts.append(f"<p class='error' id='error'>{html.escape(error)}</p>")
@@ -108,6 +131,10 @@ def render_page(predictor: Predictor, classes: str = "", result: Any = None,
         parts.append("<section id='results'>")
         if note:
             parts.append(f"<p class='note'>{html.escape(note)}</p>")
+        if isinstance(result, DetectionPrediction):
+            parts += _detections_html(result, image, score_thr)
+            parts.append("</section></body></html>")
+            return "".join(parts)
         # The first overlay on the page is "overlay"/"legend": the open classes' when given.
         sections = []
         if result.open_labels is not None:
@@ -237,7 +264,8 @@ class _Handler(BaseHTTPRequestHandler):
             note = f"The {W}x{H} image was reduced to {size[0]}x{size[1]} for the demo."
         with server.lock:
             predictor = server.predictor
-            predictor.set_classes(parse_class_list(classes) if classes else None)
+            if predictor.task == "segmentation":
+                predictor.set_classes(classes or None)
             result = predictor.predict(rgb, return_probs=False)
         return render_page(predictor, classes, result, rgb, note=note)
 
@@ -247,42 +275,3 @@ def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860,
     """Bind the demo server (``port=0`` picks a free port); call ``serve_forever()`` on it
     (e.g. in a thread) and ``shutdown()`` + ``server_close()`` to stop it."""
     return DemoServer((host, port), predictor, max_side=max_side, quiet=quiet)
-
-
-# ------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``denseclip demo``."""
-    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
-    parser.add_argument("checkpoint", help="weights to serve; 'none' for random weights")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1, this machine only)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--max-side", type=int, default=1024,
-                        help="uploads larger than this (pixels, longer side) are reduced")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``denseclip demo``: serve until interrupted (Ctrl-C); 2 if the model cannot load."""
-    cfg = load_config(args.config, args.overrides)
-    checkpoint = None if args.checkpoint.lower() in ("none", "random") else args.checkpoint
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            predictor = Predictor(cfg, checkpoint, args.device)
-        server = make_server(predictor, args.host, args.port, args.max_side)
-    except (CheckpointError, FileNotFoundError, PredictionError, OSError) as e:
-        print(f"denseclip demo: error: {e}", file=sys.stderr)
-        return 2
-    if checkpoint is None:
-        print(f"denseclip demo: warning: no checkpoint, {cfg.name} has random weights",
-              file=sys.stderr)
-    print(f"DenseCLIP demo for {cfg.name} on {server.url} (Ctrl-C to stop)", flush=True)
-    try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
-    finally:
-        server.server_close()
-    return 0

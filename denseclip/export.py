@@ -6,7 +6,7 @@ to ``logits`` (B, K, H, W) of the decode head over the trained classes. With ope
 classes it has a second output ``open_scores`` (B, K', H, W): the score maps (cosine
 similarities) of those classes, upsampled bilinearly to the input. Batch size, height and
 width are dynamic; the sliding-window loop, the final resize and the softmax stay outside,
-as they are per-image control flow (see :mod:`denseclip.predict` for the reference).
+as they are per-image control flow (see :class:`denseclip.inference.Predictor` for the reference).
 
 The text encoder does not run in the graph: the text embeddings of the trained and the open
 class lists are computed once at export time and stored as constants (post-model prompting;
@@ -16,27 +16,19 @@ class names, normalisation and test settings are stored in the ONNX metadata.
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .checkpoint import CheckpointError
-from .config import load_config
+from .inference import Predictor
 from .models.segmentor import Segmentor
-from .predict import (
-    PredictionError,
-    Predictor,
-    predictor_from_args,
-)
+from .optional import require
 
-__all__ = ["ExportError", "SegmentorForExport", "add_arguments", "export_onnx", "run"]
+__all__ = ["ExportError", "SegmentorForExport", "export_onnx", "export_predictor"]
 
 
 class ExportError(ValueError):
@@ -70,22 +62,11 @@ class SegmentorForExport(nn.Module):
 
     def forward(self, images: torch.Tensor):
         model = self.model
-        align = False  # as the segmentor's own upsampling
-        features, embeddings = model.backbone(images)
-        if model.guidance is not None:
-            score = model.guidance(*embeddings, text=self.text).score
-            features = list(features)
-            level = features[model.score_level]
-            features[model.score_level] = torch.cat([level, score.to(level.dtype)], dim=1)
-        logits = model.head(model.neck(features))
-        logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear",
-                               align_corners=align)
+        dense = model.forward_features(images, text=self.text)
+        logits = model.forward_head(dense.features, images.shape[-2:])
         if self.open_text is None:
             return logits
-        open_scores = model.guidance(*embeddings, text=self.open_text).score
-        open_scores = F.interpolate(open_scores, size=images.shape[-2:], mode="bilinear",
-                                    align_corners=align)
-        return logits, open_scores
+        return logits, model.forward_scores(dense, images.shape[-2:], text=self.open_text)
 
 
 def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | None = None,
@@ -94,16 +75,14 @@ def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | No
     """Export ``model`` (a segmentor) to ``path``; see the module documentation.
 
     ``open_text`` are the open classes' text embeddings (1, K', D) (e.g. from
-    :class:`~denseclip.predict.Predictor`); ``metadata`` values are stored JSON-encoded in
+    :class:`~denseclip.inference.Predictor`); ``metadata`` values are stored JSON-encoded in
     the model's ``metadata_props``. The graph is traced (TorchScript exporter) at
     ``example_size`` with dynamic batch, height and width, then checked with ``onnx``.
     """
     try:
-        import onnx
-    except ImportError:
-        raise ExportError(
-            "ONNX export needs the onnx package: pip install 'denseclip[export]'"
-        ) from None
+        onnx = require("onnx", "ONNX export")
+    except ImportError as e:
+        raise ExportError(str(e)) from None
     if not isinstance(model, Segmentor):
         raise ExportError(f"only segmentation models can be exported, got {type(model).__name__}")
     path = Path(path)
@@ -157,34 +136,3 @@ def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17) ->
     }
     return export_onnx(predictor.model, path, open_text, example_size=(crop[0], crop[1]),
                        opset=opset, metadata=metadata)
-
-
-# ------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``denseclip export``."""
-    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
-    parser.add_argument("checkpoint", help="weights to export; 'none' for random weights")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. evaluation.crop_size=[640,640]")
-    parser.add_argument("--format", default="onnx", choices=["onnx"], help="output format")
-    parser.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--classes", metavar="NAMES",
-                       help="also output score maps for these comma-separated classes")
-    group.add_argument("--classes-file", metavar="FILE",
-                       help="open-vocabulary classes, one 'name' or 'name: text' per line")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
-
-
-def run(args: argparse.Namespace) -> int:
-    """``denseclip export``: 0 on success, 2 when the model cannot be exported as asked."""
-    cfg = load_config(args.config, args.overrides)
-    try:
-        predictor = predictor_from_args(args, cfg, "export", device="cpu")
-        path = export_predictor(predictor, args.out, args.opset)
-    except (ExportError, PredictionError, CheckpointError, FileNotFoundError) as e:
-        print(f"denseclip export: error: {e}", file=sys.stderr)
-        return 2
-    outputs = "logits" + (", open_scores" if predictor.open_class_names else "")
-    print(f"wrote {path}: images (B, 3, H, W) -> {outputs}")
-    return 0

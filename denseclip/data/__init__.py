@@ -1,5 +1,7 @@
-"""Datasets, augmentation pipelines, samplers and loaders for semantic segmentation."""
+"""Data: image decoding, datasets (ADE20K, your own folders, COCO), augmentation pipelines,
+samplers and loaders."""
 
+from denseclip.data.io import DatasetError, load_image, load_label_map, pil_to_rgb
 from denseclip.data.samplers import (
     InfiniteSampler,
     SeededSampler,
@@ -13,13 +15,9 @@ from denseclip.data.samplers import (
 from denseclip.data.segmentation import (
     ADE20K_CLASSES_FILE,
     ADE20KDataset,
-    DatasetError,
     FolderDataset,
     SegmentationDataset,
     build_segmentation_dataset,
-    load_image,
-    load_label_map,
-    read_class_names,
 )
 from denseclip.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_sample
 from denseclip.data.transforms import (
@@ -48,7 +46,7 @@ __all__ = [
     "load_image",
     "load_label_map",
     "make_synthetic_dataset",
-    "read_class_names",
+    "pil_to_rgb",
     "sample_seed",
     "seed_worker",
     "synthetic_sample",

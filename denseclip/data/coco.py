@@ -37,7 +37,7 @@ What is kept (mmdet's ``CocoDataset`` rules, with torchvision's image filter):
 * for training, images are dropped unless some annotation (crowd ones included) has a box
   larger than 1 px both ways (torchvision's reference rule); evaluation keeps every image.
 
-Errors (:class:`~denseclip.data.segmentation.DatasetError`, naming the file and the
+Errors (:class:`~denseclip.data.io.DatasetError`, naming the file and the
 annotation id): a file that is not JSON or lacks COCO's ``images``/``annotations``/
 ``categories`` lists, an annotation whose ``category_id`` is not among the categories or
 whose ``image_id`` is not among the images, a malformed box, an RLE whose size is not the
@@ -66,8 +66,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from denseclip.config import DataConfig
-from denseclip.data.segmentation import DatasetError
+from denseclip.data.io import DatasetError
 from denseclip.data.transforms import KeepRatioResize, apply_seeded
+from denseclip.optional import require
 
 __all__ = [
     "CocoDetection",
@@ -84,14 +85,6 @@ _REQUIRED_LISTS = ("images", "annotations", "categories")
 
 class DatasetWarning(UserWarning):
     """Annotations were skipped while reading a dataset (the message counts them)."""
-
-
-def _mask_api():
-    try:
-        from pycocotools import mask as mask_utils
-    except ImportError as e:  # pragma: no cover - pycocotools is a test dependency
-        raise ImportError("COCO masks need pycocotools: pip install 'denseclip[coco]'") from e
-    return mask_utils
 
 
 def read_coco_json(path: str | Path) -> dict[str, Any]:
@@ -289,9 +282,7 @@ class CocoDetection(Dataset):
             if self._ground_truth is None:
                 raise ValueError("this dataset was built without its ground truth "
                                  "(keep_ground_truth=False)")
-            from pycocotools.coco import COCO
-
-            coco = COCO()
+            coco = require("pycocotools.coco", "COCO evaluation").COCO()
             coco.dataset = self._ground_truth
             with contextlib.redirect_stdout(io.StringIO()):
                 coco.createIndex()
@@ -339,7 +330,7 @@ class CocoDetection(Dataset):
         records = self._records[self.ids[index]]
         if not records:
             return np.zeros((0, h, w), dtype=np.uint8)
-        mask_utils = _mask_api()
+        mask_utils = require("pycocotools.mask", "COCO masks")
         rles = []
         for r in records:
             seg = r["segmentation"]

@@ -8,7 +8,8 @@ Both datasets read the ADE20K release layout::
 * :class:`ADE20KDataset` — the 150-class SceneParsing release. Labels are reduced as mmseg's
   ``reduce_zero_label`` does: 0 ("other") → 255 (ignore), 1..150 → 0..149.
 * :class:`FolderDataset` — your own data: an images directory, a labels directory of PNGs
-  with the same names, and a class-names file (one name per line, label order). Whether 0
+  with the same names, and a class file (the format of :mod:`denseclip.classes`: one class
+  per line in label order). Whether 0
   means "unlabelled" (``reduce_zero_label``) and which raw value means "ignore"
   (``ignore_value``) are arguments. :func:`build_segmentation_dataset` uses the layout above
   with ``ROOT/classes.txt`` as the class-names file.
@@ -44,11 +45,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 
+from denseclip.classes import BUNDLED, load_class_names
 from denseclip.config import DataConfig
+from denseclip.data.io import DatasetError, load_image, load_label_map
 from denseclip.data.transforms import (
     IGNORE_INDEX,
     apply_seeded,
@@ -65,85 +68,9 @@ __all__ = [
     "build_segmentation_dataset",
     "load_image",
     "load_label_map",
-    "read_class_names",
 ]
 
-ADE20K_CLASSES_FILE = Path(__file__).with_name("ade20k_classes.txt")
-_READ_ERRORS = (OSError, SyntaxError, ValueError, Image.DecompressionBombError)
-_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-_LABEL_MODES = ("L", "P", "1", *_SIXTEEN_BIT_MODES)
-
-
-class DatasetError(ValueError):
-    """The data on disk is missing, unreadable or inconsistent; the message names the file."""
-
-
-def read_class_names(path: str | Path) -> list[str]:
-    """Class names from a text file, one per line in label order (surrounding whitespace and
-    trailing blank lines are dropped; a blank line between names is an error)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"class-names file {path} does not exist")
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines()]
-    while lines and not lines[-1]:
-        lines.pop()
-    if not lines:
-        raise DatasetError(f"class-names file {path} is empty")
-    blank = [i + 1 for i, line in enumerate(lines) if not line]
-    if blank:
-        raise DatasetError(f"class-names file {path} has blank line(s) {blank} between names")
-    return lines
-
-
-def pil_to_rgb(img: Image.Image) -> np.ndarray:
-    """A PIL image as an (H, W, 3) uint8 RGB array: EXIF orientation applied, grayscale and
-    palette expanded, alpha dropped, 16-bit and float grayscale scaled to 8 bits."""
-    img = ImageOps.exif_transpose(img)
-    if img.mode in _SIXTEEN_BIT_MODES:
-        wide = np.asarray(img).astype(np.float64)
-        gray = np.clip(np.rint(wide * (255.0 / 65535.0)), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    if img.mode == "F":
-        gray = np.clip(np.rint(np.asarray(img)), 0, 255).astype(np.uint8)
-        return np.ascontiguousarray(np.repeat(gray[:, :, None], 3, axis=2))
-    return np.array(img.convert("RGB"), dtype=np.uint8)
-
-
-def load_image(path: str | Path) -> np.ndarray:
-    """Decode an image file to an RGB ``uint8`` array (H, W, 3), EXIF orientation applied."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            return pil_to_rgb(img)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"image file {path} does not exist") from None
-    except _READ_ERRORS as e:
-        raise DatasetError(f"cannot read image {path}: {e}") from e
-
-
-def load_label_map(path: str | Path) -> np.ndarray:
-    """Decode a single-channel label map (PNG mode L, P, 1 or 16/32-bit I) to an integer
-    array (H, W) of the raw stored values (palette indices for mode P)."""
-    path = Path(path)
-    try:
-        with Image.open(path) as img:
-            img.load()
-            if img.mode not in _LABEL_MODES:
-                raise DatasetError(
-                    f"label map {path} has mode {img.mode}; expected a single-channel "
-                    "image of class indices (mode L, P or I)"
-                )
-            arr = np.asarray(img)
-    except FileNotFoundError:
-        raise FileNotFoundError(f"label map {path} does not exist") from None
-    except DatasetError:
-        raise
-    except _READ_ERRORS as e:
-        raise DatasetError(f"cannot read label map {path}: {e}") from e
-    if arr.dtype == bool:
-        arr = arr.astype(np.uint8)
-    return arr
+ADE20K_CLASSES_FILE = BUNDLED["ade20k"]
 
 
 def _format_values(values: np.ndarray, limit: int = 10) -> str:
@@ -360,7 +287,7 @@ class ADE20KDataset(SegmentationDataset):
         if not root.is_dir():
             raise FileNotFoundError(f"dataset root {root} does not exist")
         if class_names is None:
-            class_names = read_class_names(ADE20K_CLASSES_FILE)
+            class_names = load_class_names("ade20k")
         self.root = root
         self.split = split
         super().__init__(
@@ -384,7 +311,7 @@ class FolderDataset(SegmentationDataset):
     def __init__(self, img_dir: str | Path, ann_dir: str | Path, classes_file: str | Path,
                  **options: Any):
         """``options``: the keyword arguments of :class:`SegmentationDataset`."""
-        super().__init__(img_dir, ann_dir, read_class_names(classes_file), **options)
+        super().__init__(img_dir, ann_dir, load_class_names(classes_file), **options)
         self.classes_file = Path(classes_file)
 
 
@@ -410,16 +337,16 @@ def build_segmentation_dataset(
     classes_file = root / "classes.txt"
     if cfg.dataset == "ade20k":
         if num_classes == 150:
-            class_names = read_class_names(ADE20K_CLASSES_FILE)
+            class_names = load_class_names("ade20k")
         elif classes_file.is_file():
-            class_names = read_class_names(classes_file)
+            class_names = load_class_names(classes_file)
         else:
             raise DatasetError(
                 f"the model has {num_classes} classes but ADE20K has 150, and there is no "
                 f"{classes_file} naming {num_classes} classes"
             )
     elif cfg.dataset == "folder":
-        class_names = read_class_names(classes_file)
+        class_names = load_class_names(classes_file)
     else:
         raise ValueError(f"unknown data.dataset {cfg.dataset!r}; expected 'ade20k' or 'folder'")
     if len(class_names) != num_classes:

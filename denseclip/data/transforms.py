@@ -32,6 +32,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from denseclip.config import DataConfig
+from denseclip.utils import keep_ratio_size
 
 IGNORE_INDEX = 255
 
@@ -46,21 +47,8 @@ __all__ = [
     "build_test_transforms",
     "build_train_transforms",
     "hsv_to_rgb",
-    "rescale_size",
     "rgb_to_hsv",
 ]
-
-
-def rescale_size(height: int, width: int, scale: Sequence[int]) -> tuple[int, int]:
-    """Output ``(H, W)`` of a keep-ratio resize of an ``height × width`` image to ``scale``.
-
-    ``scale`` is a pair of edge bounds in either order: the larger bounds the long side and
-    the smaller the short side, and the factor is the smaller of the two ratios (mmcv's
-    ``imrescale`` rule, rounding half up).
-    """
-    long_bound, short_bound = max(scale), min(scale)
-    factor = min(long_bound / max(height, width), short_bound / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
 
 
 def _uniform(low: float, high: float) -> float:
@@ -116,7 +104,7 @@ class RandomRescale(_SegTransform):
         ratio = low if low == high else _uniform(low, high)
         target = (int(self.scale[0] * ratio), int(self.scale[1] * ratio))
         height, width = _spatial_size(flat_inputs)
-        return {"size": list(rescale_size(height, width, target))}
+        return {"size": list(keep_ratio_size(height, width, target))}
 
     def apply(self, inpt: Any, params: dict[str, Any]) -> Any:
         # antialias=False matches the plain bilinear interpolation of the reference (cv2).

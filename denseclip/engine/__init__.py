@@ -1,1 +1,2 @@
-"""Evaluation engine: segmentation metrics and test-time inference (whole, sliding window, TTA)."""
+"""Training engine: the trainer, what differs per task, optimiser and schedule, and the
+distributed (torchrun) set-up. Evaluation lives in :mod:`denseclip.evaluation`."""

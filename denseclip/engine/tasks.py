@@ -11,7 +11,11 @@ from torch import nn
 
 from ..classes import load_class_names
 from ..config import Config
-from ..models.detection import DETECTION_TASKS
+from ..data.coco import build_coco_dataset, collate_detection, move_detection_batch
+from ..data.samplers import collate_segmentation
+from ..data.segmentation import build_segmentation_dataset
+from ..evaluation.coco import evaluate_detection
+from ..evaluation.segmentation import evaluate
 from .dist import DistEnv
 
 
@@ -25,14 +29,10 @@ class SegmentationTask:
         self.num_classes = model.num_classes
 
     def dataset(self, split: str, train: bool):
-        from ..data import build_segmentation_dataset
-
         return build_segmentation_dataset(self.cfg.data, split, self.num_classes, train)
 
     @property
     def collate(self):
-        from ..data import collate_segmentation
-
         return collate_segmentation
 
     def to_device(self, batch: dict[str, Any], device: torch.device):
@@ -41,8 +41,6 @@ class SegmentationTask:
 
     def evaluate(self, model: nn.Module, dataset, env: DistEnv, aug_test: bool = False,
                  out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-        from .evaluate import evaluate
-
         return evaluate(model, dataset, self.cfg, env, aug_test=aug_test, out_dir=out_dir,
                         progress=progress)
 
@@ -53,7 +51,7 @@ class SegmentationTask:
 class DetectionTask:
     name = "detection"
     summary_keys = tuple(f"bbox_{k}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
-    sync_batchnorm = False  # the official detection runs use plain per-GPU BatchNorm
+    sync_batchnorm = False  # per-GPU BatchNorm
 
     def __init__(self, cfg: Config, model: nn.Module) -> None:
         self.cfg = cfg
@@ -65,8 +63,6 @@ class DetectionTask:
         self.class_names = load_class_names(cfg.model.classes)
 
     def dataset(self, split: str, train: bool):
-        from ..data.coco import build_coco_dataset
-
         # Masks are only needed to train Mask R-CNN; evaluation reads them from the JSON.
         return build_coco_dataset(self.cfg.data, split, train,
                                   with_masks=self.with_masks and train,
@@ -74,19 +70,13 @@ class DetectionTask:
 
     @property
     def collate(self):
-        from ..data.coco import collate_detection
-
         return collate_detection
 
     def to_device(self, batch: dict[str, Any], device: torch.device):
-        from ..data.coco import move_detection_batch
-
         return move_detection_batch(batch, device, non_blocking=True)
 
     def evaluate(self, model: nn.Module, dataset, env: DistEnv, aug_test: bool = False,
                  out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
-        from .coco_eval import evaluate_detection
-
         if aug_test:
             raise ValueError("--aug-test is for segmentation; detection evaluates at "
                              "the (1333, 800) scale only")
@@ -101,9 +91,8 @@ class DetectionTask:
         return {"classes": list(dataset.class_names), "cat_ids": list(dataset.cat_ids)}
 
 
-def make_task(cfg: Config, model: nn.Module):
+def make_task(cfg: Config, model: nn.Module) -> SegmentationTask | DetectionTask:
+    """The task of ``cfg.model.task`` (a choice checked when the config loads)."""
     if cfg.model.task == "segmentation":
         return SegmentationTask(cfg, model)
-    if cfg.model.task in DETECTION_TASKS:
-        return DetectionTask(cfg, model)
-    raise ValueError(f"model.task {cfg.model.task!r} has no training engine")
+    return DetectionTask(cfg, model)

@@ -1,4 +1,5 @@
-"""Iteration-based training for semantic segmentation, on one process or under torchrun.
+"""Iteration-based training of every task (segmentation, RetinaNet, Mask R-CNN), on one
+process or under torchrun; what differs between tasks lives in :mod:`.tasks`.
 
 Order of one step: draw a batch → forward under autocast → (non-finite check) → backward
 (scaled for fp16), repeated ``optim.accumulate`` times → optional gradient clipping →
@@ -10,6 +11,7 @@ newest one in the work dir with the same data stream, RNG states and optimiser s
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import re
@@ -20,7 +22,9 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..checkpoint import (
@@ -30,13 +34,17 @@ from ..checkpoint import (
     save_checkpoint,
 )
 from ..config import Config, config_from_dict, save_config
+from ..data.samplers import build_train_loader
 from ..models import build_model
+from ..utils import unwrap_model
 from .dist import DistEnv, barrier, init_distributed
-from .evaluate import unwrap
 from .optim import build_optimizer, build_scheduler
 from .tasks import make_task
 
 CKPT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
+
+
+_log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -87,12 +95,7 @@ class MetricLogger:
         self.tb = None
         if enabled:
             self.file = open(work_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(work_dir / "tb"))
-            except ImportError:  # tensorboard is a dependency, but stay usable without it
-                self.tb = None
+            self.tb = SummaryWriter(str(work_dir / "tb"))
 
     def log(self, step: int, mode: str, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -114,9 +117,7 @@ class MetricLogger:
 def _autocast(cfg: Config, device: torch.device):
     if cfg.amp == "none":
         return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(cfg.amp)
-    if dtype is None:
-        raise ValueError(f"amp must be none, bf16 or fp16, got {cfg.amp!r}")
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]  # checked at load
     return torch.autocast(device.type, dtype=dtype)
 
 
@@ -145,7 +146,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
 
     seed_everything(cfg.seed + env.rank)
     model = build_model(cfg)
-    log = print if env.is_main else (lambda *a, **k: None)
+    log = _log.info if env.is_main else (lambda *a, **k: None)
     if load_from and start_ckpt is None:
         log(str(load_checkpoint(model, load_from)))
 
@@ -262,8 +263,6 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
 
 
 def _train_loader(cfg: Config, dataset, env: DistEnv, start_iter: int, collate):
-    from ..data import build_train_loader
-
     # Every process draws batch_size x accumulate samples per iteration.
     accumulate = max(1, cfg.optim.accumulate)
     return build_train_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.seed,
@@ -276,12 +275,10 @@ def _save(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: Confi
     """Gather every rank's RNG state, then write the checkpoint from the main process."""
     states = [rng_state()]
     if env.distributed:
-        import torch.distributed as dist
-
         states = [None] * env.world_size
         dist.all_gather_object(states, rng_state())
     if env.is_main:
-        save_checkpoint(path, unwrap(model), optimizer=optimizer.state_dict(),
+        save_checkpoint(path, unwrap_model(model), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                         iteration=step, rng=states, config=cfg.to_dict(), **meta)
     barrier()
@@ -296,7 +293,7 @@ def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
     model = build_model(cfg)
     report = load_checkpoint(model, checkpoint)
     if env.is_main:
-        print(report)
+        _log.info("%s", report)
     model.to(env.device).eval()
     task = make_task(cfg, model)
     dataset = task.dataset(cfg.data.val_split, train=False)

@@ -20,9 +20,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from torch import nn
+from tqdm import tqdm
 
-from .dist import DistEnv, broadcast_object
+from ..data.coco import collate_detection
+from ..data.samplers import ShardedSampler
+from ..engine.dist import DistEnv, broadcast_object
+from ..optional import require
+from ..utils import unwrap_model
 
 __all__ = [
     "METRIC_NAMES",
@@ -38,8 +44,7 @@ METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
 def masks_to_rles(masks: torch.Tensor | np.ndarray, threshold: float = 0.5) -> list[dict]:
     """Binary masks (N×H×W or N×1×H×W; probabilities are thresholded with ``>=
     threshold``) → compressed RLEs with ``counts`` as str (JSON-ready)."""
-    from pycocotools import mask as mask_utils
-
+    mask_utils = require("pycocotools.mask", "COCO masks")
     if isinstance(masks, torch.Tensor):
         masks = masks.detach()
         if masks.is_floating_point():
@@ -95,8 +100,7 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], iou_type: str,
     ground-truth image). Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` in percent
     (NaN where COCO reports -1, e.g. no object of that size) and ``summary``, COCOeval's
     printed table. Without any result every AP is 0."""
-    from pycocotools.cocoeval import COCOeval
-
+    COCOeval = require("pycocotools.cocoeval", "COCO evaluation").COCOeval  # noqa: N806
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     if not results:
@@ -119,8 +123,6 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], iou_type: str,
 
 
 def _gather(obj: Any, env: DistEnv) -> list[Any]:
-    import torch.distributed as dist
-
     if env.world_size > 1 and dist.is_available() and dist.is_initialized():
         gathered: list[Any] = [None] * env.world_size
         dist.all_gather_object(gathered, obj)
@@ -141,13 +143,8 @@ def evaluate_detection(model: nn.Module, dataset, env: DistEnv | None = None,
     into ``out_dir`` (if given) and runs COCOeval; every process returns the metrics:
     ``bbox_AP``, ``bbox_AP50``, … (``segm_*`` too for Mask R-CNN) in percent,
     ``num_images`` and ``num_detections``."""
-    from tqdm import tqdm
-
-    from ..data.coco import collate_detection
-    from ..data.samplers import ShardedSampler
-
     env = env or DistEnv()
-    net = model.module if hasattr(model, "module") else model
+    net = unwrap_model(model)
     was_training = net.training
     net.eval()
     loader = torch.utils.data.DataLoader(

@@ -15,30 +15,12 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 
 import torch
-import torch.nn.functional as F
 
-from denseclip.config import ConfigError, EvalConfig
+from ..config import ConfigError, EvalConfig
+from ..utils import keep_ratio_size, resize
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Size = Sequence[int]
-
-
-def keep_ratio_scale(h: int, w: int, scale: Size) -> tuple[int, int]:
-    """The ``(new_h, new_w)`` of mmcv's keep-ratio rescale (``mmcv.rescale_size``).
-
-    ``scale`` is a pair of bounds in either order: the longer image edge may not exceed the
-    larger bound nor the shorter edge the smaller one, and the tighter of the two decides::
-
-        factor = min(max(scale) / max(h, w), min(scale) / min(h, w))
-        new_w, new_h = int(w * factor + 0.5), int(h * factor + 0.5)
-    """
-    if len(scale) != 2:
-        raise ValueError(f"scale must be a pair of edge bounds, got {scale!r}")
-    if h <= 0 or w <= 0:
-        raise ValueError(f"image size must be positive, got {(h, w)}")
-    long_bound, short_bound = max(scale), min(scale)
-    factor = min(long_bound / max(h, w), short_bound / min(h, w))
-    return int(h * float(factor) + 0.5), int(w * float(factor) + 0.5)
 
 
 def aug_scales(test_scale: Size, ratios: Sequence[float]) -> list[tuple[int, int]]:
@@ -46,13 +28,6 @@ def aug_scales(test_scale: Size, ratios: Sequence[float]) -> list[tuple[int, int
     (mmseg's ``MultiScaleFlipAug`` with ``img_ratios``)."""
     a, b = test_scale
     return [(int(a * r), int(b * r)) for r in ratios]
-
-
-def _resize(x: torch.Tensor, size: Size, align_corners: bool = False) -> torch.Tensor:
-    size = (int(size[0]), int(size[1]))
-    if tuple(x.shape[-2:]) == size:
-        return x
-    return F.interpolate(x, size=size, mode="bilinear", align_corners=align_corners)
 
 
 def _as_batch(image: torch.Tensor) -> torch.Tensor:
@@ -70,7 +45,7 @@ def whole_inference(
     """Run ``model`` on the whole ``B x 3 x h x w`` image; return logits resized bilinearly to
     ``out_size`` (``B x K x H_out x W_out``)."""
     logits = model(_as_batch(image))
-    return _resize(logits, out_size, align_corners)
+    return resize(logits, out_size, align_corners)
 
 
 def slide_windows(h: int, w: int, crop_size: Size, stride: Size) -> list[tuple[int, int, int, int]]:
@@ -146,19 +121,12 @@ def slide_inference(
             total[n, :, y1:y2, x1:x2] += logits[k].to(total.dtype)
     assert total is not None
     total = total / count.to(total.dtype)
-    return _resize(total, out_size, align_corners)
+    return resize(total, out_size, align_corners)
 
 
 @torch.no_grad()
-def mode_logits(
-    model: Model,
-    image: torch.Tensor,
-    eval_cfg: EvalConfig,
-    num_classes: int,
-    out_size: Size,
-    max_batch: int = 8,
-    align_corners: bool = False,
-) -> torch.Tensor:
+def mode_logits(model: Model, image: torch.Tensor, eval_cfg: EvalConfig, num_classes: int,
+                out_size: Size, max_batch: int = 8, align_corners: bool = False) -> torch.Tensor:
     """Logits ``B x K x H_out x W_out`` from :func:`slide_inference` or
     :func:`whole_inference`, as ``eval_cfg.mode`` says."""
     if eval_cfg.mode == "slide":
@@ -172,15 +140,8 @@ def mode_logits(
 
 
 @torch.no_grad()
-def inference(
-    model: Model,
-    image: torch.Tensor,
-    eval_cfg: EvalConfig,
-    num_classes: int,
-    out_size: Size,
-    max_batch: int = 8,
-    align_corners: bool = False,
-) -> torch.Tensor:
+def inference(model: Model, image: torch.Tensor, eval_cfg: EvalConfig, num_classes: int,
+              out_size: Size, max_batch: int = 8, align_corners: bool = False) -> torch.Tensor:
     """Class probabilities ``B x K x H_out x W_out`` of one test view (mmseg ``inference``):
     :func:`mode_logits` resized to ``out_size``, then soft-maxed over classes."""
     return mode_logits(model, image, eval_cfg, num_classes, out_size, max_batch,
@@ -202,11 +163,11 @@ def aug_inference(
 
     ``image`` is the normalised image at its original resolution (``3 x H x W`` or
     ``1 x 3 x H x W``). For each ratio ``r`` in ``eval_cfg.aug_ratios`` it is resized, keeping
-    its aspect ratio, to the bounds ``(int(test_scale[0] * r), int(test_scale[1] * r))`` (see
-    :func:`keep_ratio_scale`); that view, and its horizontal mirror when ``eval_cfg.aug_flip``,
-    is run through :func:`inference` (the two share forward calls), the mirrored
-    probabilities are flipped back, and the probabilities of all views at ``out_size``
-    (default: the original size) are averaged.
+    its aspect ratio, to the bounds ``(int(test_scale[0] * r), int(test_scale[1] * r))``
+    (see :func:`denseclip.utils.keep_ratio_size`); that view, and its horizontal mirror when
+    ``eval_cfg.aug_flip``, is run through :func:`inference` (the two share forward calls),
+    the mirrored probabilities are flipped back, and the probabilities of all views at
+    ``out_size`` (default: the original size) are averaged.
 
     mmseg resizes the 8-bit image (OpenCV bilinear) before normalising it; here the
     normalised float image is resized (bilinear, no antialiasing). Normalisation is affine
@@ -224,18 +185,11 @@ def aug_inference(
     total: torch.Tensor | None = None
     views = 0
     for bounds in aug_scales(test_scale, ratios):
-        view = _resize(image, keep_ratio_scale(h, w, bounds), align_corners=False)
+        view = resize(image, keep_ratio_size(h, w, bounds), align_corners=False)
         if eval_cfg.aug_flip:
             view = torch.cat([view, view.flip(-1)], dim=0)
-        probs = inference(
-            model,
-            view,
-            eval_cfg,
-            num_classes,
-            out_size,
-            max_batch=max_batch,
-            align_corners=align_corners,
-        )
+        probs = inference(model, view, eval_cfg, num_classes, out_size, max_batch=max_batch,
+                          align_corners=align_corners)
         if eval_cfg.aug_flip:
             probs = torch.cat([probs[:1], probs[1:].flip(-1)], dim=0)
         summed = probs.sum(dim=0, keepdim=True)

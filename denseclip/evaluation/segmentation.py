@@ -11,13 +11,11 @@ from torch import nn
 from tqdm import tqdm
 
 from ..config import Config
-from .dist import DistEnv
+from ..data.samplers import build_test_loader
+from ..engine.dist import DistEnv
+from ..utils import unwrap_model
 from .inference import aug_inference, inference
 from .metrics import SegmentationMetric
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if hasattr(model, "module") else model
 
 
 @torch.no_grad()
@@ -29,13 +27,12 @@ def evaluate(model: nn.Module, dataset, cfg: Config, env: DistEnv | None = None,
     metrics (mIoU, mAcc, aAcc in percent, per-class table). Predictions are resized to
     each image's original size. With ``out_dir``, one label PNG per image (dataset label
     space) and ``metrics.json`` are written there."""
-    from ..data import build_test_loader
-
     env = env or DistEnv()
-    net = unwrap(model)
+    net = unwrap_model(model)
     was_training = net.training
     net.eval()
     num_classes = net.num_classes
+    align = cfg.model.align_corners  # as the model's own upsampling and the Predictor
     metric = SegmentationMetric(num_classes, cfg.model.ignore_index)
     loader = build_test_loader(dataset, env.rank, env.world_size, cfg.data.num_workers)
     bar = tqdm(loader, desc="eval", disable=not (progress and env.is_main), leave=False,
@@ -45,9 +42,10 @@ def evaluate(model: nn.Module, dataset, cfg: Config, env: DistEnv | None = None,
         ori_size = tuple(batch["ori_size"][0])
         if aug_test:
             probs = aug_inference(net, image[0], cfg.data.test_scale, cfg.evaluation,
-                                  num_classes, out_size=ori_size)
+                                  num_classes, out_size=ori_size, align_corners=align)
         else:
-            probs = inference(net, image, cfg.evaluation, num_classes, ori_size)
+            probs = inference(net, image, cfg.evaluation, num_classes, ori_size,
+                              align_corners=align)
         pred = probs.argmax(dim=1)[0].cpu()
         metric.update(pred, batch["ori_target"][0])
         if out_dir is not None:

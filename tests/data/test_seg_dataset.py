@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from denseclip.classes import ClassListError, load_class_names
 from denseclip.config import DataConfig
 from denseclip.data import (
     ADE20KDataset,
@@ -15,7 +16,6 @@ from denseclip.data import (
     build_segmentation_dataset,
     build_test_transforms,
     load_image,
-    read_class_names,
 )
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
@@ -136,13 +136,16 @@ def test_folder_dataset_ignore_value_and_no_reduction(tmp_path, write_pair):
     assert reduced[0]["target"].tolist() == [[255, 0, 1], [255, 1, 255]]
 
 
-def test_class_names_file_with_inner_blank_line_is_rejected(tmp_path):
+def test_class_file_follows_the_one_class_file_format(tmp_path):
+    # denseclip.classes: blank and '#' lines are skipped, the i-th class line is label i
     path = tmp_path / "c.txt"
-    path.write_text("a\n\nb\n")
-    with pytest.raises(DatasetError, match="blank"):
-        read_class_names(path)
+    path.write_text("# labels\na\n\nb: the letter b\n")
+    assert load_class_names(path) == ["a", "b"]
+    path.write_text("a\nb\na\n")
+    with pytest.raises(ClassListError, match="duplicate"):
+        load_class_names(path)
     with pytest.raises(FileNotFoundError, match="missing.txt"):
-        read_class_names(tmp_path / "missing.txt")
+        load_class_names(tmp_path / "missing.txt")
 
 
 # ---------------------------------------------------------------------- bad input

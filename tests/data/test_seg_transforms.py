@@ -19,9 +19,9 @@ from denseclip.data.transforms import (
     build_test_transforms,
     build_train_transforms,
     hsv_to_rgb,
-    rescale_size,
     rgb_to_hsv,
 )
+from denseclip.utils import keep_ratio_size
 
 from .conftest import PALETTE, block_labels
 
@@ -58,7 +58,7 @@ def _decode(image: torch.Tensor) -> torch.Tensor:
     ],
 )
 def test_rescale_size_follows_keep_ratio_rule(hw, scale, expected):
-    assert rescale_size(*hw, scale) == expected
+    assert keep_ratio_size(*hw, scale) == expected
 
 
 def test_random_rescale_ratio_range_and_nearest_mask():

@@ -5,12 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
+from denseclip.classes import load_class_names
 from denseclip.config import DataConfig
 from denseclip.data import (
     SYNTHETIC_CLASSES,
     build_segmentation_dataset,
     make_synthetic_dataset,
-    read_class_names,
     synthetic_sample,
 )
 
@@ -31,7 +31,7 @@ def test_layout_and_determinism(tmp_path):
         assert (a / f).read_bytes() == (b / f).read_bytes(), f
     labels = [f for f in files if f.endswith(".png")]
     assert any((a / f).read_bytes() != (c / f).read_bytes() for f in labels)
-    assert read_class_names(a / "classes.txt") == list(SYNTHETIC_CLASSES)
+    assert load_class_names(a / "classes.txt") == list(SYNTHETIC_CLASSES)
     assert all(len(name.split()) == 1 for name in SYNTHETIC_CLASSES) and len(SYNTHETIC_CLASSES) == 5
 
     img = Image.open(a / "images/training/synthetic_training_00000.jpg")

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from denseclip.engine.metrics import SegmentationMetric
+from denseclip.evaluation.metrics import SegmentationMetric
 
 NUM_CLASSES = 7
 IGNORE = 255

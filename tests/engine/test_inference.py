@@ -4,15 +4,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from denseclip.config import EvalConfig
-from denseclip.engine.inference import (
+from denseclip.evaluation.inference import (
     aug_inference,
     aug_scales,
     inference,
-    keep_ratio_scale,
     slide_inference,
     slide_windows,
     whole_inference,
 )
+from denseclip.utils import keep_ratio_size
 
 K = 5
 
@@ -83,7 +83,7 @@ def reference_slide(model, img, crop, stride, num_classes):
     ],
 )
 def test_keep_ratio_scale(hw, scale, expected):
-    assert keep_ratio_scale(*hw, scale) == expected
+    assert keep_ratio_size(*hw, scale) == expected
 
 
 def test_aug_scales():

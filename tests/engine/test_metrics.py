@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from denseclip.engine.metrics import SegmentationMetric
+from denseclip.evaluation.metrics import SegmentationMetric
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 I = 255  # ignore

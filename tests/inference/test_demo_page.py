@@ -23,7 +23,7 @@ from PIL import Image
 
 import denseclip
 from denseclip.demo import make_server
-from denseclip.predict import Predictor
+from denseclip.inference import Predictor
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -135,7 +135,7 @@ def test_in_a_headless_browser(server, tmp_path):
 def test_cli_run_refuses_a_bad_checkpoint(tmp_path, capsys):
     import argparse
 
-    from denseclip import demo
+    from denseclip.cli import demo
 
     torch.manual_seed(0)
     vit = denseclip.build_model(denseclip.load_config("tiny_denseclip_vit"))
@@ -145,3 +145,30 @@ def test_cli_run_refuses_a_bad_checkpoint(tmp_path, capsys):
     demo.add_arguments(parser)
     status = demo.run(parser.parse_args(["tiny_denseclip_res", str(path), "--port", "0"]))
     assert status == 2 and "does not match the model" in capsys.readouterr().err
+
+
+def test_detection_preset_serves_detections():
+    # Regression: every upload to a detection demo raised AttributeError (open_labels).
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        predictor = Predictor("tiny_retinanet_denseclip")
+    srv = make_server(predictor, "127.0.0.1", 0, quiet=True)
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    try:
+        with urllib.request.urlopen(srv.url, timeout=30) as response:
+            page = response.read().decode()
+        assert "id='classes'" not in page and ">Detect</button>" in page
+        status, page = post(srv.url, png_bytes(100, 140), "")
+        assert status == 200, page
+        assert re.search(r"<img id='overlay' alt='detections' src='data:image/png;base64,", page)
+        shown = int(re.search(r"(\d+) detection\(s\) scoring at least 0.3", page).group(1))
+        result = predictor.predict((np.random.default_rng(0).random((100, 140, 3)) * 255)
+                                   .astype(np.uint8))
+        assert shown == int((result.scores >= 0.3).sum())
+        assert page.count("<li>") == len(set(result.labels[result.scores >= 0.3].tolist()))
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)

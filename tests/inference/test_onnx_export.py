@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import denseclip
-from denseclip import export
 from denseclip.checkpoint import save_checkpoint
+from denseclip.cli import export
 from denseclip.export import ExportError, SegmentorForExport, export_onnx, export_predictor
-from denseclip.predict import Predictor
+from denseclip.inference import Predictor
 
 NAMES = ["cat", "dog", "grass"]
 TOLERANCE = 1e-3
@@ -53,7 +53,7 @@ def test_onnx_matches_pytorch_at_two_sizes(preset, tmp_path):
         x = torch.randn(shape)
         with torch.no_grad():
             reference = predictor.model(x)
-            window = predictor._window(x)  # head logits + upsampled open score maps
+            window = predictor.window(x)  # head logits + upsampled open score maps
         logits, open_scores = sess.run(None, {"images": x.numpy()})
         assert logits.shape == (shape[0], 150, *shape[2:])
         assert open_scores.shape == (shape[0], 3, *shape[2:])

@@ -11,8 +11,9 @@ import torch
 import torch.nn.functional as F
 
 import denseclip
+from denseclip.classes import parse_class_list
+from denseclip.inference import PredictionError, Predictor, read_open_classes
 from denseclip.models import tokenize
-from denseclip.predict import PredictionError, Predictor, parse_class_list, read_open_classes
 
 from .conftest import random_image
 
@@ -130,7 +131,7 @@ def test_class_file_embeds_the_description(tmp_path):
     image = random_image(64, 64)
     np.testing.assert_array_equal(predictor.predict(image).open_scores,
                                   by_text.predict(image).open_scores)
-    assert torch.equal(predictor._open_tokens, tokenize(["kitty", "dog", "lawn"], 5))
+    assert torch.equal(predictor.open_vocabulary.tokens, tokenize(["kitty", "dog", "lawn"], 5))
 
 
 def test_pre_model_prompting_runs_the_text_encoder_per_image():

@@ -11,9 +11,10 @@ import torch
 from PIL import Image
 
 import denseclip
-from denseclip import predict
 from denseclip.checkpoint import save_checkpoint
 from denseclip.classes import load_class_names
+from denseclip.cli import predict
+from denseclip.inference.writers import safe_name
 
 from .conftest import random_image
 
@@ -75,7 +76,7 @@ def test_folder_file_and_glob(checkpoint, images, tmp_path, capsys):
 def test_labels_match_the_predictor(checkpoint, tmp_path):
     Image.fromarray(random_image(50, 70, 1)).save(tmp_path / "a.png")
     assert run_cli(PRESET, checkpoint, str(tmp_path / "a.png"), "--out", str(tmp_path)) == 0
-    expected = predict.Predictor(PRESET, checkpoint).predict(tmp_path / "a.png").labels
+    expected = denseclip.Predictor(PRESET, checkpoint).predict(tmp_path / "a.png").labels
     np.testing.assert_array_equal(np.asarray(Image.open(tmp_path / "a_labels.png")), expected)
 
 
@@ -108,7 +109,7 @@ def test_class_file_and_trained_heatmaps(checkpoint, tmp_path):
     labels = np.asarray(Image.open(out / "a_labels.png"))
     names = load_class_names("ade20k")
     heatmaps = sorted(p.name for p in out.glob("a_heatmap_*.png"))
-    expected = sorted(f"a_heatmap_{predict._safe_name(names[c])}.png" for c in np.unique(labels))
+    expected = sorted(f"a_heatmap_{safe_name(names[c])}.png" for c in np.unique(labels))
     assert heatmaps == expected
 
 

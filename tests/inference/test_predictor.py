@@ -12,8 +12,8 @@ from torchvision import tv_tensors
 import denseclip
 from denseclip.checkpoint import CheckpointError, save_checkpoint
 from denseclip.data.transforms import build_test_transforms
-from denseclip.engine.inference import inference
-from denseclip.predict import (
+from denseclip.evaluation.inference import inference
+from denseclip.inference import (
     DetectionPrediction,
     PredictionError,
     Predictor,
@@ -174,10 +174,8 @@ class StubDetector(nn.Module):
     """torchvision's detector interface: list of images in, list of dicts out. Each
     image gets one box covering it, in the coordinates of the image it was given."""
 
-    def __init__(self, own_transform: bool, masks: bool = False):
+    def __init__(self, masks: bool = False):
         super().__init__()
-        if own_transform:
-            self.transform = nn.Identity()
         self.masks = masks
         self.seen = []
 
@@ -204,9 +202,8 @@ def detection_config():
     return cfg
 
 
-@pytest.mark.parametrize("own_transform", [True, False])
-def test_detection_path(own_transform):
-    stub = StubDetector(own_transform, masks=True)
+def test_detection_path():
+    stub = StubDetector(masks=True)
     predictor = Predictor.from_model(stub, detection_config())
     result = predictor.predict(random_image(100, 300))
     assert isinstance(result, DetectionPrediction)
@@ -216,10 +213,8 @@ def test_detection_path(own_transform):
     assert result.masks.shape == (2, 100, 300) and result.masks.dtype == bool
     assert result.masks[:, :45].all() and not result.masks[:, 55:].any()
     shape, lo, hi = stub.seen[0]
-    if own_transform:  # the model normalises and resizes itself: 0..1 at the original size
-        assert shape == (3, 100, 300) and lo >= 0 and hi <= 1
-    else:  # resized keeping the ratio to (128, 64) and normalised here
-        assert shape == (3, 43, 128) and lo < 0
+    # the model normalises and resizes itself: 0..1 at the original size
+    assert shape == (3, 100, 300) and lo >= 0 and hi <= 1
 
 
 def test_detection_without_detections_and_no_open_classes():
@@ -229,7 +224,7 @@ def test_detection_without_detections_and_no_open_classes():
                      "scores": torch.zeros(0), "masks": torch.zeros(0, 1, *im.shape[-2:])}
                     for im in images]
 
-    predictor = Predictor.from_model(Empty(True), detection_config())
+    predictor = Predictor.from_model(Empty(), detection_config())
     result = predictor.predict(random_image(30, 40))
     assert result.boxes.shape == (0, 4) and result.masks.shape == (0, 30, 40)
     with pytest.raises(PredictionError, match="segmentation preset"):

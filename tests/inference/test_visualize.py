@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from denseclip.visualize import (
+from denseclip.inference.render import (
     colorize,
     format_share,
     heatmap_overlay,

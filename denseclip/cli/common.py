@@ -1,0 +1,51 @@
+"""Arguments and set-up shared by several commands."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+from typing import Any
+
+from ..config import Config, load_config
+from ..inference import Predictor, read_open_classes
+
+NO_CHECKPOINT = ("none", "random")  # checkpoint arguments that mean random weights
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """The config (preset name or YAML file) and its dotted overrides."""
+    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="config overrides, e.g. data.crop_size=[256,256]")
+
+
+def load_cli_config(args: argparse.Namespace) -> Config:
+    return load_config(args.config, args.overrides)
+
+
+def add_class_arguments(parser: argparse.ArgumentParser, help_names: str) -> None:
+    """``--classes`` / ``--classes-file`` (mutually exclusive)."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("--classes", metavar="NAMES", help=help_names)
+    group.add_argument("--classes-file", metavar="FILE",
+                       help="open-vocabulary classes, one 'name' or 'name: text to embed' "
+                            "per line")
+
+
+def predictor_from_args(args: argparse.Namespace, cfg: Config, command: str,
+                        **kwargs: Any) -> Predictor:
+    """A :class:`Predictor` for a command's ``checkpoint`` (``none``/``random``: random
+    weights, with a warning) and ``--classes``/``--classes-file`` arguments."""
+    classes = args.classes  # a comma-separated list, checked by the predictor
+    if args.classes_file is not None:
+        classes = read_open_classes(args.classes_file)
+    checkpoint = None if args.checkpoint.lower() in NO_CHECKPOINT else args.checkpoint
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        predictor = Predictor(cfg, checkpoint, **kwargs)
+    if checkpoint is None:
+        print(f"denseclip {command}: warning: no checkpoint, {cfg.name} has random weights; "
+              f"its outputs are meaningless", file=sys.stderr)
+    predictor.set_classes(classes)
+    return predictor

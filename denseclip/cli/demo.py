@@ -1,0 +1,54 @@
+"""``denseclip demo``: serve a local web page to try a model on your own images (see
+:mod:`denseclip.demo`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import warnings
+
+from ..checkpoint import CheckpointError
+from ..config import load_config
+from ..demo import make_server
+from ..inference import PredictionError, Predictor
+from .common import NO_CHECKPOINT
+
+HELP = "serve a local web page to try a model on your own images"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``denseclip demo``."""
+    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
+    parser.add_argument("checkpoint", help="weights to serve; 'none' for random weights")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to listen on (default 127.0.0.1, this machine only)")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--max-side", type=int, default=1024,
+                        help="uploads larger than this (pixels, longer side) are reduced")
+
+
+def run(args: argparse.Namespace) -> int:
+    """``denseclip demo``: serve until interrupted (Ctrl-C); 2 if the model cannot load."""
+    cfg = load_config(args.config, args.overrides)
+    checkpoint = None if args.checkpoint.lower() in NO_CHECKPOINT else args.checkpoint
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)
+            predictor = Predictor(cfg, checkpoint, args.device)
+        server = make_server(predictor, args.host, args.port, args.max_side)
+    except (CheckpointError, FileNotFoundError, PredictionError, OSError) as e:
+        print(f"denseclip demo: error: {e}", file=sys.stderr)
+        return 2
+    if checkpoint is None:
+        print(f"denseclip demo: warning: no checkpoint, {cfg.name} has random weights",
+              file=sys.stderr)
+    print(f"DenseCLIP demo for {cfg.name} on {server.url} (Ctrl-C to stop)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

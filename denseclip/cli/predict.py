@@ -1,0 +1,145 @@
+"""``denseclip predict``: segment or detect images, write overlays, label maps, heatmaps
+and JSON (see :mod:`denseclip.inference`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..checkpoint import CheckpointError
+from ..config import load_config
+from ..inference import PredictionError, collect_inputs, write_detection, write_segmentation
+from ..models.detection import DETECTION_TASKS
+from .common import add_class_arguments, predictor_from_args
+
+HELP = "segment or detect images: overlays, label maps, heatmaps, JSON"
+
+_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+=")
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``denseclip predict``."""
+    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
+    parser.add_argument("checkpoint",
+                        help="weights (our checkpoint, a state dict or an official release); "
+                             "'none' for random weights (meaningless output, for trying out)")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+                        help="image files, folders (searched recursively) or glob patterns "
+                             "(quote them); section.key=value items are config overrides")
+    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
+    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    parser.add_argument("--batch-size", type=int, default=4,
+                        help="images and sliding windows per forward call (default 4)")
+    add_class_arguments(parser, "open-vocabulary classes, comma-separated: 'cat,dog,grass'")
+    parser.add_argument("--heatmaps", action="store_true",
+                        help="also write <stem>_heatmap_<class>.png per open class (or per "
+                             "trained class present, without open classes)")
+    parser.add_argument("--score-thr", type=float, default=0.3,
+                        help="detection: draw and list detections scoring at least this")
+    parser.set_defaults(overrides=[])
+
+
+def _error(message: str) -> int:
+    print(f"denseclip predict: error: {message}", file=sys.stderr)
+    return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """``denseclip predict``: exit status 0 when every image was written, 1 when some
+    failed (each listed with its reason on stderr), 2 for a bad config, checkpoint or class
+    list (nothing is predicted)."""
+    specs, overrides = [], list(getattr(args, "overrides", []))
+    for item in args.inputs:
+        if _OVERRIDE.match(item) and not Path(item).exists():
+            overrides.append(item)
+        else:
+            specs.append(item)
+    if not specs:
+        return _error("no input images given")
+    if args.batch_size < 1:
+        return _error(f"--batch-size must be positive, got {args.batch_size}")
+    cfg = load_config(args.config, overrides)  # ConfigError → exit status 2 in the CLI
+    try:
+        predictor = predictor_from_args(args, cfg, "predict", device=args.device,
+                                        batch_size=args.batch_size)
+    except (PredictionError, CheckpointError, FileNotFoundError) as e:
+        where = f"--classes-file {args.classes_file}: " if args.classes_file and isinstance(
+            e, PredictionError) else ""
+        return _error(f"{where}{e}")
+
+    paths, failures, skipped = collect_inputs(specs)
+    for spec, reason in failures:
+        print(f"failed: {spec}: {reason}", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = {"classes": predictor.class_names}
+    if predictor.open_class_names:
+        names["open_classes"] = predictor.open_class_names
+        names["open_texts"] = predictor.open_texts
+    (out / "classes.json").write_text(json.dumps(names, indent=2))
+    if skipped:
+        print(f"denseclip predict: skipped {skipped} non-image file(s) in folders",
+              file=sys.stderr)
+
+    detection = predictor.task in DETECTION_TASKS
+    want_probs = args.heatmaps and not predictor.open_class_names and not detection
+    stems: set[str] = set()
+    written = 0
+    bar = tqdm(total=len(paths), unit="img", desc="predict", dynamic_ncols=True)
+
+    def fail(path: Path, reason: str) -> None:
+        failures.append((str(path), reason))
+        bar.write(f"failed: {path}: {reason}", file=sys.stderr)
+
+    def stem_for(path: Path) -> str:
+        stem, n = path.stem, 1
+        while stem in stems:
+            n += 1
+            stem = f"{path.stem}_{n}"
+        stems.add(stem)
+        return stem
+
+    for start in range(0, len(paths), args.batch_size):
+        batch = []
+        for path in paths[start : start + args.batch_size]:
+            try:
+                batch.append((path, predictor.prepare(path)))
+            except (ValueError, OSError) as e:  # unreadable, unsupported or too small
+                fail(path, str(e))
+                bar.update(1)
+        try:
+            results = predictor.predict_prepared([item for _, item in batch], want_probs)
+        except (RuntimeError, ValueError) as e:
+            if len(batch) == 1:
+                fail(batch[0][0], f"prediction failed: {e}")
+                bar.update(1)
+                continue
+            results = []
+            for _path, item in batch:  # find the image that fails, keep the others
+                try:
+                    results.append(predictor.predict_prepared([item], want_probs)[0])
+                except (RuntimeError, ValueError) as e2:
+                    results.append(e2)
+        for (path, item), result in zip(batch, results, strict=True):
+            bar.update(1)
+            if isinstance(result, Exception):
+                fail(path, f"prediction failed: {result}")
+                continue
+            stem = stem_for(path)
+            try:
+                if detection:
+                    write_detection(result, item.image, out, stem, args.score_thr)
+                else:
+                    write_segmentation(result, item.image, out, stem, args.heatmaps)
+                written += 1
+            except (OSError, ValueError) as e:
+                fail(path, f"cannot write outputs: {e}")
+    bar.close()
+    print(f"{written} image(s) written to {out}" + (f", {len(failures)} failed" if failures
+                                                    else ""))
+    return 1 if failures else 0

@@ -1,0 +1,95 @@
+"""``denseclip train``, ``test`` and ``quickstart``: the training engine's commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+from ..config import load_config
+from ..data.synthetic import make_synthetic_dataset
+from ..engine.dist import DistEnv, cleanup, init_distributed
+from ..engine.trainer import test, train
+from .common import add_config_arguments, load_cli_config
+
+TRAIN_HELP = "train a model (single process, or many under torchrun)"
+TEST_HELP = "evaluate a checkpoint on the validation split"
+QUICKSTART_HELP = "generate synthetic data, train a tiny DenseCLIP on CPU, evaluate"
+
+
+def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    add_config_arguments(parser)
+    parser.add_argument("--work-dir", help="checkpoints and logs (default: work_dirs/<config>)")
+    parser.add_argument("--resume", action="store_true",
+                        help="continue from the newest checkpoint in the work dir")
+    parser.add_argument("--load-from", metavar="CKPT",
+                        help="initialise weights only (e.g. OpenAI RN50.pt or a release)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_train(args: argparse.Namespace) -> int:
+    cfg = load_cli_config(args)
+    env = init_distributed(args.device)
+    work_dir = args.work_dir or f"work_dirs/{cfg.name}"
+    try:
+        metrics = train(cfg, work_dir, resume=args.resume, load_from=args.load_from, env=env,
+                        progress=not args.no_progress)
+    finally:
+        cleanup()
+    if metrics and env.is_main:
+        print(metrics["table"])
+    return 0
+
+
+def add_test_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", help="preset name or a YAML file")
+    parser.add_argument("checkpoint", help="our checkpoint, a state dict or an official release")
+    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    parser.add_argument("--aug-test", action="store_true",
+                        help="multi-scale + flip test-time augmentation")
+    parser.add_argument("--out-dir", help="write predicted label PNGs and metrics.json here")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_test(args: argparse.Namespace) -> int:
+    cfg = load_cli_config(args)
+    env = init_distributed(args.device)
+    try:
+        metrics = test(cfg, args.checkpoint, aug_test=args.aug_test, out_dir=args.out_dir,
+                       env=env, progress=not args.no_progress)
+    finally:
+        cleanup()
+    if env.is_main:
+        print(metrics["table"])
+        print(json.dumps({k: round(v, 4) for k, v in metrics["summary"].items()}))
+    return 0
+
+
+def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("overrides", nargs="*", metavar="key=value",
+                        help="overrides of the quickstart preset")
+    parser.add_argument("--work-dir", default="work_dirs/quickstart")
+    parser.add_argument("--num-train", type=int, default=200)
+    parser.add_argument("--num-val", type=int, default=50)
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def run_quickstart(args: argparse.Namespace) -> int:
+    start = time.perf_counter()
+    work_dir = Path(args.work_dir)
+    root = make_synthetic_dataset(work_dir / "data", args.num_train, args.num_val, seed=0)
+    print(f"synthetic ADE20K-layout data: {args.num_train} training and {args.num_val} "
+          f"validation images in {root}")
+    cfg = load_config("quickstart", [f"data.root={root}", f"model.classes={root}/classes.txt",
+                                     "schedule.eval_interval=0", *args.overrides])
+    env = DistEnv()
+    train(cfg, work_dir, env=env, progress=not args.no_progress)
+    last = work_dir / f"iter_{cfg.schedule.max_iters}.pth"
+    metrics = test(cfg, last, env=env, progress=not args.no_progress)
+    print(metrics["table"])
+    print(f"quickstart finished in {time.perf_counter() - start:.0f} s: "
+          f"validation mIoU {metrics['mIoU']:.2f} %")
+    return 0

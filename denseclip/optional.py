@@ -1,0 +1,34 @@
+"""Optional dependencies, imported here and nowhere else.
+
+The core package (models, segmentation training and inference) needs only its required
+dependencies. These features need an extra, and load it on first use through
+:func:`require`, which says what to install when it is missing:
+
+=================  ===============================  ==============================
+module             used for                         install
+=================  ===============================  ==============================
+``pycocotools``    COCO masks, data and evaluation  ``pip install 'denseclip[coco]'``
+``onnx``           ONNX export                      ``pip install 'denseclip[export]'``
+=================  ===============================  ==============================
+"""
+
+from __future__ import annotations
+
+import importlib
+from types import ModuleType
+
+__all__ = ["require"]
+
+EXTRAS = {"pycocotools": "coco", "onnx": "export"}
+
+
+def require(module: str, purpose: str) -> ModuleType:
+    """Import ``module`` (e.g. ``"pycocotools.mask"``); if its distribution is missing,
+    raise ``ImportError`` naming ``purpose`` and the extra to install."""
+    try:
+        return importlib.import_module(module)
+    except ImportError as e:
+        top = module.split(".")[0]
+        extra = EXTRAS.get(top)
+        hint = f"pip install 'denseclip[{extra}]'" if extra else f"pip install {top}"
+        raise ImportError(f"{top} is needed for {purpose}: {hint}") from e

@@ -1,0 +1,109 @@
+"""The package's structure stays walkable: no import cycles (counting every import, also
+those inside functions), no module over 600 lines, and imports only at module level
+(optional dependencies load through :mod:`denseclip.optional`)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).parents[1] / "denseclip"
+MAX_LINES = 600
+
+
+def modules() -> dict[str, Path]:
+    """Dotted module name → file, for every module of the package."""
+    out = {}
+    for path in sorted(PACKAGE.rglob("*.py")):
+        parts = list(path.relative_to(PACKAGE.parent).with_suffix("").parts)
+        if parts[-1] == "__init__":
+            parts.pop()
+        out[".".join(parts)] = path
+    return out
+
+
+def imported(name: str, path: Path, known: dict[str, Path]) -> set[str]:
+    """Package modules that ``name`` imports anywhere in its file. ``from pkg import x``
+    counts as importing ``pkg.x`` when that is a module, else ``pkg``; a module's own
+    parent packages (imported implicitly anyway) and the top-level package are left out."""
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                target = ".".join(base + ([node.module] if node.module else []))
+            else:
+                target = node.module or ""
+            for alias in node.names:
+                child = f"{target}.{alias.name}"
+                found.add(child if child in known else target)
+    return {m for m in found if m in known and m != name and m != "denseclip"
+            and not name.startswith(m + ".")}
+
+
+def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
+    """One import cycle of ``graph`` as a path of module names, or None."""
+    state: dict[str, int] = {}  # 1: on the current path, 2: done
+    stack: list[str] = []
+
+    def visit(node: str) -> list[str] | None:
+        state[node] = 1
+        stack.append(node)
+        for nxt in sorted(graph[node]):
+            if state.get(nxt) == 1:
+                return stack[stack.index(nxt):] + [nxt]
+            if nxt not in state:
+                cycle = visit(nxt)
+                if cycle:
+                    return cycle
+        stack.pop()
+        state[node] = 2
+        return None
+
+    for node in sorted(graph):
+        if node not in state:
+            cycle = visit(node)
+            if cycle:
+                return cycle
+    return None
+
+
+def test_the_cycle_finder_finds_a_cycle():
+    graph = {"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}
+    assert find_cycle(graph) == ["a", "b", "c", "a"]
+    assert find_cycle({"a": {"b"}, "b": set()}) is None
+
+
+def test_no_import_cycles():
+    known = modules()
+    assert "denseclip.models.guidance" in known and "denseclip.checkpoint" in known
+    graph = {name: imported(name, path, known) for name, path in known.items()}
+    assert "denseclip.models.guidance" in graph["denseclip.models.segmentor"]
+    assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
+
+
+def test_the_weight_loader_imports_no_model_code():
+    known = modules()
+    deps = imported("denseclip.checkpoint", known["denseclip.checkpoint"], known)
+    assert not [d for d in deps if d.startswith("denseclip.models")]
+
+
+def test_no_module_is_too_long():
+    long = {str(p.relative_to(PACKAGE.parent)): n for p in modules().values()
+            if (n := p.read_text(encoding="utf-8").count("\n")) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines: {long}"
+
+
+def test_imports_are_at_module_level():
+    inside = []
+    for path in modules().values():
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+        for func in ast.walk(tree):
+            if isinstance(func, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                inside += [f"{path.relative_to(PACKAGE.parent)}:{node.lineno}"
+                           for node in ast.walk(func)
+                           if isinstance(node, (ast.Import, ast.ImportFrom))]
+    assert not inside, f"imports inside functions: {inside}"
