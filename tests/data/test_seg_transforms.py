@@ -22,8 +22,7 @@ from denseclip.data.transforms import (
     rgb_to_hsv,
 )
 from denseclip.utils import keep_ratio_size
-
-from .conftest import PALETTE, block_labels
+from tests.helpers.images import PALETTE, block_labels
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]

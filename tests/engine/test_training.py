@@ -15,11 +15,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import denseclip
 from denseclip.checkpoint import read_checkpoint
 from denseclip.config import ScheduleConfig
 from denseclip.data import make_synthetic_dataset
+from denseclip.engine import trainer
+from denseclip.engine.dist import DistEnv
 from denseclip.engine.optim import build_optimizer, build_scheduler, param_groups, poly_lr
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -169,21 +172,16 @@ def test_param_groups_follow_the_multipliers():
 
 
 def test_bf16_training_and_slide_aug_evaluation_in_process(tmp_path, data_root):
-    from PIL import Image
-
-    from denseclip.engine.dist import DistEnv
-    from denseclip.engine.trainer import test, train
-
     cfg = denseclip.load_config("tiny_denseclip_res", overrides(
         data_root, "schedule.max_iters=2", "schedule.checkpoint_interval=2",
         "schedule.eval_interval=0", "amp=bf16", "evaluation.mode=slide",
         "evaluation.aug_ratios=[0.75,1.0]"))
-    train(cfg, tmp_path / "bf16", env=DistEnv(), progress=False)
+    trainer.train(cfg, tmp_path / "bf16", env=DistEnv(), progress=False)
     lines = [json.loads(x) for x in (tmp_path / "bf16/metrics.jsonl").read_text().splitlines()]
     assert [x["iter"] for x in lines] == [1, 2]
     assert all(np.isfinite(x["loss"]) for x in lines)
     out = tmp_path / "pred"
-    metrics = test(cfg, tmp_path / "bf16/iter_2.pth", aug_test=True, out_dir=out,
+    metrics = trainer.test(cfg, tmp_path / "bf16/iter_2.pth", aug_test=True, out_dir=out,
                    env=DistEnv(), progress=False)
     assert 0 <= metrics["mIoU"] <= 100 and len(metrics["per_class"]) == 5
     # One PNG per validation image, at the image's original size, in ADE label space.

@@ -14,8 +14,7 @@ import denseclip
 from denseclip.classes import parse_class_list
 from denseclip.inference import PredictionError, Predictor, read_open_classes
 from denseclip.models import tokenize
-
-from .conftest import random_image
+from tests.helpers.images import random_image
 
 PRESET = "tiny_denseclip_res"
 NAMES = ["cat", "dog", "grass"]

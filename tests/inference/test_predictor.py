@@ -19,8 +19,7 @@ from denseclip.inference import (
     Predictor,
     SegmentationPrediction,
 )
-
-from .conftest import random_image
+from tests.helpers.images import random_image
 
 PRESET = "tiny_denseclip_res"
 

@@ -13,8 +13,7 @@ import pytest
 from pycocotools.coco import COCO
 
 from denseclip.checkpoint import read_checkpoint
-
-from .conftest import CAT_IDS, CLASS_NAMES, write_coco
+from tests.helpers.coco import CAT_IDS, CLASS_NAMES, write_coco
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
 

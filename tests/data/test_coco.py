@@ -21,8 +21,7 @@ from denseclip.data.coco import (
     move_detection_batch,
 )
 from denseclip.data.segmentation import DatasetError
-
-from .conftest import CAT_IDS, CLASS_NAMES, rewrite
+from tests.helpers.coco import CAT_IDS, CLASS_NAMES, rewrite
 
 TINY = DataConfig(scale=[160, 128], flip_prob=0.0)
 

@@ -1,12 +1,15 @@
 """The demo page: HTTP behaviour, and end to end in a headless Chromium.
 
-The browser test needs the ``playwright`` Python package and Debian's Chromium at
-/usr/bin/chromium (``apt-get install -y chromium chromium-driver``); it is skipped when
-either is missing. Playwright's own browser download is not used.
+The browser test needs the ``playwright`` Python package (a test extra) and Debian's
+Chromium at /usr/bin/chromium (``make test`` installs it as root; otherwise
+``apt-get install -y chromium chromium-driver``); without Chromium it fails saying so.
+Playwright's own browser download is not used.
 """
 
 from __future__ import annotations
 
+import argparse
+import io
 import re
 import shutil
 import threading
@@ -16,14 +19,16 @@ import uuid
 import warnings
 from pathlib import Path
 
-import numpy as np
+import playwright.sync_api as playwright
 import pytest
 import torch
 from PIL import Image
 
 import denseclip
+from denseclip.cli import demo
 from denseclip.demo import make_server
 from denseclip.inference import Predictor
+from tests.helpers.images import random_image
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
@@ -48,9 +53,7 @@ def server():
 
 
 def png_bytes(h: int = 60, w: int = 90) -> bytes:
-    import io
-
-    image = (np.random.default_rng(0).random((h, w, 3)) * 255).astype(np.uint8)
+    image = random_image(h, w)
     buffer = io.BytesIO()
     Image.fromarray(image).save(buffer, format="PNG")
     return buffer.getvalue()
@@ -102,8 +105,6 @@ def test_bad_uploads_get_a_message(server):
 
 
 def test_in_a_headless_browser(server, tmp_path):
-    import playwright.sync_api as playwright
-
     assert Path(CHROMIUM).exists() and shutil.which(CHROMIUM), (
         f"no Chromium at {CHROMIUM}: `make test` installs it as root on Debian "
         f"(apt-get install -y chromium chromium-driver)")
@@ -133,10 +134,6 @@ def test_in_a_headless_browser(server, tmp_path):
 
 
 def test_cli_run_refuses_a_bad_checkpoint(tmp_path, capsys):
-    import argparse
-
-    from denseclip.cli import demo
-
     torch.manual_seed(0)
     vit = denseclip.build_model(denseclip.load_config("tiny_denseclip_vit"))
     path = tmp_path / "vit.pth"
@@ -164,8 +161,7 @@ def test_detection_preset_serves_detections():
         assert status == 200, page
         assert re.search(r"<img id='overlay' alt='detections' src='data:image/png;base64,", page)
         shown = int(re.search(r"(\d+) detection\(s\) scoring at least 0.3", page).group(1))
-        result = predictor.predict((np.random.default_rng(0).random((100, 140, 3)) * 255)
-                                   .astype(np.uint8))
+        result = predictor.predict(random_image(100, 140))
         assert shown == int((result.scores >= 0.3).sum())
         assert page.count("<li>") == len(set(result.labels[result.scores >= 0.3].tolist()))
     finally:

@@ -11,12 +11,12 @@ import torch
 from PIL import Image
 
 import denseclip
+from denseclip import cli
 from denseclip.checkpoint import save_checkpoint
 from denseclip.classes import load_class_names
 from denseclip.cli import predict
 from denseclip.inference.writers import safe_name
-
-from .conftest import random_image
+from tests.helpers.images import random_image
 
 PRESET = "tiny_denseclip_res"
 
@@ -201,8 +201,6 @@ def test_detection_outputs(tmp_path, capsys):
 
 
 def test_registered_in_the_cli(checkpoint, tmp_path):
-    from denseclip import cli
-
     Image.fromarray(random_image(40, 40)).save(tmp_path / "a.png")
     status = cli.main(["predict", PRESET, checkpoint, str(tmp_path / "a.png"), "--out",
                        str(tmp_path / "out"), "evaluation.mode=whole"])
