@@ -9,6 +9,7 @@ Playwright's own browser download is not used.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import re
 import shutil
@@ -36,20 +37,28 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
                  "--disable-component-update", "--disable-sync"]
 
 
-@pytest.fixture(scope="module")
-def server():
-    """The demo server for a tiny random model on a free port, in a thread."""
+@contextlib.contextmanager
+def serving(preset: str):
+    """The demo server for a tiny random model of ``preset`` on a free port, in a thread."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        predictor = Predictor("tiny_denseclip_res")
+        predictor = Predictor(preset)
     srv = make_server(predictor, "127.0.0.1", 0, quiet=True)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
-    yield srv
-    srv.shutdown()
-    srv.server_close()
-    thread.join(timeout=10)
+    try:
+        yield srv
+    finally:
+        srv.shutdown()
+        srv.server_close()
+        thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def server():
+    with serving("tiny_denseclip_res") as srv:
+        yield srv
 
 
 def png_bytes(h: int = 60, w: int = 90) -> bytes:
@@ -146,14 +155,7 @@ def test_cli_run_refuses_a_bad_checkpoint(tmp_path, capsys):
 
 def test_detection_preset_serves_detections():
     # Regression: every upload to a detection demo raised AttributeError (open_labels).
-    torch.manual_seed(0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        predictor = Predictor("tiny_retinanet_denseclip")
-    srv = make_server(predictor, "127.0.0.1", 0, quiet=True)
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    try:
+    with serving("tiny_retinanet_denseclip") as srv:
         with urllib.request.urlopen(srv.url, timeout=30) as response:
             page = response.read().decode()
         assert "id='classes'" not in page and ">Detect</button>" in page
@@ -161,10 +163,6 @@ def test_detection_preset_serves_detections():
         assert status == 200, page
         assert re.search(r"<img id='overlay' alt='detections' src='data:image/png;base64,", page)
         shown = int(re.search(r"(\d+) detection\(s\) scoring at least 0.3", page).group(1))
-        result = predictor.predict(random_image(100, 140))
+        result = srv.predictor.predict(random_image(100, 140))
         assert shown == int((result.scores >= 0.3).sum())
         assert page.count("<li>") == len(set(result.labels[result.scores >= 0.3].tolist()))
-    finally:
-        srv.shutdown()
-        srv.server_close()
-        thread.join(timeout=10)
