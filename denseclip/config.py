@@ -36,6 +36,7 @@ LrPolicy = Literal["poly", "step"]
 EvalMode = Literal["slide", "whole"]
 AmpMode = Literal["none", "bf16", "fp16"]
 NonfiniteLoss = Literal["stop", "skip"]
+DropPathMode = Literal["token", "sample"]
 
 
 class ConfigError(ValueError):
@@ -61,6 +62,10 @@ class BackboneConfig:
     patch_size: int = 16  # ViT only
     out_indices: list[int] = field(default_factory=lambda: [3, 5, 7, 11])  # ViT only
     drop_path_rate: float = 0.0  # ViT only
+    # ViT only: the official blocks run sequence-first and timm's drop_path draws its mask
+    # over dim 0, dropping a residual branch per *token position* for the whole batch
+    # ("token", official); "sample" drops it per image (the usual stochastic depth).
+    drop_path_mode: DropPathMode = "token"
     # ViT only: the official code adds the class embedding a second time to the class
     # position (DESIGN §9). Official ViT checkpoints need it; set False for the fix.
     class_embedding_quirk: bool = True
@@ -160,15 +165,36 @@ class DataConfig:
     std: list[float] = field(default_factory=lambda: list(CLIP_STD))
     batch_size: int = 4  # per process
     num_workers: int = 4
+    # Detection training: batches hold only landscape or only portrait images (mmdet's
+    # group sampler, seeded per epoch); false draws plain shuffled passes.
+    group_by_aspect_ratio: bool = True
+
+
+@dataclass
+class KeyMultipliers:
+    """Learning-rate and weight-decay multipliers of one ``optim.custom_keys`` entry."""
+
+    lr_mult: float = 1.0
+    decay_mult: float = 1.0
 
 
 @dataclass
 class OptimConfig:
+    """AdamW and mmcv's parameter-wise settings (DESIGN §7, §9)."""
+
     lr: float = 1e-4
     weight_decay: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
-    backbone_lr_mult: float = 0.1
-    norm_decay_mult: float = 0.0
+    # mmcv's ``paramwise_cfg.custom_keys``: a parameter takes the multipliers of the first
+    # key, longest first (alphabetical among equal lengths), that is a substring of its
+    # *official* name (this package's name mapped back through the release's rename
+    # table); a parameter matching no key keeps 1 and 1. The presets state the official
+    # keys: backbone lr ×0.1, text_encoder lr ×0, norm decay ×0.
+    custom_keys: dict[str, KeyMultipliers] = field(default_factory=dict)
+    # Official runs keep the text encoder trainable at lr multiplier 0, so mmcv's absolute
+    # poly min_lr (1e-6) trains it slightly and its gradients count in gradient clipping.
+    # True freezes it (requires_grad_(False)): no drift, and faster.
+    freeze_text_encoder: bool = False
     grad_clip: float | None = None  # max gradient norm, or None
     accumulate: int = 1  # gradient-accumulation steps per optimiser step
 
@@ -293,6 +319,12 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             except ConfigError:
                 pass
         raise ConfigError(f"{where}: expected {tp}, got {value!r}")
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        key_type, item = typing.get_args(tp)
+        return {_coerce(k, key_type, where): _coerce(v, item, f"{where}.{k}")
+                for k, v in value.items()}
     if origin is list:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")

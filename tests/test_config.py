@@ -173,6 +173,7 @@ CHOICES = {
     "model.loss_average": ("all", "valid"),
     "model.backbone.type": ("resnet", "vit"),
     "model.backbone.pos_embed": ("interpolate", "crop"),
+    "model.backbone.drop_path_mode": ("token", "sample"),
     "model.guidance.prompting": ("post", "pre"),
     "data.dataset": ("ade20k", "folder", "coco"),
     "schedule.policy": ("poly", "step"),

@@ -1,36 +1,61 @@
-"""AdamW with per-group multipliers and the poly / step schedules with linear warm-up."""
+"""AdamW with mmcv's parameter-wise multipliers, and the poly / step schedules with linear
+warm-up, evaluated per parameter group as mmcv's learning-rate hooks do."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from torch import nn
-from torch.optim import AdamW
-from torch.optim.lr_scheduler import LambdaLR
+from torch.optim import AdamW, Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
-from ..config import OptimConfig, ScheduleConfig
+from ..checkpoint import rename_key
+from ..config import KeyMultipliers, OptimConfig, ScheduleConfig
+from ..models.official import invert_renames
+from ..utils import unwrap_model
 
-NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm)
+
+def official_names(model: nn.Module) -> dict[str, str]:
+    """Each trainable parameter's name → its name in the official release (the model's
+    ``official_renames`` table run backwards; unchanged where no rule applies)."""
+    model = unwrap_model(model)
+    table = invert_renames(getattr(model, "official_renames", None) or [])
+    return {name: rename_key(name, table) for name, _ in model.named_parameters()}
+
+
+def match_custom_key(name: str, custom_keys: dict[str, KeyMultipliers]) -> KeyMultipliers:
+    """mmcv's ``custom_keys`` rule: keys sorted alphabetically, then by length, longest
+    first; the first key that is a substring of ``name`` gives the multipliers."""
+    for key in sorted(sorted(custom_keys), key=len, reverse=True):
+        if key in name:
+            return custom_keys[key]
+    return KeyMultipliers()
 
 
 def param_groups(model: nn.Module, cfg: OptimConfig) -> list[dict]:
-    """Trainable parameters split by (learning-rate, weight-decay) multipliers: the
-    backbone gets ``backbone_lr_mult``, parameters of norm layers ``norm_decay_mult``.
-    Frozen parameters (the text encoder) are left out."""
-    norm_params = {id(p) for m in model.modules() if isinstance(m, NORM_TYPES)
-                   for p in m.parameters(recurse=False)}
+    """Trainable parameters grouped by their (lr, weight decay) multipliers from
+    ``cfg.custom_keys`` matched on the official names. Frozen parameters are left out."""
+    official = official_names(model)
     groups: dict[tuple[float, float], dict] = {}
-    for name, p in model.named_parameters():
+    for name, p in unwrap_model(model).named_parameters():
         if not p.requires_grad:
             continue
-        name = name.removeprefix("module.")
-        lr_mult = cfg.backbone_lr_mult if name.startswith("backbone.") else 1.0
-        decay_mult = cfg.norm_decay_mult if id(p) in norm_params else 1.0
-        group = groups.setdefault((lr_mult, decay_mult), {
-            "params": [], "names": [], "lr": cfg.lr * lr_mult,
-            "weight_decay": cfg.weight_decay * decay_mult,
+        mults = match_custom_key(official[name], cfg.custom_keys)
+        group = groups.setdefault((mults.lr_mult, mults.decay_mult), {
+            "params": [], "names": [], "lr": cfg.lr * mults.lr_mult,
+            "weight_decay": cfg.weight_decay * mults.decay_mult,
         })
         group["params"].append(p)
         group["names"].append(name)
     return list(groups.values())
+
+
+def freeze_text_encoder(model: nn.Module) -> None:
+    """``optim.freeze_text_encoder``: the text encoder stops training (and leaves the
+    optimiser); gradients still flow through it to the learnable contexts."""
+    guidance = getattr(unwrap_model(model), "guidance", None)
+    if guidance is not None:
+        guidance.text_encoder.requires_grad_(False)
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig) -> AdamW:
@@ -49,7 +74,8 @@ def _warmup(lr: float, it: int, cfg: ScheduleConfig) -> float:
 
 
 def poly_lr(base_lr: float, it: int, cfg: ScheduleConfig) -> float:
-    """mmcv's poly schedule with linear warm-up: the learning rate of step ``it``."""
+    """mmcv's poly schedule with linear warm-up: the learning rate of step ``it``. ``min_lr``
+    is absolute, so a group whose base lr is 0 still gets ``min_lr·(1 - (1 - t/T)^p)``."""
     progress = min(it, cfg.max_iters) / cfg.max_iters
     lr = (base_lr - cfg.min_lr) * (1 - progress) ** cfg.power + cfg.min_lr
     return _warmup(lr, it, cfg)
@@ -64,18 +90,28 @@ def step_lr(base_lr: float, it: int, cfg: ScheduleConfig, iters_per_epoch: int) 
     return _warmup(lr, it, cfg)
 
 
-def build_scheduler(optimizer: AdamW, cfg: ScheduleConfig, iters_per_epoch: int = 1) -> LambdaLR:
-    """Per-group factors so that each group follows :func:`poly_lr` (or :func:`step_lr`) of
-    its own base lr (``min_lr`` is absolute, as in mmcv)."""
+class GroupSchedule(LRScheduler):
+    """Sets each group's lr to ``lr_at(base lr of the group, iteration)`` (not a factor of
+    the base, so groups whose base lr is 0 follow the rule too)."""
+
+    def __init__(self, optimizer: Optimizer, lr_at: Callable[[float, int], float]) -> None:
+        self.lr_at = lr_at
+        super().__init__(optimizer)
+
+    def get_lr(self) -> list[float]:
+        return [self.lr_at(base, self.last_epoch) for base in self.base_lrs]
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in ("optimizer", "lr_at")}
+
+
+def build_scheduler(optimizer: Optimizer, cfg: ScheduleConfig,
+                    iters_per_epoch: int = 1) -> GroupSchedule:
+    """Each group follows :func:`poly_lr` (or :func:`step_lr`) of its own base lr."""
     if cfg.policy == "poly":
         def lr_at(base: float, it: int) -> float:
             return poly_lr(base, it, cfg)
-    elif cfg.policy == "step":
+    else:  # "step" (a choice checked when the config loads)
         def lr_at(base: float, it: int) -> float:
             return step_lr(base, it, cfg, iters_per_epoch)
-    else:
-        raise ValueError(f"schedule.policy must be 'poly' or 'step', got {cfg.policy!r}")
-    lambdas = [
-        (lambda it, base=g["lr"]: lr_at(base, it) / base) for g in optimizer.param_groups
-    ]
-    return LambdaLR(optimizer, lambdas)
+    return GroupSchedule(optimizer, lr_at)

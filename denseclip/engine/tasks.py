@@ -22,7 +22,11 @@ from .dist import DistEnv
 class SegmentationTask:
     name = "segmentation"
     summary_keys = ("mIoU", "mAcc", "aAcc")
-    sync_batchnorm = True  # the official runs use SyncBN
+
+    @staticmethod
+    def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+        """Every BatchNorm becomes SyncBatchNorm (the official segmentation runs)."""
+        return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
     def __init__(self, cfg: Config, model: nn.Module) -> None:
         self.cfg = cfg
@@ -30,6 +34,9 @@ class SegmentationTask:
 
     def dataset(self, split: str, train: bool):
         return build_segmentation_dataset(self.cfg.data, split, self.num_classes, train)
+
+    def group_flags(self, dataset) -> list[int] | None:
+        return None  # mmseg samples without grouping
 
     @property
     def collate(self):
@@ -51,7 +58,13 @@ class SegmentationTask:
 class DetectionTask:
     name = "detection"
     summary_keys = tuple(f"bbox_{k}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
-    sync_batchnorm = False  # per-GPU BatchNorm
+
+    @staticmethod
+    def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+        """The backbone's BatchNorm becomes SyncBatchNorm, as the official detection
+        training script does after building the detector (DESIGN §9)."""
+        model.backbone = nn.SyncBatchNorm.convert_sync_batchnorm(model.backbone)
+        return model
 
     def __init__(self, cfg: Config, model: nn.Module) -> None:
         self.cfg = cfg
@@ -64,9 +77,18 @@ class DetectionTask:
 
     def dataset(self, split: str, train: bool):
         # Masks are only needed to train Mask R-CNN; evaluation reads them from the JSON.
+        # The test pipeline resizes to the model's own scale (no second resize in it).
+        det = self.cfg.model.detection
         return build_coco_dataset(self.cfg.data, split, train,
                                   with_masks=self.with_masks and train,
-                                  class_names=self.class_names)
+                                  class_names=self.class_names,
+                                  test_scale=(det.max_size, det.min_size))
+
+    def group_flags(self, dataset) -> list[int] | None:
+        """Aspect-ratio flags for the training loader's group sampler (mmdet's
+        ``GroupSampler``), unless ``data.group_by_aspect_ratio`` is off."""
+        return list(dataset.aspect_ratio_flags) if self.cfg.data.group_by_aspect_ratio \
+            else None
 
     @property
     def collate(self):

@@ -30,7 +30,7 @@ def build_backbone(cfg: BackboneConfig, embeddings: bool | None = None) -> nn.Mo
             raise ConfigError(f"model.backbone.layers: a ViT takes [depth], got {cfg.layers}")
         return CLIPViT(cfg.width, cfg.layers[0], cfg.heads, cfg.patch_size, cfg.embed_dim,
                        cfg.input_resolution, cfg.out_indices, cfg.drop_path_rate, embeddings,
-                       cfg.class_embedding_quirk, cfg.pos_embed)
+                       cfg.class_embedding_quirk, cfg.pos_embed, cfg.drop_path_mode)
     raise ConfigError(f"model.backbone.type must be 'resnet' or 'vit', got {cfg.type!r}")
 
 

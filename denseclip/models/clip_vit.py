@@ -28,7 +28,7 @@ class CLIPViT(nn.Module):
                  patch_size: int = 16, embed_dim: int = 512, input_resolution: int = 224,
                  out_indices: list[int] = (3, 5, 7, 11), drop_path_rate: float = 0.0,
                  embeddings: bool = True, class_embedding_quirk: bool = True,
-                 pos_embed: str = "interpolate") -> None:
+                 pos_embed: str = "interpolate", drop_path_mode: str = "token") -> None:
         super().__init__()
         if len(out_indices) != 4 or max(out_indices) >= layers:
             raise ValueError(f"out_indices {list(out_indices)} must be 4 blocks of {layers}")
@@ -42,7 +42,7 @@ class CLIPViT(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, drop_path_rate)
+        self.transformer = Transformer(width, layers, heads, drop_path_rate, drop_path_mode)
         self.embed_dim = embed_dim
         if embeddings:
             self.ln_post = LayerNorm(width)

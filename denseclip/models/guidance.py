@@ -156,7 +156,7 @@ class TextGuidance(nn.Module):
         self.prompting = prompting
         self.tau = tau
         self.n_ctx = n_ctx
-        self.text_encoder = text_encoder.requires_grad_(False)
+        self.text_encoder = text_encoder
         decoder = dict(width=decoder_width, heads=decoder_heads, layers=decoder_layers,
                        dropout=decoder_dropout)
         if prompting == "post":

@@ -22,22 +22,30 @@ class QuickGELU(nn.Module):
 
 
 class DropPath(nn.Module):
-    """Stochastic depth per sample (identity at eval time or with p = 0)."""
+    """Stochastic depth on sequence-first (L, B, C) tokens; identity at eval time or with
+    p = 0. ``mode="token"`` draws one keep/drop per token position for the whole batch
+    (the official ViT: timm's ``drop_path`` masks dim 0, which is L here); ``"sample"``
+    draws one per image (the usual stochastic depth)."""
 
-    def __init__(self, p: float = 0.0) -> None:
+    def __init__(self, p: float = 0.0, mode: str = "token") -> None:
         super().__init__()
+        if mode not in ("token", "sample"):
+            raise ValueError(f"drop-path mode must be 'token' or 'sample', got {mode!r}")
         self.p = p
+        self.mode = mode
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.p == 0.0 or not self.training:
             return x
         keep = 1.0 - self.p
-        # x is (L, B, C): one draw per sample along the batch dimension.
-        mask = x.new_empty((1, x.shape[1]) + (1,) * (x.ndim - 2)).bernoulli_(keep)
+        dim = 0 if self.mode == "token" else 1
+        shape = [1] * x.ndim
+        shape[dim] = x.shape[dim]
+        mask = x.new_empty(shape).bernoulli_(keep)
         return x * mask / keep
 
     def extra_repr(self) -> str:
-        return f"p={self.p}"
+        return f"p={self.p}, mode={self.mode}"
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
@@ -85,7 +93,8 @@ class MultiheadAttention(nn.Module):
 class ResidualAttentionBlock(nn.Module):
     """CLIP's pre-norm transformer block (QuickGELU MLP), with optional drop-path."""
 
-    def __init__(self, width: int, heads: int, drop_path: float = 0.0) -> None:
+    def __init__(self, width: int, heads: int, drop_path: float = 0.0,
+                 drop_path_mode: str = "token") -> None:
         super().__init__()
         self.attn = MultiheadAttention(width, heads)
         self.ln_1 = LayerNorm(width)
@@ -94,7 +103,7 @@ class ResidualAttentionBlock(nn.Module):
         self.mlp.add_module("gelu", QuickGELU())
         self.mlp.add_module("c_proj", nn.Linear(width * 4, width))
         self.ln_2 = LayerNorm(width)
-        self.drop_path = DropPath(drop_path)
+        self.drop_path = DropPath(drop_path, drop_path_mode)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.ln_1(x), mask))
@@ -104,12 +113,13 @@ class ResidualAttentionBlock(nn.Module):
 class Transformer(nn.Module):
     """A stack of residual attention blocks over (L, B, C) tokens."""
 
-    def __init__(self, width: int, layers: int, heads: int, drop_path_rate: float = 0.0) -> None:
+    def __init__(self, width: int, layers: int, heads: int, drop_path_rate: float = 0.0,
+                 drop_path_mode: str = "token") -> None:
         super().__init__()
         # Drop-path rate grows linearly with depth (as torch.linspace(0, rate, layers)).
         rates = [drop_path_rate * i / max(layers - 1, 1) for i in range(layers)]
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, rate) for rate in rates
+            ResidualAttentionBlock(width, heads, rate, drop_path_mode) for rate in rates
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

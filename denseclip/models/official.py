@@ -2,16 +2,21 @@
 
 Each table is a list of (regex, replacement) rules, first matching rule wins, from an
 official key to this package's. The model classes carry their table as the class
-attribute ``official_renames``, which the weight loader reads. This module imports
+attribute ``official_renames``, which the weight loader reads; :func:`invert_renames`
+turns a table around (ours → official), which the optimiser needs because mmcv's
+parameter-wise settings match substrings of the *official* names. This module imports
 nothing from the package.
 """
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "OFFICIAL_DETECTION_RENAMES",
     "OFFICIAL_SEGMENTATION_RENAMES",
     "OFFICIAL_SHARED_RENAMES",
+    "invert_renames",
 ]
 
 # What segmentors and detectors share. The backbone keeps CLIP's own names; mmcv's
@@ -47,3 +52,42 @@ OFFICIAL_DETECTION_RENAMES = [
     (r"^roi_head\.mask_head\.upsample\.", "roi_heads.mask_predictor.conv5_mask."),
     (r"^roi_head\.mask_head\.conv_logits\.", "roi_heads.mask_predictor.mask_fcn_logits."),
 ]
+
+
+# A rule's pattern is "^", then literal text (with "\." for dots) and plain capture groups,
+# then an optional "$"; its replacement is literal text and "\N" back-references.
+_PATTERN_PART = re.compile(r"\\(.)|(\([^()]*\))|([^\\()^$])")
+_REPLACEMENT_PART = re.compile(r"\\(\d)|([^\\]+)")
+
+
+def _invert_rule(pattern: str, replacement: str) -> tuple[str, str]:
+    if not pattern.startswith("^"):
+        raise ValueError(f"rename pattern {pattern!r} must start with '^'")
+    anchored = pattern.endswith("$")
+    body = pattern[1:-1] if anchored else pattern[1:]
+    groups: list[str] = []  # capture groups of the pattern, in order
+    forward: list[str | int] = []  # literal text, or the index of a group
+    for escaped, group, char in _PATTERN_PART.findall(body):
+        if group:
+            groups.append(group)
+            forward.append(len(groups) - 1)
+        else:
+            forward.append(escaped or char)
+    inverse_pattern, order = "^", []  # order: group numbers as they appear in replacement
+    for ref, text in _REPLACEMENT_PART.findall(replacement):
+        if ref:
+            order.append(int(ref) - 1)
+            inverse_pattern += groups[int(ref) - 1]
+        else:
+            inverse_pattern += re.escape(text)
+    if sorted(order) != list(range(len(groups))):
+        raise ValueError(f"rule {pattern!r} → {replacement!r} does not use each group once")
+    inverse_replacement = "".join(
+        part if isinstance(part, str) else f"\\{order.index(part) + 1}" for part in forward)
+    return inverse_pattern + ("$" if anchored else ""), inverse_replacement
+
+
+def invert_renames(table: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """The rules that map this package's keys back to the official ones (the tests check,
+    on every official key list, that the two directions are inverses)."""
+    return [_invert_rule(pattern, replacement) for pattern, replacement in table]
