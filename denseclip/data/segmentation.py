@@ -19,14 +19,25 @@ Items are dictionaries:
 * ``image`` — float32 tensor 3×H×W, RGB, normalised as ``(x - 255·mean) / (255·std)``;
 * ``target`` — int64 tensor H×W of class indices 0..K-1, 255 = ignore;
 * ``name`` — the file name without suffix (relative to the images directory);
-* ``ori_size`` — ``(H, W)`` of the image on disk (after EXIF orientation);
+* ``ori_size`` — ``(H, W)`` of the decoded image (after EXIF orientation);
 * ``ori_target`` — test mode only: the label map at the original size (int64, 255 = ignore),
   for computing metrics at the original resolution.
 
-Image decoding: grayscale and palette images become RGB, RGBA drops its alpha, 16-bit images
-are scaled to 8 bits, and the EXIF orientation tag is applied to images. Label maps are read
-as stored and are *not* EXIF-rotated; a rotated image whose label map was not rotated with it
-then fails with a size-mismatch :class:`DatasetError` (unless the rotation was 180°, which no
+:meth:`SegmentationDataset.get` with ``original=True`` returns instead the decoded image
+itself (``ori_image``, uint8 H×W×3) with ``ori_target``, ``name`` and ``ori_size``: the input
+of multi-scale testing, which rescales the original image once per scale as mmseg does.
+
+Pipeline (:mod:`denseclip.data.transforms`): the image reaches the transforms as the decoded
+uint8 H×W×3 RGB array and the label map as uint8 H×W (targets fit, K <= 255), and stay 8-bit
+through rescale, crop, flip and photometric distortion with mmcv's OpenCV arithmetic, so the
+pixels equal the official pipeline's.
+
+Decoding (:mod:`denseclip.data.io`): images as mmseg's ``LoadImageFromFile`` (OpenCV,
+``cv2.imdecode(..., IMREAD_COLOR)``, then RGB): grayscale and palette images become RGB, alpha
+is dropped, 16-bit images keep their high byte, and the EXIF orientation tag is applied.
+Label maps as mmseg's ``LoadAnnotations`` (Pillow, stored values, palette indices for mode P)
+and are *not* EXIF-rotated; a rotated image whose label map was not rotated with it then
+fails with a size-mismatch :class:`DatasetError` (unless the rotation was 180°, which no
 check can notice). Problems with the data raise :class:`DatasetError` naming the file.
 
 Reproducible augmentation: an index may be given as ``(index, seed)``; the transforms then run
@@ -47,7 +58,6 @@ import numpy as np
 import torch
 from PIL import Image
 from torch.utils.data import Dataset
-from torchvision import tv_tensors
 
 from denseclip.classes import BUNDLED, load_class_names
 from denseclip.config import DataConfig
@@ -57,6 +67,7 @@ from denseclip.data.transforms import (
     apply_seeded,
     build_test_transforms,
     build_train_transforms,
+    to_chw_tensor,
 )
 
 __all__ = [
@@ -71,6 +82,15 @@ __all__ = [
 ]
 
 ADE20K_CLASSES_FILE = BUNDLED["ade20k"]
+
+
+def _as_tensor(value: Any, image: bool = False) -> torch.Tensor:
+    """A pipeline output as a tensor: arrays H×W×C → C×H×W (images), H×W as they are."""
+    if isinstance(value, torch.Tensor):
+        return value.as_subclass(torch.Tensor)
+    if image and value.ndim == 3:
+        return to_chw_tensor(value)
+    return torch.from_numpy(np.ascontiguousarray(value))
 
 
 def _format_values(values: np.ndarray, limit: int = 10) -> str:
@@ -90,8 +110,10 @@ class SegmentationDataset(Dataset):
             are ``0..K-1`` already.
         ignore_value: the raw value meaning "ignore" (mapped to 255 in targets). Any other
             raw value outside the class range is a :class:`DatasetError`.
-        transforms: a callable taking and returning ``{"image": tv_tensors.Image,
-            "target": tv_tensors.Mask}``; None leaves the image unnormalised (0..255).
+        transforms: a callable taking ``{"image": H×W×3 uint8 RGB array, "target": H×W
+            uint8 array (255 = ignore)}`` and returning the same keys, as tensors (image
+            3×H×W) or arrays (image H×W×3), e.g. :func:`build_train_transforms`; None
+            leaves the image unnormalised (float32 3×H×W, 0..255).
         test_mode: also return ``ori_target``.
 
     Raises ``FileNotFoundError`` for a missing directory and :class:`DatasetError` for an
@@ -241,21 +263,37 @@ class SegmentationDataset(Dataset):
             index, seed = key
         else:
             index, seed = key, None
+        return self.get(index, seed)
+
+    def get(self, index: int, seed: int | None = None, original: bool = False
+            ) -> dict[str, Any]:
+        """Item ``index`` (``self[index]``, or ``self[(index, seed)]`` with a ``seed``).
+
+        ``original=True`` skips the pipeline and gives what multi-scale testing starts from:
+        ``ori_image`` (the decoded image, uint8 tensor H×W×3, RGB), ``ori_target``, ``name``
+        and ``ori_size``."""
         image_np, target_np = self.load(index)
         height, width = target_np.shape
-        image = tv_tensors.Image(torch.from_numpy(image_np).permute(2, 0, 1).float())
-        target = torch.from_numpy(target_np)
-        sample: dict[str, Any] = {"image": image, "target": tv_tensors.Mask(target)}
-        if self.transforms is not None:
+        name = self._names[index]
+        if original:
+            return {"ori_image": torch.from_numpy(image_np), "ori_target": torch.from_numpy(
+                target_np), "name": name, "ori_size": (height, width)}
+        if self.transforms is None:
+            image = torch.from_numpy(image_np).permute(2, 0, 1).float()
+            target = torch.from_numpy(target_np)
+        else:
+            # Encoded targets are 0..K-1 (K <= 255) or 255, so they fit uint8 (as mmseg's).
+            sample = {"image": image_np, "target": target_np.astype(np.uint8)}
             sample = apply_seeded(self.transforms, sample, seed)
+            image, target = _as_tensor(sample["image"], True), _as_tensor(sample["target"])
         item = {
-            "image": sample["image"].as_subclass(torch.Tensor).contiguous(),
-            "target": sample["target"].as_subclass(torch.Tensor).long().contiguous(),
-            "name": self._names[index],
+            "image": image.float().contiguous(),
+            "target": target.long().contiguous(),
+            "name": name,
             "ori_size": (height, width),
         }
         if self.test_mode:
-            item["ori_target"] = target
+            item["ori_target"] = torch.from_numpy(target_np)
         return item
 
     def __repr__(self) -> str:

@@ -1,23 +1,30 @@
 """Test-time inference for segmentation: whole image, sliding window and multi-scale + flip.
 
 Semantics follow mmsegmentation 0.19 ``EncoderDecoder`` (``whole_inference``,
-``slide_inference``, ``inference``, ``aug_test``). The model is any callable that maps a
-normalised image batch ``B x 3 x h x w`` to class logits ``B x K x h x w`` at the *input*
-resolution (the segmentor is expected to upsample its output itself) and should be in eval
-mode: sliding windows of one or several images are stacked into shared forward calls.
+``slide_inference``, ``inference``, ``aug_test``); multi-scale testing starts, as mmseg's
+``MultiScaleFlipAug``, from the original uint8 image, rescaled once per scale with OpenCV
+(:func:`aug_views`), so its views equal the official ones to the bit. The model is any
+callable that maps a normalised image batch ``B x 3 x h x w`` to class logits
+``B x K x h x w`` at the *input* resolution (the segmentor is expected to upsample its output
+itself) and should be in eval mode: sliding windows of one or several images are stacked
+into shared forward calls.
 
 Everything runs under ``torch.no_grad()`` (not ``inference_mode``, so that tensors a model may
-cache during evaluation remain usable for training afterwards) and stays on the image's device.
+cache during evaluation remain usable for training afterwards) and stays on the image's device
+(multi-scale testing: on the model's device, or the one given).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
+import numpy as np
 import torch
 
 from ..config import ConfigError, EvalConfig
-from ..utils import keep_ratio_size, resize
+from ..data.image_ops import imrescale
+from ..data.transforms import Normalize255, to_chw_tensor
+from ..utils import resize
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Size = Sequence[int]
@@ -148,44 +155,73 @@ def inference(model: Model, image: torch.Tensor, eval_cfg: EvalConfig, num_class
                        align_corners).softmax(dim=1)
 
 
+def aug_views(image: np.ndarray, test_scale: Size, ratios: Sequence[float],
+              mean: Sequence[float], std: Sequence[float]) -> Iterator[torch.Tensor]:
+    """The unflipped views of multi-scale testing, one ``3 x h x w`` float32 tensor per
+    ratio: the original uint8 RGB ``image`` (``H x W x 3``) rescaled to the bounds of
+    :func:`aug_scales` by :func:`~denseclip.data.image_ops.imrescale` (``mmcv.imrescale``,
+    OpenCV bilinear on uint8) and normalised by
+    :class:`~denseclip.data.transforms.Normalize255` — mmseg's ``MultiScaleFlipAug`` views
+    to the bit. (A flipped view is the flip of the normalised view: normalising is
+    per pixel, so flipping before or after it is the same.)"""
+    normalize = Normalize255(mean, std)
+    for bounds in aug_scales(test_scale, ratios):
+        yield to_chw_tensor(normalize.normalize(imrescale(image, bounds)))
+
+
+def _model_device(model: Model) -> torch.device:
+    parameters = getattr(model, "parameters", None)
+    if callable(parameters):
+        first = next(iter(parameters()), None)
+        if first is not None:
+            return first.device
+    return torch.device("cpu")
+
+
 @torch.no_grad()
 def aug_inference(
     model: Model,
-    image: torch.Tensor,
+    image: np.ndarray | torch.Tensor,
     test_scale: Size,
     eval_cfg: EvalConfig,
     num_classes: int,
     out_size: Size | None = None,
     max_batch: int = 8,
     align_corners: bool = False,
+    *,
+    mean: Sequence[float],
+    std: Sequence[float],
+    device: torch.device | str | None = None,
 ) -> torch.Tensor:
     """Multi-scale (+ flip) test of one image, as mmseg's ``aug_test``; ``1 x K x H x W``.
 
-    ``image`` is the normalised image at its original resolution (``3 x H x W`` or
-    ``1 x 3 x H x W``). For each ratio ``r`` in ``eval_cfg.aug_ratios`` it is resized, keeping
-    its aspect ratio, to the bounds ``(int(test_scale[0] * r), int(test_scale[1] * r))``
-    (see :func:`denseclip.utils.keep_ratio_size`); that view, and its horizontal mirror when
-    ``eval_cfg.aug_flip``, is run through :func:`inference` (the two share forward calls),
-    the mirrored probabilities are flipped back, and the probabilities of all views at
-    ``out_size`` (default: the original size) are averaged.
-
-    mmseg resizes the 8-bit image (OpenCV bilinear) before normalising it; here the
-    normalised float image is resized (bilinear, no antialiasing). Normalisation is affine
-    per channel, so the two differ only by the 8-bit rounding of the resized pixels.
+    ``image`` is the original decoded image, ``H x W x 3`` uint8 RGB (array or tensor), and
+    ``mean``/``std`` the normalisation of the test pipeline (0..1 units, e.g.
+    ``cfg.data.mean``). As mmseg's ``MultiScaleFlipAug``, each ratio ``r`` in
+    ``eval_cfg.aug_ratios`` rescales the original uint8 image, keeping its aspect ratio, to
+    the bounds ``(int(test_scale[0] * r), int(test_scale[1] * r))`` and normalises it
+    (:func:`aug_views`); that view, and its horizontal mirror when ``eval_cfg.aug_flip``, is
+    run through :func:`inference` on ``device`` (default: the model's; the two share
+    forward calls), the mirrored probabilities are flipped back, and the probabilities of
+    all views at ``out_size`` (default: the original size) are averaged.
     """
-    image = _as_batch(image)
-    if image.shape[0] != 1:
-        raise ValueError(f"aug_inference takes one image, got a batch of {image.shape[0]}")
-    h, w = image.shape[-2:]
+    if isinstance(image, torch.Tensor):
+        image = image.detach().cpu().numpy()
+    image = np.asarray(image)
+    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+        raise ValueError("aug_inference takes one original image, H x W x 3 uint8 RGB; got "
+                         f"{image.dtype} {tuple(image.shape)}")
+    h, w = image.shape[:2]
     if out_size is None:
         out_size = (h, w)
     ratios = list(eval_cfg.aug_ratios)
     if not ratios:
         raise ValueError("eval_cfg.aug_ratios is empty")
+    device = _model_device(model) if device is None else torch.device(device)
     total: torch.Tensor | None = None
     views = 0
-    for bounds in aug_scales(test_scale, ratios):
-        view = resize(image, keep_ratio_size(h, w, bounds), align_corners=False)
+    for view in aug_views(image, test_scale, ratios, mean, std):
+        view = view.to(device)[None]
         if eval_cfg.aug_flip:
             view = torch.cat([view, view.flip(-1)], dim=0)
         probs = inference(model, view, eval_cfg, num_classes, out_size, max_batch=max_batch,

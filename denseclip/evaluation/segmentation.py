@@ -1,4 +1,10 @@
-"""Semantic-segmentation evaluation over a (sharded) dataset."""
+"""Semantic-segmentation evaluation over a (sharded) dataset.
+
+Single-scale evaluation takes the dataset's test-pipeline ``image``. Multi-scale evaluation
+(``aug_test``) loads each original decoded image instead (``dataset.get(i, original=True)``)
+and rescales it once per ratio (:func:`~denseclip.evaluation.inference.aug_inference`), as
+mmseg's ``MultiScaleFlipAug`` does, rather than resampling the test-scaled image.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from ..config import Config
@@ -18,6 +25,25 @@ from .inference import aug_inference, inference
 from .metrics import SegmentationMetric
 
 
+class OriginalImages(Dataset):
+    """``dataset`` seen through ``dataset.get(index, original=True)``: items with the
+    original uint8 image (``ori_image``), ``ori_target``, ``name`` and ``ori_size``, for
+    multi-scale testing (the test pipeline is skipped)."""
+
+    def __init__(self, dataset: Any):
+        if not callable(getattr(dataset, "get", None)):
+            raise TypeError(
+                f"multi-scale testing needs the original images, which a "
+                f"{type(dataset).__name__} does not provide (a SegmentationDataset does)")
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return self.dataset.get(index, original=True)
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, dataset, cfg: Config, env: DistEnv | None = None,
              aug_test: bool = False, out_dir: str | Path | None = None,
@@ -25,8 +51,9 @@ def evaluate(model: nn.Module, dataset, cfg: Config, env: DistEnv | None = None,
     """Evaluate ``model`` on ``dataset`` (test pipeline): each process runs its exact shard,
     the confusion matrices are summed across processes, and every process returns the
     metrics (mIoU, mAcc, aAcc in percent, per-class table). Predictions are resized to
-    each image's original size. With ``out_dir``, one label PNG per image (dataset label
-    space) and ``metrics.json`` are written there."""
+    each image's original size. ``aug_test``: multi-scale (+ flip) testing of the original
+    images (``cfg.evaluation.aug_ratios``/``aug_flip``). With ``out_dir``, one label PNG
+    per image (dataset label space) and ``metrics.json`` are written there."""
     env = env or DistEnv()
     net = unwrap_model(model)
     was_training = net.training
@@ -34,18 +61,20 @@ def evaluate(model: nn.Module, dataset, cfg: Config, env: DistEnv | None = None,
     num_classes = net.num_classes
     align = cfg.model.align_corners  # as the model's own upsampling and the Predictor
     metric = SegmentationMetric(num_classes, cfg.model.ignore_index)
-    loader = build_test_loader(dataset, env.rank, env.world_size, cfg.data.num_workers)
+    source = OriginalImages(dataset) if aug_test else dataset
+    loader = build_test_loader(source, env.rank, env.world_size, cfg.data.num_workers)
     bar = tqdm(loader, desc="eval", disable=not (progress and env.is_main), leave=False,
                dynamic_ncols=True)
     for batch in bar:
-        image = batch["image"].to(env.device)
         ori_size = tuple(batch["ori_size"][0])
         if aug_test:
-            probs = aug_inference(net, image[0], cfg.data.test_scale, cfg.evaluation,
-                                  num_classes, out_size=ori_size, align_corners=align)
+            probs = aug_inference(net, batch["ori_image"][0], cfg.data.test_scale,
+                                  cfg.evaluation, num_classes, out_size=ori_size,
+                                  align_corners=align, mean=cfg.data.mean, std=cfg.data.std,
+                                  device=env.device)
         else:
-            probs = inference(net, image, cfg.evaluation, num_classes, ori_size,
-                              align_corners=align)
+            probs = inference(net, batch["image"].to(env.device), cfg.evaluation, num_classes,
+                              ori_size, align_corners=align)
         pred = probs.argmax(dim=1)[0].cpu()
         metric.update(pred, batch["ori_target"][0])
         if out_dir is not None:

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import io
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -16,6 +17,7 @@ from denseclip.data import (
     build_segmentation_dataset,
     build_test_transforms,
     load_image,
+    pil_to_rgb,
 )
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
@@ -66,6 +68,14 @@ def test_test_pipeline_normalises_and_keeps_original_target(tmp_path, write_pair
     pixels = torch.from_numpy(image).permute(2, 0, 1).float()
     expected = (pixels - 255 * MEAN[:, None, None]) / (255 * STD[:, None, None])
     assert torch.allclose(item["image"], expected, atol=1e-5)
+    # ... computed as mmcv.imnormalize does (float32, cv2.subtract, cv2.multiply): exactly
+    official = image[:, :, ::-1].astype(np.float32)  # BGR, to_rgb=True
+    cv2.cvtColor(official, cv2.COLOR_BGR2RGB, official)
+    mean = np.float64([[122.7709383, 116.7460125, 104.09373615]])  # the official config's
+    std = np.float64([[68.5005327, 66.6321579, 70.32316305]])
+    cv2.subtract(official, mean, official)
+    cv2.multiply(official, 1 / std, official)
+    np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(), official)
     reduced = torch.from_numpy(raw.astype(np.int64)) - 1
     reduced[reduced < 0] = 255
     assert torch.equal(item["target"], reduced)
@@ -233,11 +243,77 @@ def test_grayscale_rgba_and_16bit_images_become_rgb(tmp_path):
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
     assert np.array_equal(load_image(tmp_path / "a.png"), rgba[:, :, :3])
 
+    # 16 bits: OpenCV's IMREAD_COLOR (the official decoder) keeps the high byte, v >> 8
+    # (it used to be rint(v * 255 / 65535) with Pillow: 1000 -> 4, 65280 -> 254).
     wide = np.array([[0, 257, 65535], [32896, 1000, 65280]], dtype=np.uint16)
     Image.fromarray(wide).save(tmp_path / "w.png")
     out = load_image(tmp_path / "w.png")
     assert out.dtype == np.uint8 and out.shape == (2, 3, 3)
-    assert out[:, :, 0].tolist() == [[0, 1, 255], [128, 4, 254]]
+    assert out[:, :, 0].tolist() == [[0, 1, 255], [128, 3, 255]]
+    with Image.open(tmp_path / "w.png") as opened:  # a PIL image follows the same rule
+        np.testing.assert_array_equal(pil_to_rgb(opened), out)
+
+
+def _cv2_rgb(path) -> np.ndarray:
+    """mmseg's LoadImageFromFile: cv2 IMREAD_COLOR (BGR), here turned to RGB."""
+    return cv2.imread(str(path), cv2.IMREAD_COLOR)[:, :, ::-1]
+
+
+def test_images_decode_as_opencv_imread(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(12):
+        h, w = (int(v) for v in rng.integers(8, 200, 2))
+        image = cv2.GaussianBlur(_rgb(h, w, i), (5, 5), 2)
+        path = tmp_path / f"j{i}.jpg"
+        Image.fromarray(image).save(path, quality=int(rng.integers(60, 100)),
+                                    subsampling=i % 3, progressive=bool(i % 2))
+        paths.append(path)
+    gray = _rgb(30, 40)[:, :, 0]
+    Image.fromarray(gray).save(tmp_path / "gray.jpg")
+    Image.fromarray(_rgb(30, 40)).convert("P", palette=Image.ADAPTIVE).save(tmp_path / "p.png")
+    Image.fromarray(np.dstack([_rgb(30, 40), gray]), "RGBA").save(tmp_path / "a.png")
+    Image.fromarray(np.dstack([gray, gray[::-1]]), "LA").save(tmp_path / "la.png")
+    Image.fromarray(gray > 100).save(tmp_path / "bits.png")
+    Image.fromarray(_rgb(30, 40, 1)[:, :, 0].astype(np.uint16) * 251).save(tmp_path / "w.png")
+    cmyk = np.random.default_rng(1).integers(0, 256, (30, 40, 4), dtype=np.uint8)
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.jpg")
+    Image.fromarray(_rgb(30, 40, 2)).save(tmp_path / "b.bmp")
+    Image.fromarray(_rgb(30, 40, 3)).save(tmp_path / "w.webp")
+    paths += [tmp_path / n for n in ("gray.jpg", "p.png", "a.png", "la.png", "bits.png",
+                                     "w.png", "cmyk.jpg", "b.bmp", "w.webp")]
+    for path in paths:
+        out = load_image(path)
+        assert out.dtype == np.uint8 and out.flags.c_contiguous
+        np.testing.assert_array_equal(out, _cv2_rgb(path), err_msg=path.name)
+    # CMYK is one case where Pillow's conversion (the old decoder) differs.
+    with Image.open(tmp_path / "cmyk.jpg") as opened:
+        assert not np.array_equal(np.array(opened.convert("RGB")), _cv2_rgb(tmp_path /
+                                                                             "cmyk.jpg"))
+
+
+def test_dataset_items_hold_the_opencv_pixels(tmp_path, write_pair):
+    image = cv2.GaussianBlur(_rgb(40, 56, 4), (5, 5), 2)
+    img_path, _ = write_pair(tmp_path, "training", "x", image, np.ones((40, 56), np.uint8))
+    ds = ADE20KDataset(tmp_path, "training")
+    item = ds[0]  # no transforms: the decoded image as float 0..255
+    np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(), _cv2_rgb(img_path))
+    original = ds.get(0, original=True)
+    assert set(original) == {"ori_image", "ori_target", "name", "ori_size"}
+    assert original["ori_image"].dtype == torch.uint8 and original["ori_size"] == (40, 56)
+    np.testing.assert_array_equal(original["ori_image"].numpy(), _cv2_rgb(img_path))
+    assert torch.equal(original["ori_target"], torch.zeros(40, 56, dtype=torch.int64))
+
+
+def test_images_opencv_cannot_read_fall_back_to_pillow(tmp_path):
+    values = np.array([[0.4, 1.6, -3.0], [254.5, 300.0, 17.2]], dtype=np.float32)
+    Image.fromarray(values, "F").save(tmp_path / "f.tif")
+    assert cv2.imread(str(tmp_path / "f.tif"), cv2.IMREAD_COLOR) is None
+    out = load_image(tmp_path / "f.tif")
+    assert out[:, :, 0].tolist() == [[0, 2, 0], [254, 255, 17]]
+    (tmp_path / "empty.png").write_bytes(b"")
+    with pytest.raises(DatasetError, match="empty.png"):
+        load_image(tmp_path / "empty.png")
 
 
 def _with_orientation(image: np.ndarray, orientation: int) -> bytes:
@@ -258,6 +334,14 @@ def test_exif_orientation_is_applied_to_images_not_labels(tmp_path, write_pair):
     assert np.array_equal(out, np.rot90(image, k=-1))
 
     # Dataset: the label map stays in stored orientation, so the sizes disagree.
+    np.testing.assert_array_equal(out, _cv2_rgb(path))  # as OpenCV applies it
+    jpeg = tmp_path / "r.jpg"
+    exif = Image.Exif()
+    for orientation in range(1, 9):
+        exif[0x0112] = orientation
+        Image.fromarray(image).save(jpeg, exif=exif.tobytes())
+        np.testing.assert_array_equal(load_image(jpeg), _cv2_rgb(jpeg))
+
     write_pair(tmp_path / "ds", "training", "rot", image, np.ones((6, 10), np.uint8),
                img_suffix=".png")
     (tmp_path / "ds" / "images" / "training" / "rot.png").write_bytes(

@@ -1,20 +1,25 @@
+import cv2
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from denseclip.config import EvalConfig
+from denseclip.config import CLIP_MEAN, CLIP_STD, EvalConfig
 from denseclip.evaluation.inference import (
     aug_inference,
     aug_scales,
+    aug_views,
     inference,
     slide_inference,
     slide_windows,
     whole_inference,
 )
 from denseclip.utils import keep_ratio_size
+from tests.helpers.images import random_image
 
 K = 5
+MEAN, STD = list(CLIP_MEAN), list(CLIP_STD)
 
 
 def pixel_model(seed: int = 0) -> nn.Module:
@@ -33,15 +38,17 @@ def context_model(symmetric: bool = False, seed: int = 0) -> nn.Module:
 
 
 class Recorder(nn.Module):
-    """Wraps a model and records the shapes of the batches it sees."""
+    """Wraps a model and records the batches it sees (and their shapes)."""
 
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
         self.shapes = []
+        self.inputs = []
 
     def forward(self, x):
         self.shapes.append(tuple(x.shape))
+        self.inputs.append(x.clone())
         return self.inner(x)
 
 
@@ -196,15 +203,45 @@ def test_bad_model_output_is_reported():
         slide_inference(Ones(), torch.randn(1, 3, 20, 20), (8, 8), (8, 8), 4, (20, 20))
 
 
+def official_view(image: np.ndarray, bounds) -> torch.Tensor:
+    """One view of mmseg's MultiScaleFlipAug, with direct OpenCV calls: Resize
+    (mmcv.imrescale of the original BGR uint8 image) then Normalize(to_rgb=True)."""
+    bgr = np.ascontiguousarray(image[:, :, ::-1])
+    h, w = bgr.shape[:2]
+    factor = min(max(bounds) / max(h, w), min(bounds) / min(h, w))
+    size = int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
+    img = cv2.resize(bgr, size, interpolation=cv2.INTER_LINEAR).astype(np.float32)
+    cv2.cvtColor(img, cv2.COLOR_BGR2RGB, img)
+    cv2.subtract(img, np.float64([[122.7709383, 116.7460125, 104.09373615]]), img)
+    cv2.multiply(img, 1 / np.float64([[68.5005327, 66.6321579, 70.32316305]]), img)
+    return torch.from_numpy(img).permute(2, 0, 1)
+
+
+def test_aug_views_rescale_the_original_image_as_mmseg():
+    rng = np.random.default_rng(0)
+    ratios = [0.5, 0.75, 1.0, 1.25, 1.5, 1.75]
+    for seed in range(8):
+        h, w = (int(v) for v in rng.integers(10, 200, 2))
+        image = random_image(h, w, seed)
+        scale = (int(rng.integers(40, 300)), int(rng.integers(20, 150)))
+        views = list(aug_views(image, scale, ratios, MEAN, STD))
+        assert len(views) == len(ratios)
+        for view, bounds in zip(views, aug_scales(scale, ratios), strict=True):
+            assert view.dtype == torch.float32
+            assert torch.equal(view, official_view(image, bounds))
+
+
 @pytest.mark.parametrize(
     ("mode", "model"),
     [("whole", context_model(symmetric=True)), ("slide", pixel_model())],
 )
 def test_flip_tta_with_flip_equivariant_model(mode, model):
-    img = torch.randn(3, 26, 35)
+    img = random_image(26, 35)
     cfg = dict(mode=mode, crop_size=[16, 16], stride=[10, 10], aug_ratios=[0.75, 1.0, 1.5])
-    no_flip = aug_inference(model, img, (40, 30), EvalConfig(**cfg, aug_flip=False), K)
-    flip = aug_inference(model, img, (40, 30), EvalConfig(**cfg, aug_flip=True), K)
+    no_flip = aug_inference(model, img, (40, 30), EvalConfig(**cfg, aug_flip=False), K,
+                            mean=MEAN, std=STD)
+    flip = aug_inference(model, img, (40, 30), EvalConfig(**cfg, aug_flip=True), K,
+                         mean=MEAN, std=STD)
     assert flip.shape == (1, K, 26, 35)
     torch.testing.assert_close(flip, no_flip, atol=1e-5, rtol=0)
     torch.testing.assert_close(flip.sum(dim=1), torch.ones(1, 26, 35))
@@ -212,36 +249,45 @@ def test_flip_tta_with_flip_equivariant_model(mode, model):
 
 def test_flip_tta_changes_asymmetric_model():
     model = context_model(symmetric=False)
-    img = torch.randn(3, 20, 24)
+    img = random_image(20, 24, 1)
     cfg = dict(mode="whole", aug_ratios=[1.0])
-    no_flip = aug_inference(model, img, (24, 20), EvalConfig(**cfg, aug_flip=False), K)
-    flip = aug_inference(model, img, (24, 20), EvalConfig(**cfg, aug_flip=True), K)
+    no_flip = aug_inference(model, img, (24, 20), EvalConfig(**cfg, aug_flip=False), K,
+                            mean=MEAN, std=STD)
+    flip = aug_inference(model, torch.from_numpy(img), (24, 20),  # a uint8 tensor works too
+                         EvalConfig(**cfg, aug_flip=True), K, mean=MEAN, std=STD)
+    x = official_view(img, (24, 20))[None]  # (24, 20) bounds leave a 20x24 image as is
     with torch.no_grad():
-        p = model(img[None]).softmax(1)
-        p_mirror = model(img[None].flip(-1)).softmax(1).flip(-1)
-    torch.testing.assert_close(no_flip, p)  # (24, 20) bounds leave a 20x24 image as is
+        p = model(x).softmax(1)
+        p_mirror = model(x.flip(-1)).softmax(1).flip(-1)
+    torch.testing.assert_close(no_flip, p)
     torch.testing.assert_close(flip, (p + p_mirror) / 2)
     assert not torch.allclose(flip, no_flip, atol=1e-4)
 
 
 def test_aug_inference_scales_and_output_size():
     model = Recorder(pixel_model())
-    img = torch.randn(1, 3, 30, 40)
+    img = random_image(30, 40, 2)
     cfg = EvalConfig(mode="whole", aug_ratios=[0.5, 1.0], aug_flip=True)
-    out = aug_inference(model, img, (80, 20), cfg, K, out_size=(15, 16))
+    out = aug_inference(model, img, (80, 20), cfg, K, out_size=(15, 16), mean=MEAN, std=STD)
     # ratio 0.5: bounds (40, 10), factor 1/3 -> (10, 13); ratio 1: (80, 20), factor 2/3 -> (20, 27)
     assert model.shapes == [(2, 3, 10, 13), (2, 3, 20, 27)]
     assert out.shape == (1, K, 15, 16)
 
     with torch.no_grad():
         views = []
-        for size in [(10, 13), (20, 27)]:
-            x = F.interpolate(img, size=size, mode="bilinear")
+        for batch, bounds in zip(model.inputs, [(40, 10), (80, 20)], strict=True):
+            # each view is the original uint8 image rescaled once (not a resampled float
+            # image), and its mirror
+            x = official_view(img, bounds)[None]
+            assert torch.equal(batch, torch.cat([x, x.flip(-1)]))
             for flip in (False, True):
                 xi = x.flip(-1) if flip else x
                 p = F.interpolate(model.inner(xi), size=(15, 16), mode="bilinear").softmax(1)
                 views.append(p.flip(-1) if flip else p)
     torch.testing.assert_close(out, torch.stack(views).mean(0), atol=1e-6, rtol=0)
 
-    with pytest.raises(ValueError, match="one image"):
-        aug_inference(model, torch.randn(2, 3, 8, 8), (8, 8), cfg, K)
+    with pytest.raises(ValueError, match="one original image"):
+        aug_inference(model, np.zeros((2, 8, 8, 3), np.uint8), (8, 8), cfg, K, mean=MEAN,
+                      std=STD)
+    with pytest.raises(ValueError, match="uint8"):
+        aug_inference(model, torch.randn(3, 8, 8), (8, 8), cfg, K, mean=MEAN, std=STD)

@@ -1,17 +1,23 @@
-"""Evaluation over a dataset agrees with the Predictor, whatever ``model.align_corners``."""
+"""Evaluation over a dataset agrees with the Predictor, whatever ``model.align_corners``;
+multi-scale evaluation starts from the original images."""
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torch import nn
 
 import denseclip
 from denseclip.checkpoint import save_checkpoint
-from denseclip.data import make_synthetic_dataset
+from denseclip.data import build_segmentation_dataset, make_synthetic_dataset
 from denseclip.engine import trainer
 from denseclip.engine.dist import DistEnv
+from denseclip.evaluation.inference import aug_scales
+from denseclip.evaluation.segmentation import evaluate
+from tests.evaluation.test_inference import official_view
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
@@ -34,3 +40,41 @@ def test_evaluation_labels_equal_the_predictor(tmp_path, align_corners):
         evaluated = np.array(Image.open(out / f"{image.stem}.png")).astype(np.int64)
         predicted = predictor.predict(image).labels + 1  # ADE label space: 0 is "other"
         np.testing.assert_array_equal(evaluated, predicted)
+
+
+class ViewRecorder(nn.Module):
+    """A 1x1 convolution that records the batches it is given."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.num_classes = num_classes
+        self.conv = nn.Conv2d(3, num_classes, 1)
+        self.inputs: list[torch.Tensor] = []
+
+    def forward(self, x):
+        self.inputs.append(x.clone())
+        return self.conv(x)
+
+
+def test_multi_scale_evaluation_rescales_the_original_images(tmp_path):
+    # mmseg's MultiScaleFlipAug resizes the decoded uint8 image once per ratio; the views
+    # were resampled from the test-scaled, normalised image before.
+    root = make_synthetic_dataset(tmp_path / "data", 1, 2, size=(75, 110), seed=1)
+    ratios = [0.5, 1.25]
+    cfg = denseclip.load_config("tiny_denseclip_res", [
+        f"data.root={root}", f"model.classes={root}/classes.txt", "data.num_workers=0",
+        "evaluation.mode=whole", f"evaluation.aug_ratios={ratios}", "evaluation.aug_flip=true"])
+    dataset = build_segmentation_dataset(cfg.data, cfg.data.val_split, 5, train=False)
+    torch.manual_seed(0)
+    model = ViewRecorder(5)
+    metrics = evaluate(model, dataset, cfg, aug_test=True, progress=False)
+    assert metrics["num_images"] == 2
+    expected = []
+    for index in range(len(dataset)):
+        image = cv2.imread(str(dataset.image_path(index)), cv2.IMREAD_COLOR)[:, :, ::-1]
+        for bounds in aug_scales(cfg.data.test_scale, ratios):
+            view = official_view(image, bounds)[None]
+            expected.append(torch.cat([view, view.flip(-1)]))
+    assert len(model.inputs) == len(expected) == 4
+    for seen, view in zip(model.inputs, expected, strict=True):
+        assert torch.equal(seen, view)
