@@ -18,11 +18,14 @@ Items are dictionaries:
 * ``image_id`` — the COCO image id; ``ori_size`` — (H, W) of the image on disk.
 
 Training pipeline (DESIGN §7, on ``torchvision.transforms.v2`` so boxes and masks move with
-the image): keep-ratio resize to ``data.scale`` = (1333, 800) with mmcv's rounding (image
-bilinear without antialiasing on uint8, masks nearest) and horizontal flip with
-``data.flip_prob``. The test pipeline leaves images at their original size: the detector
-resizes them and maps its predictions back. Padding to a multiple of 32 happens in the
-detector; :func:`collate_detection` returns lists.
+the image): keep-ratio resize to ``data.scale`` = (1333, 800) as mmdet's ``Resize`` does it
+(:class:`DetectionResize`: mmcv's size rounding, the uint8 image through OpenCV bilinear and
+each mask through OpenCV nearest, exactly ``mmcv.imrescale``; boxes times the float32 scale
+factor, clipped to the image) and horizontal flip with ``data.flip_prob``. The test pipeline
+(:func:`build_coco_test_transforms`) is the same resize to the test scale, without flip;
+``ori_size`` keeps the size on disk, which the detector is given to rescale its boxes to
+before NMS (mmdet's ``rescale=True``). Normalisation and padding to a multiple of 32 happen
+in the detector; :func:`collate_detection` returns lists.
 
 What is kept (mmdet's ``CocoDataset`` rules, with torchvision's image filter):
 
@@ -66,6 +69,7 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from denseclip.config import DataConfig
+from denseclip.data.image_ops import imresize
 from denseclip.data.io import DatasetError
 from denseclip.data.transforms import KeepRatioResize, apply_seeded
 from denseclip.optional import require
@@ -75,6 +79,7 @@ __all__ = [
     "DatasetWarning",
     "DetectionResize",
     "build_coco_dataset",
+    "build_coco_test_transforms",
     "build_coco_train_transforms",
     "collate_detection",
     "move_detection_batch",
@@ -116,14 +121,46 @@ def _ids_text(ids: list[Any], limit: int = 5) -> str:
 
 
 class DetectionResize(KeepRatioResize):
-    """Keep-ratio resize (mmcv rounding) of the image, its boxes and its masks."""
+    """mmdet's keep-ratio ``Resize`` of the image, its boxes and its masks: the size is
+    mmcv's (:func:`denseclip.utils.keep_ratio_size`); the uint8 image is resized by
+    :func:`~denseclip.data.image_ops.imresize` (OpenCV bilinear, as ``mmcv.imrescale``) and
+    each mask by OpenCV nearest; boxes are multiplied by the float32 scale factor
+    (new / old width, new / old height) and clipped to the new image."""
 
     _transformed_types = (tv_tensors.Image, tv_tensors.Mask, tv_tensors.BoundingBoxes)
+
+    def apply(self, inpt: Any, params: dict[str, Any]) -> Any:
+        h, w = (int(v) for v in params["size"])
+        if isinstance(inpt, tv_tensors.BoundingBoxes):
+            old_h, old_w = inpt.canvas_size
+            factor = torch.tensor([w / old_w, h / old_h] * 2, dtype=torch.float32)
+            boxes = inpt.as_subclass(torch.Tensor).float() * factor
+            boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+            boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+            return tv_tensors.BoundingBoxes(boxes, format=inpt.format, canvas_size=(h, w))
+        if isinstance(inpt, tv_tensors.Mask):
+            masks = inpt.as_subclass(torch.Tensor)
+            if masks.shape[0] == 0:
+                return tv_tensors.Mask(masks.new_zeros((0, h, w)))
+            resized = [imresize(m.numpy(), (h, w), "nearest") for m in masks]
+            return tv_tensors.Mask(torch.from_numpy(np.stack(resized)))
+        image = inpt.as_subclass(torch.Tensor)
+        if image.dtype != torch.uint8:
+            raise TypeError(f"DetectionResize takes the uint8 image (mmcv resizes 8-bit "
+                            f"data), got {image.dtype}")
+        array = imresize(image.permute(1, 2, 0).numpy(), (h, w), "bilinear")
+        return tv_tensors.Image(torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1))
 
 
 def build_coco_train_transforms(cfg: DataConfig) -> v2.Compose:
     """Resize to ``cfg.scale`` keeping the ratio, then flip with ``cfg.flip_prob``."""
     return v2.Compose([DetectionResize(cfg.scale), v2.RandomHorizontalFlip(cfg.flip_prob)])
+
+
+def build_coco_test_transforms(scale: Sequence[int]) -> v2.Compose:
+    """mmdet's test pipeline before normalisation: the keep-ratio :class:`DetectionResize`
+    to ``scale`` (the detector's (max_size, min_size)), no flip."""
+    return v2.Compose([DetectionResize(scale)])
 
 
 class CocoDetection(Dataset):
@@ -382,15 +419,21 @@ def _same_names(a: Sequence[str], b: Sequence[str]) -> bool:
 
 
 def build_coco_dataset(cfg: DataConfig, split: str, train: bool, *, with_masks: bool = False,
-                       class_names: Sequence[str] | None = None) -> CocoDetection:
+                       class_names: Sequence[str] | None = None,
+                       test_scale: Sequence[int] | None = None) -> CocoDetection:
     """``cfg.root/<split>`` with ``cfg.root/annotations/instances_<split>.json``; the
-    training pipeline (resize to ``cfg.scale``, flip) when ``train``. With ``class_names``
-    (the model's classes), the JSON's categories (sorted by id) must carry the same names
-    in the same order."""
+    training pipeline (resize to ``cfg.scale``, flip) when ``train``, else the test
+    pipeline (resize to ``test_scale``, default ``cfg.test_scale``; the detection task
+    passes the model's (max_size, min_size)). With ``class_names`` (the model's classes),
+    the JSON's categories (sorted by id) must carry the same names in the same order."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} (data.root) does not exist")
-    transforms = build_coco_train_transforms(cfg) if train else None
+    if train:
+        transforms = build_coco_train_transforms(cfg)
+    else:
+        transforms = build_coco_test_transforms(cfg.test_scale if test_scale is None
+                                                else test_scale)
     dataset = CocoDetection(root / split, root / "annotations" / f"instances_{split}.json",
                             train=train, with_masks=with_masks, transforms=transforms)
     if class_names is not None and not _same_names(dataset.class_names, class_names):

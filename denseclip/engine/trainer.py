@@ -38,7 +38,7 @@ from ..data.samplers import build_train_loader
 from ..models import build_model
 from ..utils import unwrap_model
 from .dist import DistEnv, barrier, init_distributed
-from .optim import build_optimizer, build_scheduler
+from .optim import build_optimizer, build_scheduler, freeze_text_encoder
 from .tasks import make_task
 
 CKPT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
@@ -121,10 +121,16 @@ def _autocast(cfg: Config, device: torch.device):
     return torch.autocast(device.type, dtype=dtype)
 
 
-def iterations_per_epoch(dataset_size: int, cfg: Config, world_size: int) -> int:
-    """Optimiser steps in one pass over the training set (epoch-based schedules)."""
-    per_step = cfg.data.batch_size * world_size * max(1, cfg.optim.accumulate)
-    return max(1, math.ceil(dataset_size / per_step))
+def iterations_per_epoch(dataset_size: int, cfg: Config, world_size: int,
+                         group_flags: list[int] | None = None) -> int:
+    """Optimiser steps in one pass over the training set (epoch-based schedules). With
+    aspect-ratio groups, a pass is mmdet's: each group padded to whole global batches."""
+    batch = cfg.data.batch_size * world_size
+    samples = dataset_size
+    if group_flags is not None:
+        sizes = [group_flags.count(flag) for flag in set(group_flags)]
+        samples = sum(math.ceil(n / batch) * batch for n in sizes)
+    return max(1, math.ceil(samples / (batch * max(1, cfg.optim.accumulate))))
 
 
 def train(cfg: Config, work_dir: str | Path, resume: bool = False,
@@ -153,13 +159,16 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     task = make_task(cfg, model)
     train_set = task.dataset(cfg.data.train_split, train=True)
     val_set = task.dataset(cfg.data.val_split, train=False) if cfg.schedule.eval_interval else None
-    ipe = iterations_per_epoch(len(train_set), cfg, env.world_size)
+    group_flags = task.group_flags(train_set)
+    ipe = iterations_per_epoch(len(train_set), cfg, env.world_size, group_flags)
     if cfg.schedule.max_epochs > 0:
         cfg.schedule.max_iters = cfg.schedule.max_epochs * ipe
 
     model.to(env.device)
-    if env.distributed and env.device.type == "cuda" and task.sync_batchnorm:
-        model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if env.distributed and env.device.type == "cuda":  # SyncBatchNorm needs CUDA
+        model = task.convert_sync_batchnorm(model)
+    if cfg.optim.freeze_text_encoder:
+        freeze_text_encoder(model)
     optimizer = build_optimizer(model, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.schedule, ipe)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
@@ -182,7 +191,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
         save_config(cfg, work_dir / "config.yaml")
 
     accumulate = max(1, cfg.optim.accumulate)
-    loader = iter(_train_loader(cfg, train_set, env, start_iter, task.collate))
+    loader = iter(_train_loader(cfg, train_set, env, start_iter, task.collate, group_flags))
     effective = cfg.data.batch_size * env.world_size * accumulate
     log(f"training {cfg.name}: {len(train_set)} images, {ipe} iterations per epoch, "
         f"effective batch {effective} = {cfg.data.batch_size} per process x {env.world_size} "
@@ -262,12 +271,13 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     return last_metrics
 
 
-def _train_loader(cfg: Config, dataset, env: DistEnv, start_iter: int, collate):
+def _train_loader(cfg: Config, dataset, env: DistEnv, start_iter: int, collate,
+                  group_flags=None):
     # Every process draws batch_size x accumulate samples per iteration.
     accumulate = max(1, cfg.optim.accumulate)
     return build_train_loader(dataset, cfg.data.batch_size, cfg.data.num_workers, cfg.seed,
                               env.rank, env.world_size, start_iter=start_iter * accumulate,
-                              collate_fn=collate)
+                              collate_fn=collate, group_flags=group_flags)
 
 
 def _save(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: Config,

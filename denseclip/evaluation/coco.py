@@ -135,7 +135,10 @@ def evaluate_detection(model: nn.Module, dataset, env: DistEnv | None = None,
                        out_dir: str | Path | None = None, *, batch_size: int = 1,
                        num_workers: int = 0, progress: bool = True) -> dict[str, Any]:
     """Box (and, for models that return masks, mask) AP of ``model`` on ``dataset`` (a
-    :class:`~denseclip.data.coco.CocoDetection` with the test pipeline).
+    :class:`~denseclip.data.coco.CocoDetection`, normally with the test pipeline of
+    :func:`~denseclip.data.coco.build_coco_dataset`). The model is called as
+    ``model(images, original_sizes=ori_sizes)`` and returns predictions in the pixels of
+    the images on disk.
 
     Each process runs its :class:`~denseclip.data.ShardedSampler` shard, so every image is
     seen exactly once; results are gathered on rank 0 (``all_gather_object`` when a process
@@ -160,7 +163,9 @@ def evaluate_detection(model: nn.Module, dataset, env: DistEnv | None = None,
     try:
         for batch in bar:
             images = [img.to(env.device, non_blocking=True) for img in batch["image"]]
-            outputs = net(images)
+            # the test pipeline resized the images; the detector rescales its boxes to the
+            # sizes on disk before NMS and pastes masks there (mmdet's rescale=True)
+            outputs = net(images, original_sizes=batch["ori_size"])
             with_masks = with_masks or any("masks" in o for o in outputs)
             boxes, segms = detections_to_coco(outputs, batch["image_id"], dataset.cat_ids)
             bbox_results += boxes

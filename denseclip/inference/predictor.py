@@ -12,11 +12,11 @@ from typing import Any
 import numpy as np
 import torch
 from torch import nn
-from torchvision import tv_tensors
 
 from ..checkpoint import load_checkpoint
 from ..classes import load_class_names
 from ..config import Config, load_config
+from ..data.image_ops import imrescale
 from ..data.transforms import build_test_transforms
 from ..evaluation.inference import mode_logits
 from ..models.build import build_model
@@ -160,13 +160,15 @@ class Predictor:
         H, W = rgb.shape[:2]
         if H == 0 or W == 0:
             raise PredictionError(f"the image is empty ({H}x{W} pixels)")
-        pixels = torch.from_numpy(np.array(rgb, copy=True)).permute(2, 0, 1).float()
         if self.task in DETECTION_TASKS:
             det = self.cfg.model.detection
             self._check_size(H, W, (det.max_size, det.min_size))
-            return Prepared(rgb, pixels)
+            # mmdet's test Resize: the uint8 image through OpenCV (mmcv.imrescale)
+            resized = imrescale(rgb, (det.max_size, det.min_size))
+            return Prepared(rgb, torch.from_numpy(resized).permute(2, 0, 1).float())
         self._check_size(H, W, self.cfg.data.test_scale)
-        tensor = self._transforms(tv_tensors.Image(pixels)).as_subclass(torch.Tensor)
+        # the test pipeline on the uint8 RGB array: OpenCV rescale, mmcv's normalisation
+        tensor = self._transforms(rgb)
         return Prepared(rgb, tensor.contiguous())
 
     @staticmethod
@@ -264,13 +266,15 @@ class Predictor:
         return best_idx[0]
 
     def _detect(self, items: Sequence[Prepared]) -> list[DetectionPrediction]:
-        """The detectors take 0..1 images at their original size (they resize and normalise
-        themselves) and return boxes (x1, y1, x2, y2), labels, scores (and masks
-        N × 1 × H × W probabilities) in original pixels."""
+        """The detectors take 0..1 images resized by :meth:`prepare` and the original sizes
+        (they normalise and pad themselves) and return boxes (x1, y1, x2, y2), labels,
+        scores (and masks N × 1 × H × W probabilities) in original pixels, rescaled
+        before NMS as mmdet does."""
         results = []
         for start in range(0, len(items), self.batch_size):
             chunk = items[start : start + self.batch_size]
-            outputs = self.model([item.tensor.to(self.device) / 255.0 for item in chunk])
+            outputs = self.model([item.tensor.to(self.device) / 255.0 for item in chunk],
+                                 original_sizes=[item.image.shape[:2] for item in chunk])
             for item, out in zip(chunk, outputs, strict=True):
                 H, W = item.image.shape[:2]
                 boxes = out["boxes"].detach().float().cpu().reshape(-1, 4)

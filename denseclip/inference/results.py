@@ -48,4 +48,5 @@ class Prepared:
 
     image: np.ndarray  # original RGB uint8 (H, W, 3)
     tensor: torch.Tensor  # segmentation: normalised (3, h, w) at the test scale;
-    #                       detection: (3, H, W) float 0..255 at the original size
+    #                       detection: (3, h, w) float 0..255, uint8-resized to the
+    #                       detection scale (boxes are mapped back to the original size)

@@ -6,15 +6,18 @@ from __future__ import annotations
 import json
 import warnings
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from torchvision import tv_tensors
 
 from denseclip.config import DataConfig
 from denseclip.data.coco import (
     CocoDetection,
     DatasetWarning,
+    DetectionResize,
     build_coco_dataset,
     build_coco_train_transforms,
     collate_detection,
@@ -103,6 +106,52 @@ def test_training_pipeline_resizes_like_mmcv_and_moves_boxes_with_masks(coco_roo
         assert item["target"]["masks"].dtype == torch.uint8
 
 
+def test_training_resize_is_opencv_on_the_uint8_image_as_mmcv(coco_root):
+    """mmdet's Resize: mmcv.imrescale (cv2 bilinear on uint8) for the image, cv2 nearest
+    per mask, boxes times the float32 scale factor clipped to the new image."""
+    ds = dataset(coco_root, train=True, with_masks=True,
+                 transforms=build_coco_train_transforms(TINY))
+    plain = dataset(coco_root, train=True, with_masks=True)
+    for i in range(len(ds)):
+        item, orig = ds[i], plain[i]
+        array = plain.load_image(i)
+        h, w = item["image"].shape[-2:]
+        expected = cv2.resize(array, (w, h), interpolation=cv2.INTER_LINEAR)
+        got = (item["image"] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(got, expected)
+        masks = orig["target"]["masks"].numpy()
+        for got_mask, mask in zip(item["target"]["masks"].numpy(), masks, strict=True):
+            np.testing.assert_array_equal(
+                got_mask, cv2.resize(mask, (w, h), interpolation=cv2.INTER_NEAREST))
+        oh, ow = orig["ori_size"]
+        factor = torch.tensor([w / ow, h / oh] * 2, dtype=torch.float32)
+        boxes = orig["target"]["boxes"] * factor
+        boxes[:, 0::2] = boxes[:, 0::2].clamp(0, w)
+        boxes[:, 1::2] = boxes[:, 1::2].clamp(0, h)
+        assert torch.equal(item["target"]["boxes"], boxes)
+
+
+def test_test_pipeline_resizes_the_uint8_image_before_the_model(coco_root):
+    cfg = DataConfig(dataset="coco", root=str(coco_root), test_scale=[2000, 2000])
+    ds = build_coco_dataset(cfg, "train", train=False, test_scale=(160, 128))
+    plain = dataset(coco_root)
+    assert ds.ids == plain.ids  # evaluation keeps every image
+    for i in range(len(ds)):
+        item = ds[i]
+        array = plain.load_image(i)
+        oh, ow = array.shape[:2]
+        factor = min(160 / max(oh, ow), 128 / min(oh, ow))
+        h, w = int(oh * factor + 0.5), int(ow * factor + 0.5)
+        assert item["ori_size"] == (oh, ow) and item["image"].shape == (3, h, w)
+        expected = cv2.resize(array, (w, h), interpolation=cv2.INTER_LINEAR)
+        got = (item["image"] * 255).round().to(torch.uint8).permute(1, 2, 0).numpy()
+        np.testing.assert_array_equal(got, expected)
+    # without a test_scale the pipeline uses data.test_scale
+    assert build_coco_dataset(cfg, "train", train=False)[0]["image"].shape[-2:] == (1500, 2000)
+    with pytest.raises(TypeError, match="uint8"):
+        DetectionResize((160, 128))(tv_tensors.Image(torch.rand(3, 8, 8)))
+
+
 def test_seeded_items_are_reproducible(coco_root):
     ds = dataset(coco_root, train=True,
                  transforms=build_coco_train_transforms(DataConfig(scale=[160, 128])))
@@ -127,10 +176,12 @@ def test_collate_returns_lists_and_move(coco_root):
 
 
 def test_build_coco_dataset_layout_and_class_check(coco_root):
-    cfg = DataConfig(dataset="coco", root=str(coco_root), scale=[160, 128])
+    cfg = DataConfig(dataset="coco", root=str(coco_root), scale=[160, 128],
+                     test_scale=[160, 128])
     ds = build_coco_dataset(cfg, "train", train=True, with_masks=True, class_names=CLASS_NAMES)
     assert len(ds) == 3 and ds.with_masks and ds.transforms is not None
-    assert build_coco_dataset(cfg, "train", train=False).transforms is None
+    test = build_coco_dataset(cfg, "train", train=False)
+    assert not test.train and test[0]["image"].shape[-2:] == (120, 160)  # cfg.test_scale
     with pytest.raises(DatasetError, match="model.classes"):
         build_coco_dataset(cfg, "train", train=False, class_names=["a", "b", "c"])
     with pytest.raises(FileNotFoundError, match="data.root"):

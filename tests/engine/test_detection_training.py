@@ -7,12 +7,19 @@ import json
 import os
 import subprocess
 import sys
+from itertools import islice
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from pycocotools.coco import COCO
 
 from denseclip.checkpoint import read_checkpoint
+from denseclip.config import load_config
+from denseclip.data.samplers import GroupedInfiniteSampler, InfiniteSampler
+from denseclip.engine.dist import DistEnv
+from denseclip.engine.tasks import make_task
+from denseclip.engine.trainer import _train_loader
 from tests.helpers.coco import CAT_IDS, CLASS_NAMES, write_coco
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -75,3 +82,31 @@ def test_aug_test_is_refused_for_detection(tmp_path, coco_dir):
               f"data.root={coco_dir}", "data.val_split=val",
               f"model.classes={coco_dir}/classes.txt")
     assert res.returncode == 1 and "none.pth" in res.stderr  # the missing file is named
+
+
+def test_detection_training_groups_batches_by_aspect_ratio(coco_dir):
+    common = [f"data.root={coco_dir}", "data.train_split=train", "data.val_split=val",
+              f"model.classes={coco_dir}/classes.txt"]
+    cfg = load_config("tiny_retinanet_denseclip", common)
+    assert cfg.data.group_by_aspect_ratio  # on by default, as mmdet
+    task = make_task(cfg, model=None)
+    train_set = task.dataset("train", train=True)
+    flags = task.group_flags(train_set)
+    assert flags == train_set.aspect_ratio_flags == [1, 0, 1]
+    loader = _train_loader(cfg, train_set, DistEnv(), 0, task.collate, flags)
+    sampler = loader.sampler.sampler
+    assert isinstance(sampler, GroupedInfiniteSampler) and sampler.seed == cfg.seed
+    for batch in islice(iter(loader), 6):
+        ratios = {int(img.shape[-1] > img.shape[-2]) for img in batch["image"]}
+        assert len(ratios) == 1  # landscape and portrait never share a batch
+    off = load_config("tiny_retinanet_denseclip", [*common, "data.group_by_aspect_ratio=false"])
+    off_task = make_task(off, model=None)
+    assert off_task.group_flags(train_set) is None
+    plain = _train_loader(off, train_set, DistEnv(), 0, task.collate, None).sampler.sampler
+    assert isinstance(plain, InfiniteSampler)
+    # the test pipeline resizes to the model's scale; the model gets the sizes on disk
+    val = task.dataset("val", train=False)
+    item = val[0]
+    assert item["ori_size"] == (96, 128) and item["image"].shape[-2:] == (120, 160)
+    seg = make_task(load_config("tiny_denseclip_res"), model=SimpleNamespace(num_classes=150))
+    assert seg.group_flags(train_set) is None

@@ -13,7 +13,8 @@ from pycocotools import mask as mask_utils
 from torch import nn
 
 import denseclip
-from denseclip.data.coco import CocoDetection
+from denseclip.config import DataConfig
+from denseclip.data.coco import CocoDetection, build_coco_dataset
 from denseclip.engine.dist import DistEnv
 from denseclip.evaluation import coco as coco_eval
 from denseclip.evaluation.coco import (
@@ -24,6 +25,7 @@ from denseclip.evaluation.coco import (
     masks_to_rles,
 )
 from denseclip.models.build import build_detector
+from denseclip.utils import keep_ratio_size
 
 
 def test_dataset(root, masks: bool = True) -> CocoDetection:
@@ -49,8 +51,12 @@ class Replay(nn.Module):
         super().__init__()
         self.outputs = [perfect(ds, i) for i in indices]
         self.calls = 0
+        self.seen: list[tuple[tuple[int, ...], tuple[int, int]]] = []
 
-    def forward(self, images):
+    def forward(self, images, original_sizes=None):
+        assert original_sizes is not None and len(original_sizes) == len(images)
+        self.seen += [(tuple(im.shape), tuple(s)) for im, s in zip(images, original_sizes,
+                                                                   strict=True)]
         out = self.outputs[self.calls:self.calls + len(images)]
         self.calls += len(images)
         return out
@@ -115,6 +121,18 @@ def test_evaluate_detection_writes_files_that_round_trip(shared_coco, tmp_path):
         results = json.loads(text)
         assert len(loaded.getAnnIds()) == 6
         assert coco_evaluate(ds.coco, results, name)["AP"] == pytest.approx(100.0)
+
+
+def test_the_test_pipeline_resizes_and_the_model_gets_the_original_sizes(shared_coco):
+    cfg = DataConfig(dataset="coco", root=str(shared_coco), test_scale=[160, 128])
+    ds = build_coco_dataset(cfg, "train", train=False)  # mmdet's test pipeline
+    model = Replay(test_dataset(shared_coco), range(len(ds)))
+    metrics = evaluate_detection(model, ds, batch_size=2, progress=False)
+    assert metrics["bbox_AP"] == pytest.approx(100.0)  # predictions in original pixels
+    originals = [(96, 128), (112, 96), (80, 100), (100, 120)]
+    assert [size for _, size in model.seen] == originals
+    assert [shape for shape, _ in model.seen] == [
+        (3, *keep_ratio_size(h, w, (160, 128))) for h, w in originals]
 
 
 def test_ranks_evaluate_disjoint_shards_and_rank0_gathers(shared_coco, monkeypatch):

@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import cv2
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from torch import nn
-from torchvision import tv_tensors
 
 import denseclip
 from denseclip.checkpoint import CheckpointError, save_checkpoint
@@ -37,8 +37,9 @@ def predictor(checkpoint):
 
 
 def test_matches_the_test_pipeline(predictor):
-    """Keep-ratio resize + normalise (the dataset's test transforms), sliding windows,
-    logits resized to the original size, softmax: exactly the evaluation's numbers."""
+    """Keep-ratio resize + normalise (the dataset's test transforms, on the uint8 image),
+    sliding windows, logits resized to the original size, softmax: exactly the evaluation's
+    numbers."""
     image = random_image(100, 300)
     result = predictor.predict(image)
     assert isinstance(result, SegmentationPrediction)
@@ -48,9 +49,9 @@ def test_matches_the_test_pipeline(predictor):
     assert result.open_labels is None and result.open_scores is None
 
     cfg = predictor.cfg
-    pixels = tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).float())
-    normalised = build_test_transforms(cfg.data)(pixels).as_subclass(torch.Tensor)
+    normalised = build_test_transforms(cfg.data)(image)  # the uint8 array: OpenCV resize
     assert tuple(normalised.shape[-2:]) == (43, 128)  # keep-ratio to the (128, 64) test scale
+    assert torch.equal(predictor.prepare(image).tensor, normalised)
     expected = inference(predictor.model, normalised[None], cfg.evaluation, 150, (100, 300))[0]
     np.testing.assert_array_equal(result.probs, expected.numpy())
     np.testing.assert_array_equal(result.labels, expected.argmax(0).numpy())
@@ -170,19 +171,20 @@ def test_whole_image_mode(checkpoint):
 
 # ------------------------------------------------------------------------------ detection
 class StubDetector(nn.Module):
-    """torchvision's detector interface: list of images in, list of dicts out. Each
-    image gets one box covering it, in the coordinates of the image it was given."""
+    """Our detectors' interface: images and their original sizes in, list of dicts out.
+    Each image gets one box covering it, in original pixels."""
 
     def __init__(self, masks: bool = False):
         super().__init__()
         self.masks = masks
         self.seen = []
 
-    def forward(self, images):
+    def forward(self, images, original_sizes=None):
         out = []
-        for image in images:
-            self.seen.append((tuple(image.shape), float(image.min()), float(image.max())))
-            h, w = image.shape[-2:]
+        if original_sizes is None:
+            original_sizes = [image.shape[-2:] for image in images]
+        for image, (h, w) in zip(images, original_sizes, strict=True):
+            self.seen.append((tuple(image.shape), (h, w), image.clone()))
             item = {"boxes": torch.tensor([[0.0, 0.0, w, h], [1.0, 1.0, 4.0, 4.0]]),
                     "labels": torch.tensor([3, 7]), "scores": torch.tensor([0.9, 0.1])}
             if self.masks:
@@ -211,17 +213,22 @@ def test_detection_path():
     assert result.labels.tolist() == [3, 7] and result.scores.dtype == np.float32
     assert result.masks.shape == (2, 100, 300) and result.masks.dtype == bool
     assert result.masks[:, :45].all() and not result.masks[:, 55:].any()
-    shape, lo, hi = stub.seen[0]
-    # the model normalises and resizes itself: 0..1 at the original size
-    assert shape == (3, 100, 300) and lo >= 0 and hi <= 1
+    shape, original, pixels = stub.seen[0]
+    # mmdet's test Resize on the uint8 image (cv2, mmcv's size) before the model, which
+    # gets 0..1 pixels and the original size (it normalises and pads itself)
+    assert shape == (3, 43, 128) and original == (100, 300)
+    image = random_image(100, 300)
+    expected = cv2.resize(image, (128, 43), interpolation=cv2.INTER_LINEAR)
+    np.testing.assert_array_equal((pixels * 255).round().byte().permute(1, 2, 0).numpy(),
+                                  expected)
 
 
 def test_detection_without_detections_and_no_open_classes():
     class Empty(StubDetector):
-        def forward(self, images):
+        def forward(self, images, original_sizes=None):
             return [{"boxes": torch.zeros(0, 4), "labels": torch.zeros(0, dtype=torch.long),
-                     "scores": torch.zeros(0), "masks": torch.zeros(0, 1, *im.shape[-2:])}
-                    for im in images]
+                     "scores": torch.zeros(0), "masks": torch.zeros(0, 1, *size)}
+                    for size in original_sizes]
 
     predictor = Predictor.from_model(Empty(), detection_config())
     result = predictor.predict(random_image(30, 40))

@@ -8,12 +8,13 @@ import math
 import re
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
 from torchvision.models.detection import RetinaNet
 from torchvision.models.detection.image_list import ImageList
-from torchvision.ops import roi_align
+from torchvision.ops import box_iou, nms, roi_align
 
 import denseclip
 from denseclip.checkpoint import convert_official_keys
@@ -32,6 +33,7 @@ from denseclip.models.detection import (
     paste_masks,
     retinanet_anchor_generator,
 )
+from denseclip.models.detection.transform import scale_factors
 from denseclip.models.official import OFFICIAL_DETECTION_RENAMES
 from denseclip.utils import keep_ratio_size
 
@@ -231,7 +233,20 @@ def test_box_seg_loss_matches_a_direct_computation():
     assert float(nothing) == 0.0
 
 
-def test_transform_rounds_like_mmcv_and_pastes_masks_back():
+def test_box_seg_loss_clamps_to_the_last_row_and_column():
+    """Official build_seg_target: coordinates // 4 clamped to W-1 / H-1, then an
+    end-exclusive slice: a box reaching the right / bottom edge leaves them out."""
+    logits = torch.linspace(-2, 2, 20).reshape(1, 1, 4, 5)
+    boxes = [torch.tensor([[4.0, 0.0, 20.0, 16.0]])]  # // 4 -> (1, 0, 5, 4), reaches both edges
+    target = torch.zeros(1, 1, 4, 5)
+    target[0, 0, 0:3, 1:4] = 1  # x2 5 -> 4, y2 4 -> 3
+    counted = target.bool()
+    bce = nn.functional.binary_cross_entropy_with_logits(logits, target, reduction="none")
+    expected = (bce * counted).sum() / counted.sum()
+    torch.testing.assert_close(box_seg_loss(logits, boxes, [torch.tensor([0])]), expected)
+
+
+def test_transform_rounds_like_mmcv_and_leaves_predictions_alone():
     assert keep_ratio_size(480, 640, (1333, 800)) == (800, 1067)  # torchvision floors: 1066
     t = DetectionTransform(800, 1333, [0.0] * 3, [1.0] * 3).eval()
     images, _ = t([torch.rand(3, 480, 640)])
@@ -239,16 +254,152 @@ def test_transform_rounds_like_mmcv_and_pastes_masks_back():
     same = torch.rand(3, 800, 1000)
     out, _ = t([same])
     torch.testing.assert_close(out.tensors[0, :, :, :1000], same)
-    result = [{"boxes": torch.tensor([[100.0, 200.0, 500.0, 600.0]]),
-               "masks": torch.ones(1, 1, 28, 28)}]
-    result = t.postprocess(result, [(800, 1067)], [(480, 640)])
-    box = result[0]["boxes"][0]
-    assert box.tolist() == pytest.approx([100 * 640 / 1067, 120, 500 * 640 / 1067, 360])
-    mask = result[0]["masks"][0, 0] >= 0.5
+    result = [{"boxes": torch.tensor([[100.0, 200.0, 500.0, 600.0]])}]
+    # the heads return original pixels; torchvision's rescale after NMS must not run
+    assert t.postprocess(result, [(800, 1067)], [(480, 640)])[0]["boxes"].tolist() == [
+        [100.0, 200.0, 500.0, 600.0]]
+
+
+def test_scale_factors_are_mmdets():
+    f = scale_factors([(800, 1067), (50, 50)], [(480, 640), (56, 56)])
+    assert f.dtype == torch.float32 and f.shape == (2, 4)
+    expected = np.array([[1067 / 640, 800 / 480] * 2, [50 / 56] * 4], dtype=np.float32)
+    np.testing.assert_array_equal(f.numpy(), expected)
+
+
+def test_paste_masks_fills_the_box_in_the_target_image():
+    box = torch.tensor([[60.0, 120.0, 300.0, 360.0]])
+    mask = paste_masks(torch.ones(1, 1, 28, 28), box, (480, 640))[0, 0] >= 0.5
     ys, xs = torch.nonzero(mask, as_tuple=True)
     assert (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1) == (
-        round(float(box[0])), 120, round(float(box[2])), 360)
+        60, 120, 300, 360)
     assert paste_masks(torch.ones(0, 1, 28, 28), torch.zeros(0, 4), (5, 5)).shape == (0, 1, 5, 5)
+
+
+# Two boxes whose IoU is exactly 0.5 in the network input (NMS at 0.5 keeps both) but, in
+# float32, just above 0.5 once divided by the scale factor 50/56 (NMS drops the second):
+# where NMS runs decides the result, and mmdet runs it on the rescaled boxes.
+TIE_BOXES = torch.tensor([[0.0, 0.0, 3.0, 1.0], [1.0, 0.0, 4.0, 1.0]])
+TIE_INPUT, TIE_ORIGINAL = [(50, 50)], [(56, 56)]
+
+
+def test_tie_boxes_cross_the_nms_threshold_only_at_the_original_scale():
+    scores = torch.tensor([0.9, 0.8])
+    f = scale_factors(TIE_INPUT, TIE_ORIGINAL)[0]
+    assert float(box_iou(TIE_BOXES, TIE_BOXES)[0, 1]) == 0.5
+    assert float(box_iou(TIE_BOXES / f, TIE_BOXES / f)[0, 1]) > 0.5
+    assert nms(TIE_BOXES, scores, 0.5).tolist() == [0, 1]
+    assert nms(TIE_BOXES / f, scores, 0.5).tolist() == [0]
+
+
+def test_retinanet_rescales_boxes_before_nms(shared_coco):
+    model = tiny("tiny_retinanet_clip", shared_coco).eval()
+    logits = torch.full((1, 2, 3), -9.0)
+    # both boxes score for class 0 (NMS shifts class c by c x (max coordinate + 1), which
+    # would change the float rounding of the tie)
+    logits[0, :, 0] = torch.tensor([2.0, 1.0])
+    head = {"cls_logits": [logits], "bbox_regression": [torch.zeros(1, 2, 4)]}
+    factors = scale_factors(TIE_INPUT, TIE_ORIGINAL)
+    (det,) = model.postprocess_detections(head, [[TIE_BOXES]], TIE_INPUT, factors)
+    assert torch.equal(det["boxes"], TIE_BOXES[:1] / factors[0])
+    assert det["labels"].tolist() == [0]
+    (unscaled,) = model.postprocess_detections(head, [[TIE_BOXES]], TIE_INPUT)
+    assert torch.equal(unscaled["boxes"], TIE_BOXES)  # NMS at the input scale keeps both
+
+
+def test_rcnn_rescales_boxes_before_nms_and_keeps_tiny_boxes(shared_coco):
+    heads = tiny("tiny_mask_rcnn_clip", shared_coco).eval().roi_heads
+    tiny_box = torch.tensor([[20.0, 20.0, 20.0078125, 30.0]])  # 1/128 px: torchvision drops it
+    proposals = [torch.cat([TIE_BOXES, tiny_box])]
+    logits = torch.full((3, 4), -5.0)  # background first, then the 3 classes
+    logits[:2, 1] = torch.tensor([3.0, 2.0])  # the tie boxes: class 0 (torchvision label 1)
+    logits[2, 2] = 1.0  # the tiny box: class 1
+    deltas = torch.zeros(3, 16)
+    factors = scale_factors(TIE_INPUT, TIE_ORIGINAL)
+    boxes, scores, labels = heads.postprocess_detections(logits, deltas, proposals, TIE_INPUT,
+                                                         factors)
+    expected = torch.cat([TIE_BOXES[:1], tiny_box]) / factors[0]
+    assert torch.equal(boxes[0], expected) and labels[0].tolist() == [1, 2]
+    probs = torch.softmax(logits, -1)
+    torch.testing.assert_close(scores[0], torch.stack([probs[0, 1], probs[2, 2]]))
+
+
+def test_rpn_keeps_proposals_wider_than_zero(shared_coco):
+    rpn = tiny("tiny_mask_rcnn_clip", shared_coco).eval().rpn
+    proposals = torch.tensor([[[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 5.0005, 9.0],
+                               [3.0, 3.0, 3.0, 8.0], [40.0, 40.0, 90.0, 90.0]]])
+    objectness = torch.tensor([[2.0], [1.0], [0.5], [0.0]])
+    boxes, scores = rpn.filter_proposals(proposals, objectness, [(64, 64)], [4])
+    # mmdet's min_bbox_size 0: w > 0 and h > 0 (torchvision: >= 1e-3); clipped to the image
+    expected = torch.tensor([[0.0, 0.0, 10.0, 10.0], [5.0, 5.0, 5.0005, 9.0],
+                             [40.0, 40.0, 64.0, 64.0]])
+    assert torch.equal(boxes[0], expected)
+    torch.testing.assert_close(scores[0], torch.sigmoid(torch.tensor([2.0, 1.0, 0.0])))
+
+
+def greedy_nms(boxes: torch.Tensor, scores: torch.Tensor, thr: float) -> list[int]:
+    order = sorted(range(len(scores)), key=lambda i: -float(scores[i]))
+    kept: list[int] = []
+    for i in order:
+        if all(float(box_iou(boxes[i:i + 1], boxes[j:j + 1])[0, 0]) <= thr for j in kept):
+            kept.append(i)
+    return kept
+
+
+def reference_retinanet(model, head, anchors, shape, original):
+    """mmdet's AnchorHead.get_bboxes (rescale=True) + multiclass_nms, written plainly."""
+    h, w = shape
+    oh, ow = original
+    factor = torch.tensor([w / ow, h / oh] * 2, dtype=torch.float32)
+    boxes, scores = [], []
+    for logits, deltas, anc in zip(head["cls_logits"], head["bbox_regression"], anchors,
+                                   strict=True):
+        prob = logits.sigmoid()
+        top = prob.max(1).values.topk(min(1000, len(prob))).indices
+        decoded = model.box_coder.decode_single(deltas[top], anc[top])
+        decoded[:, 0::2] = decoded[:, 0::2].clamp(0, w)
+        decoded[:, 1::2] = decoded[:, 1::2].clamp(0, h)
+        boxes.append(decoded / factor)
+        scores.append(prob[top])
+    boxes, scores = torch.cat(boxes), torch.cat(scores)
+    out = []
+    for cls in range(scores.shape[1]):
+        idx = torch.nonzero(scores[:, cls] > 0.05)[:, 0]
+        for k in greedy_nms(boxes[idx], scores[idx, cls], 0.5):
+            out.append((float(scores[idx[k], cls]), cls, boxes[idx[k]]))
+    out.sort(key=lambda r: -r[0])
+    return out[:100]
+
+
+@torch.no_grad()
+def test_retinanet_eval_equals_mmdets_rescale_then_nms(shared_coco):
+    model = tiny("tiny_retinanet_clip", shared_coco).eval()
+    captured = {}
+    model.neck.register_forward_hook(lambda m, i, o: captured.update(pyramid=o))
+    model.head.register_forward_hook(lambda m, i, o: captured.update(head=o))
+    torch.manual_seed(1)
+    image = torch.rand(3, 120, 160)  # already at the (160, 128) scale: no resize inside
+    original = (300, 400)
+    (det,) = model([image], original_sizes=[original])
+    pyramid = captured["pyramid"]
+    per_level = [p.shape[-2] * p.shape[-1] * 9 for p in pyramid]
+    head = {k: list(v[0].split(per_level)) for k, v in captured["head"].items()}
+    image_list = ImageList(torch.zeros(1, 3, 128, 160), [(120, 160)])
+    (anchors,) = model.anchor_generator(image_list, pyramid)
+    ref = reference_retinanet(model, head, list(anchors.split(per_level)), (120, 160),
+                              original)
+    assert len(ref) == len(det["scores"]) > 0
+
+    def ordered(rows):  # equal scores may come in either order
+        return sorted(rows, key=lambda r: (-round(r[0], 5), r[1], *r[2].tolist()))
+
+    got = ordered(list(zip(det["scores"].tolist(), det["labels"].tolist(), det["boxes"],
+                           strict=True)))
+    ref = ordered(ref)
+    torch.testing.assert_close(torch.tensor([r[0] for r in got]), torch.tensor([r[0] for r in ref]))
+    assert [r[1] for r in got] == [r[1] for r in ref]
+    torch.testing.assert_close(torch.stack([r[2] for r in got]), torch.stack([r[2] for r in ref]))
+    assert float(det["boxes"][:, 2].max()) <= 400 + 1e-3
 
 
 def test_batchnorm_modes_and_focal_prior(shared_coco):
@@ -291,6 +442,11 @@ def test_inputs_are_checked(shared_coco):
         model([img])
     with pytest.raises(ValueError, match="positive width"):
         model([img], [{**box, "boxes": torch.tensor([[5.0, 5.0, 5.0, 9.0]])}])
+    model.eval()
+    with pytest.raises(ValueError, match="1 images but 2 original sizes"):
+        model([img], original_sizes=[(64, 64), (32, 32)])
+    with pytest.raises(ValueError, match="positive"):
+        model([img], original_sizes=[(0, 64)])
 
 
 def test_crop_mode_refuses_inputs_beyond_1344(shared_coco):
@@ -321,7 +477,7 @@ def test_every_trainable_parameter_gets_a_gradient(shared_coco, name):
     missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
     if model.guidance is not None:
-        assert not any(p.requires_grad for p in model.guidance.text_encoder.parameters())
+        assert all(p.grad is not None for p in model.guidance.text_encoder.parameters())
         assert model.guidance.contexts.grad is not None
 
 
@@ -356,6 +512,26 @@ def test_training_overfits_two_images(shared_coco, name):
             assert float(det["boxes"][:, 3].max()) <= size[0] + 1e-3
         if isinstance(model, CLIPMaskRCNN):
             assert det["masks"].shape == (len(det["boxes"]), 1, *size)
+
+
+@torch.no_grad()
+def test_mask_rcnn_maps_detections_and_masks_to_the_original_sizes(shared_coco):
+    model = tiny("tiny_mask_rcnn_denseclip", shared_coco).eval()
+    torch.manual_seed(2)
+    images = [torch.rand(3, 120, 160), torch.rand(3, 128, 96)]  # at the (160, 128) scale
+    plain = model(images)
+    same = model(images, original_sizes=[(120, 160), (128, 96)])
+    for a, b in zip(plain, same, strict=True):
+        for key in ("boxes", "scores", "labels", "masks"):
+            assert torch.equal(a[key], b[key]), key
+    originals = [(240, 320), (100, 75)]
+    out = model(images, original_sizes=originals)
+    assert sum(len(d["boxes"]) for d in out) > 0
+    for det, (oh, ow) in zip(out, originals, strict=True):
+        assert det["masks"].shape == (len(det["boxes"]), 1, oh, ow)
+        if len(det["boxes"]):
+            assert float(det["boxes"][:, 2].max()) <= ow + 1e-3
+            assert float(det["boxes"][:, 3].max()) <= oh + 1e-3
 
 
 def test_retinanet_is_torchvisions_class(shared_coco):

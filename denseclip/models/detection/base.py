@@ -85,7 +85,10 @@ class CLIPDetector(GuidedModel):
                             [t["labels"] for t in targets], stride=4)  # C2 is at stride 4
         return {"loss_seg_aux": self.seg_loss_weight * loss}
 
-    def _check_inputs(self, images, targets):
+    def _check_inputs(self, images, targets, original_sizes=None):
+        """The images as a list, the targets, and the (H, W) to map predictions to:
+        ``original_sizes`` when given (the images were resized before the model, as the
+        test pipeline and the predictor do), else the input sizes."""
         if isinstance(images, Tensor):
             if images.ndim != 4:
                 raise ValueError("images must be a list of 3×H×W tensors or a B×3×H×W batch, "
@@ -128,4 +131,13 @@ class CLIPDetector(GuidedModel):
                         raise ValueError(f"target {i}: masks must be N×H×W "
                                          f"{(boxes.shape[0], *img.shape[-2:])}, got {got}")
         sizes = [(int(img.shape[-2]), int(img.shape[-1])) for img in images]
+        if original_sizes is not None:
+            if len(original_sizes) != len(images):
+                raise ValueError(f"{len(images)} images but {len(original_sizes)} original sizes")
+            checked = []
+            for i, size in enumerate(original_sizes):
+                if len(size) != 2 or int(size[0]) < 1 or int(size[1]) < 1:
+                    raise ValueError(f"original size {i} must be a positive (H, W), got {size}")
+                checked.append((int(size[0]), int(size[1])))
+            sizes = checked
         return list(images), targets, sizes

@@ -17,7 +17,8 @@ def box_seg_loss(score_logits: Tensor, boxes: Sequence[Tensor], labels: Sequence
 
     ``score_logits`` (B, K, H, W) is the τ-divided score map at ``stride``; per image and
     class the target is 1 inside that class's boxes (coordinates divided by ``stride``,
-    truncated, clamped, end-exclusive); pixels inside any box are the ones counted. Returns
+    truncated, clamped to W−1 / H−1, end-exclusive, as the official code does); pixels
+    inside any box are the ones counted. Returns
     Σ BCE(sigmoid(score), target) over classes and counted pixels / (K × counted pixels),
     computed over the batch as one tensor."""
     b, k, h, w = score_logits.shape
@@ -29,8 +30,10 @@ def box_seg_loss(score_logits: Tensor, boxes: Sequence[Tensor], labels: Sequence
         if bx.numel() == 0:
             continue
         q = torch.div(bx.detach(), stride).trunc().long()
-        x1, x2 = q[:, 0].clamp(0, w), q[:, 2].clamp(0, w)
-        y1, y2 = q[:, 1].clamp(0, h), q[:, 3].clamp(0, h)
+        # clamped to the last row / column, then used end-exclusive (the official code): a
+        # box reaching the right or bottom edge leaves out that last column or row
+        x1, x2 = q[:, 0].clamp(0, w - 1), q[:, 2].clamp(0, w - 1)
+        y1, y2 = q[:, 1].clamp(0, h - 1), q[:, 3].clamp(0, h - 1)
         inside = ((ys[None, :, None] >= y1[:, None, None]) & (ys[None, :, None] < y2[:, None, None])
                   & (xs[None, None, :] >= x1[:, None, None])
                   & (xs[None, None, :] < x2[:, None, None]))  # (n, H, W)

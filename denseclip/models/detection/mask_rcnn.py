@@ -123,8 +123,11 @@ class CLIPMaskRCNN(CLIPDetector, GeneralizedRCNN):
         mask_logits = heads.mask_predictor(heads.mask_head(mask_feats))
         return (*objectness, *rpn_deltas, class_logits, box_deltas, mask_logits)
 
-    def forward(self, images, targets=None):
-        images, targets, original_sizes = self._check_inputs(images, targets)
+    def forward(self, images, targets=None, original_sizes=None):
+        """Losses in training; in eval, detections in the pixels of ``original_sizes``
+        (one (H, W) per image: the sizes before the caller resized them; None: the input
+        sizes), rescaled before NMS and with masks pasted there, as mmdet does."""
+        images, targets, original_sizes = self._check_inputs(images, targets, original_sizes)
         image_list, targets = self.transform(images, targets)
         pyramid, score, c2 = self.extract_features(image_list.tensors)
         features = OrderedDict(zip(["0", "1", "2", "3", "pool"], pyramid, strict=True))
@@ -134,9 +137,9 @@ class CLIPMaskRCNN(CLIPDetector, GeneralizedRCNN):
             rcnn_targets = [{**t, "labels": t["labels"] + 1} for t in targets]
         proposals, rpn_losses = self.rpn(image_list, features, rcnn_targets)
         detections, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes,
-                                                rcnn_targets)
+                                                rcnn_targets, original_sizes)
         if self.training:
             return {**rpn_losses, **roi_losses, **self._seg_aux_loss(score, c2, targets)}
         for det in detections:
             det["labels"] = det["labels"] - 1
-        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        return detections

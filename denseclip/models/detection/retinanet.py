@@ -17,7 +17,8 @@ from ..guidance import TextGuidance
 from .anchors import retinanet_anchor_generator
 from .base import CLIPDetector, _default_init
 from .matcher import MaxIoUMatcher
-from .transform import DetectionTransform
+from .nms import batched_nms
+from .transform import DetectionTransform, scale_factors
 
 __all__ = ["CLIPRetinaNet"]
 
@@ -85,10 +86,13 @@ class CLIPRetinaNet(CLIPDetector, RetinaNet):
         return {"loss_cls": torch.stack(cls_losses).sum() / num_pos,
                 "loss_bbox": torch.stack(box_losses).sum() / num_pos}
 
-    def postprocess_detections(self, head_outputs, anchors, image_shapes):
-        """mmdet 2.17: per level keep the ``topk_candidates`` anchors with the highest
-        class score, decode; then class-wise NMS over (anchor, class) scores above the
-        threshold, at most ``detections_per_img``."""
+    def postprocess_detections(self, head_outputs, anchors, image_shapes, factors=None):
+        """mmdet 2.17 (``AnchorHead.get_bboxes``, ``rescale=True``): per level keep the
+        ``topk_candidates`` anchors with the highest class score, decode and clip to the
+        input image; divide by the image's scale factor (``factors``, B×4 from
+        :func:`.transform.scale_factors`; None: no rescale) into original pixels; then
+        class-wise NMS over (anchor, class) scores above the threshold, at most
+        ``detections_per_img``."""
         results = []
         for index, shape in enumerate(image_shapes):
             boxes_all, scores_all = [], []
@@ -104,9 +108,11 @@ class CLIPRetinaNet(CLIPDetector, RetinaNet):
                 boxes_all.append(box_ops.clip_boxes_to_image(boxes, shape))
                 scores_all.append(scores)
             boxes, scores = torch.cat(boxes_all), torch.cat(scores_all)
+            if factors is not None:
+                boxes = boxes / factors[index].to(boxes)
             anchor_idx, labels = torch.nonzero(scores > self.score_thresh, as_tuple=True)
             boxes, scores = boxes[anchor_idx], scores[anchor_idx, labels]
-            keep = box_ops.batched_nms(boxes, scores, labels, self.nms_thresh)
+            keep = batched_nms(boxes, scores, labels, self.nms_thresh)
             keep = keep[: self.detections_per_img]
             results.append({"boxes": boxes[keep], "scores": scores[keep], "labels": labels[keep]})
         return results
@@ -119,8 +125,11 @@ class CLIPRetinaNet(CLIPDetector, RetinaNet):
         pyramid = self._dummy_features(images)
         return self.head(pyramid)
 
-    def forward(self, images, targets=None):
-        images, targets, original_sizes = self._check_inputs(images, targets)
+    def forward(self, images, targets=None, original_sizes=None):
+        """Losses in training; in eval, detections in the pixels of ``original_sizes``
+        (one (H, W) per image: the sizes before the caller resized them; None: the input
+        sizes), rescaled before NMS as mmdet does."""
+        images, targets, original_sizes = self._check_inputs(images, targets, original_sizes)
         image_list, targets = self.transform(images, targets)
         pyramid, score, c2 = self.extract_features(image_list.tensors)
         head_outputs = self.head(pyramid)
@@ -135,5 +144,5 @@ class CLIPRetinaNet(CLIPDetector, RetinaNet):
                      for p in pyramid]
         split = {k: list(v.split(per_level, dim=1)) for k, v in head_outputs.items()}
         split_anchors = [list(a.split(per_level)) for a in anchors]
-        detections = self.postprocess_detections(split, split_anchors, image_list.image_sizes)
-        return self.transform.postprocess(detections, image_list.image_sizes, original_sizes)
+        factors = scale_factors(image_list.image_sizes, original_sizes, pyramid[0].device)
+        return self.postprocess_detections(split, split_anchors, image_list.image_sizes, factors)

@@ -7,7 +7,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torchvision.models.detection import roi_heads as tv_roi_heads
 from torchvision.models.detection.roi_heads import maskrcnn_inference
+from torchvision.ops import boxes as box_ops
 from torchvision.ops import roi_align
+
+from .nms import batched_nms
+from .transform import paste_masks, scale_factors
 
 __all__ = ["BoxPredictor", "MaskPredictor", "RoIHeads"]
 
@@ -56,7 +60,48 @@ class RoIHeads(tv_roi_heads.RoIHeads):
                             (self.mask_size, self.mask_size), 1.0, 0, True)[:, 0]
         return (cropped >= 0.5).float()
 
-    def forward(self, features, proposals, image_shapes, targets=None):
+    def postprocess_detections(self, class_logits, box_regression, proposals, image_shapes,
+                               factors=None):
+        """mmdet 2.17 (``BBoxHead.get_bboxes`` with ``rescale=True``, then
+        ``multiclass_nms``): softmax scores, class-specific boxes decoded and clipped to the
+        input image, divided by the image's scale factor (``factors``, B×4 from
+        :func:`.transform.scale_factors`; None: no rescale) into original pixels; then per
+        (RoI, class) scores above the threshold, class-wise NMS, at most
+        ``detections_per_img``. No box-size filter (mmdet has none here). Labels are
+        1..K (0 is torchvision's background)."""
+        per_image = [p.shape[0] for p in proposals]
+        all_boxes = self.box_coder.decode(box_regression, proposals).split(per_image)
+        all_scores = F.softmax(class_logits, -1).split(per_image)
+        out_boxes, out_scores, out_labels = [], [], []
+        for i, (boxes, scores, shape) in enumerate(zip(all_boxes, all_scores, image_shapes,
+                                                       strict=True)):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)[:, 1:]  # drop background
+            if factors is not None:
+                boxes = boxes / factors[i].to(boxes)
+            scores = scores[:, 1:]
+            roi_idx, cls_idx = torch.nonzero(scores > self.score_thresh, as_tuple=True)
+            boxes, scores, labels = boxes[roi_idx, cls_idx], scores[roi_idx, cls_idx], cls_idx + 1
+            keep = batched_nms(boxes, scores, cls_idx, self.nms_thresh)  # 0-based, as mmdet
+            keep = keep[: self.detections_per_img]
+            out_boxes.append(boxes[keep])
+            out_scores.append(scores[keep])
+            out_labels.append(labels[keep])
+        return out_boxes, out_scores, out_labels
+
+    def _predict_masks(self, features, boxes, labels, image_shapes, factors, original_sizes):
+        """mmdet's ``simple_test_mask`` + ``get_seg_masks`` (``rescale=True``): RoIs are the
+        detections mapped back into the input (× scale factor); the M×M probabilities of
+        each detection's class are pasted into the original image at RoI / scale factor."""
+        rois = [b * f.to(b) for b, f in zip(boxes, factors, strict=True)]
+        mask_feats = self.mask_head(self.mask_roi_pool(features, rois, image_shapes))
+        probs = maskrcnn_inference(self.mask_predictor(mask_feats).float(), labels)
+        return [paste_masks(p, r / f.to(r), size)
+                for p, r, f, size in zip(probs, rois, factors, original_sizes, strict=True)]
+
+    def forward(self, features, proposals, image_shapes, targets=None, original_sizes=None):
+        """Losses in training; in eval, detections (boxes, 1..K labels, scores, masks
+        N×1×H×W probabilities) in the pixels of ``original_sizes`` (None: the input
+        sizes)."""
         if self.training:
             proposals, matched_idxs, labels, regression_targets = self.select_training_samples(
                 proposals, targets)
@@ -64,15 +109,17 @@ class RoIHeads(tv_roi_heads.RoIHeads):
         class_logits, box_regression = self.box_predictor(box_features)
         class_logits, box_regression = class_logits.float(), box_regression.float()
         if not self.training:
-            boxes, scores, labels = self.postprocess_detections(class_logits, box_regression,
-                                                                proposals, image_shapes)
+            original_sizes = image_shapes if original_sizes is None else original_sizes
+            factors = scale_factors(image_shapes, original_sizes, class_logits.device)
+            boxes, scores, labels = self.postprocess_detections(
+                class_logits, box_regression, proposals, image_shapes, factors)
             result = [{"boxes": b, "labels": lb, "scores": s}
                       for b, s, lb in zip(boxes, scores, labels, strict=True)]
             if self.has_mask():
-                mask_feats = self.mask_head(self.mask_roi_pool(features, boxes, image_shapes))
-                probs = maskrcnn_inference(self.mask_predictor(mask_feats).float(), labels)
-                for r, p in zip(result, probs, strict=True):
-                    r["masks"] = p
+                masks = self._predict_masks(features, boxes, labels, image_shapes, factors,
+                                            original_sizes)
+                for r, m in zip(result, masks, strict=True):
+                    r["masks"] = m
             return result, {}
 
         all_labels = torch.cat(labels)

@@ -9,11 +9,16 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.models.detection.rpn import RegionProposalNetwork, concat_box_prediction_layers
 from torchvision.ops import boxes as box_ops
 
+from .nms import batched_nms
+
 __all__ = ["RPN"]
 
 
 class RPN(RegionProposalNetwork):
-    """torchvision's RPN with L1 box loss, mmdet's assigner and anchor valid flags."""
+    """torchvision's RPN with L1 box loss, mmdet's assigner and anchor valid flags, and
+    mmdet's proposal filter (:meth:`filter_proposals`)."""
+
+    min_bbox_size = 0.0  # mmdet's rpn test/train ``min_bbox_size``: keep w, h > this
 
     def compute_loss(self, objectness, pred_bbox_deltas, labels, regression_targets):
         pos, neg = self.fg_bg_sampler(labels)
@@ -27,6 +32,32 @@ class RPN(RegionProposalNetwork):
         loss_cls = F.binary_cross_entropy_with_logits(objectness.flatten()[sampled],
                                                       labels[sampled])
         return loss_cls, loss_bbox
+
+    def filter_proposals(self, proposals, objectness, image_shapes, num_anchors_per_level):
+        """mmdet 2.17's ``RPNHead._get_bboxes_single``: per level the ``pre_nms_top_n``
+        highest scores; boxes clipped to the input image; only boxes wider and taller than
+        ``min_bbox_size`` = 0 px kept (torchvision keeps ≥ 1e-3 px); NMS per level; the
+        ``post_nms_top_n`` best. Returns per image (boxes, sigmoid scores)."""
+        num_images = proposals.shape[0]
+        objectness = objectness.detach().reshape(num_images, -1)
+        levels = torch.cat([torch.full((n,), i, dtype=torch.int64, device=proposals.device)
+                            for i, n in enumerate(num_anchors_per_level)])
+        top = self._get_top_n_idx(objectness, num_anchors_per_level)
+        rows = torch.arange(num_images, device=proposals.device)[:, None]
+        scores_all = torch.sigmoid(objectness[rows, top])
+        boxes_all, levels_all = proposals[rows, top], levels[top]
+        final_boxes, final_scores = [], []
+        for boxes, scores, lvl, shape in zip(boxes_all, scores_all, levels_all, image_shapes,
+                                             strict=True):
+            boxes = box_ops.clip_boxes_to_image(boxes, shape)
+            wh = boxes[:, 2:] - boxes[:, :2]
+            keep = (wh > self.min_bbox_size).all(dim=1)
+            boxes, scores, lvl = boxes[keep], scores[keep], lvl[keep]
+            keep = batched_nms(boxes, scores, lvl, self.nms_thresh)
+            keep = keep[: self.post_nms_top_n()]
+            final_boxes.append(boxes[keep])
+            final_scores.append(scores[keep])
+        return final_boxes, final_scores
 
     def _assign(self, anchors, targets, valid):
         labels, matched_boxes = [], []

@@ -1,7 +1,10 @@
-"""The detectors' input transform (normalise, keep-ratio resize, pad) and the paste of
-predicted masks back into the input image."""
+"""The detectors' input transform (normalise, keep-ratio resize, pad), mmdet's scale
+factors between the network input and the original images, and the paste of predicted
+masks into the original image."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -10,7 +13,7 @@ from torchvision.models.detection.transform import GeneralizedRCNNTransform
 
 from ...utils import keep_ratio_size
 
-__all__ = ["DetectionTransform", "paste_masks"]
+__all__ = ["DetectionTransform", "paste_masks", "scale_factors"]
 
 
 def paste_masks(masks: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
@@ -37,10 +40,26 @@ def paste_masks(masks: Tensor, boxes: Tensor, size: tuple[int, int]) -> Tensor:
     return out
 
 
+def scale_factors(image_sizes: Sequence[tuple[int, int]],
+                  original_sizes: Sequence[tuple[int, int]],
+                  device: torch.device | None = None) -> Tensor:
+    """mmdet's ``scale_factor`` per image: (B, 4) float32 rows ``(w_scale, h_scale, w_scale,
+    h_scale)`` with ``w_scale = resized width / original width`` (mmdet's ``Resize``).
+    Boxes in the network input divided by it are in original pixels (``rescale=True``)."""
+    rows = [[w / ow, h / oh, w / ow, h / oh]
+            for (h, w), (oh, ow) in zip(image_sizes, original_sizes, strict=True)]
+    return torch.tensor(rows, dtype=torch.float32, device=device).reshape(-1, 4)
+
+
 class DetectionTransform(GeneralizedRCNNTransform):
     """torchvision's detector transform (normalise, resize, pad to a multiple) with mmcv's
-    resize rounding, no work when the image already has the target size (the training
-    pipeline resizes in the data loader), and mmdet's mask paste in :meth:`postprocess`."""
+    resize rounding and no work when the image already has the target size (the data
+    pipelines and the predictor resize the uint8 image with OpenCV beforehand, as mmcv
+    does; a float bilinear resize here is the fallback for other inputs).
+
+    :meth:`postprocess` returns the predictions unchanged: the heads rescale boxes to the
+    original images before NMS and paste masks there themselves (mmdet's ``rescale=True``),
+    so torchvision's box rescaling after NMS must not run."""
 
     def resize(self, image: Tensor, target: dict[str, Tensor] | None = None):
         h, w = image.shape[-2:]
@@ -63,12 +82,4 @@ class DetectionTransform(GeneralizedRCNNTransform):
         return image, target
 
     def postprocess(self, result, image_shapes, original_image_sizes):
-        if self.training:
-            return result
-        for pred, (h, w), (oh, ow) in zip(result, image_shapes, original_image_sizes,
-                                          strict=True):
-            ratio = torch.tensor([ow / w, oh / h] * 2, device=pred["boxes"].device)
-            pred["boxes"] = pred["boxes"] * ratio.to(pred["boxes"].dtype)
-            if "masks" in pred:
-                pred["masks"] = paste_masks(pred["masks"], pred["boxes"], (oh, ow))
         return result
