@@ -396,8 +396,9 @@ class PhotoMetricDistortion:
 
 class Normalize255:
     """``(x - 255·mean) · (1 / (255·std))`` per channel (mean and std in 0..1 units, RGB),
-    computed as ``mmcv.imnormalize``: the uint8 image as float32, ``cv2.subtract`` of the
-    float64 means and ``cv2.multiply`` by the float64 inverse deviations. The image becomes
+    computed as mmseg's ``Normalize`` and ``mmcv.imnormalize``: means and deviations
+    rounded to float32, the uint8 image as float32, ``cv2.subtract`` of the (widened)
+    means and ``cv2.multiply`` by the float64 inverse deviations. The image becomes
     a float32 ``H × W × 3`` array; the label map passes."""
 
     def __init__(self, mean: Sequence[float], std: Sequence[float]):
@@ -405,8 +406,10 @@ class Normalize255:
             raise ValueError(f"mean and std need 3 values (RGB), got {mean}, {std}")
         if any(s <= 0 for s in std):
             raise ValueError(f"std must be positive, got {std}")
-        self.mean = np.array([255.0 * float(m) for m in mean], dtype=np.float64).reshape(1, -1)
-        self.std = np.array([255.0 * float(s) for s in std], dtype=np.float64).reshape(1, -1)
+        # float32 first, as mmseg's Normalize stores them, then float64 as imnormalize uses
+        self.mean = np.array([255.0 * float(m) for m in mean], np.float32).reshape(1, -1)
+        self.std = np.array([255.0 * float(s) for s in std], np.float32).reshape(1, -1)
+        self.mean, self.std = self.mean.astype(np.float64), self.std.astype(np.float64)
         self._stdinv = 1 / self.std
 
     def normalize(self, image: np.ndarray) -> np.ndarray:
