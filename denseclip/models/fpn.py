@@ -86,11 +86,14 @@ class ConvBNReLU(nn.Module):
 
 class SemanticFPNHead(nn.Module):
     """Semantic FPN: per level, [3×3 conv, BN, ReLU, (2× bilinear upsample)] until the
-    finest stride, summed, then dropout and a 1×1 classifier. Logits at stride 4."""
+    finest stride, summed, then dropout and a 1×1 classifier. Logits at stride 4. Every
+    bilinear resize uses ``align_corners`` (mmseg's decode-head setting)."""
 
     def __init__(self, in_channels: int, channels: int, num_classes: int,
-                 strides: tuple[int, ...] = (4, 8, 16, 32), dropout: float = 0.1) -> None:
+                 strides: tuple[int, ...] = (4, 8, 16, 32), dropout: float = 0.1,
+                 align_corners: bool = False) -> None:
         super().__init__()
+        self.align_corners = align_corners
         self.scale_heads = nn.ModuleList()
         for stride in strides:
             steps = max(1, int(math.log2(stride) - math.log2(strides[0])))
@@ -99,7 +102,7 @@ class SemanticFPNHead(nn.Module):
                 layers.append(ConvBNReLU(in_channels if k == 0 else channels, channels))
                 if stride != strides[0]:
                     layers.append(nn.Upsample(scale_factor=2, mode="bilinear",
-                                              align_corners=False))
+                                              align_corners=align_corners))
             self.scale_heads.append(nn.Sequential(*layers))
         conv_module_init(self.scale_heads)  # ConvModules; the classifier keeps torch's init
         self.dropout = nn.Dropout2d(dropout)
@@ -110,5 +113,5 @@ class SemanticFPNHead(nn.Module):
         out = self.scale_heads[0](features[0])
         for head, x in zip(self.scale_heads[1:], features[1:], strict=True):
             out = out + F.interpolate(head(x), size=out.shape[-2:], mode="bilinear",
-                                      align_corners=False)
+                                      align_corners=self.align_corners)
         return self.conv_seg(self.dropout(out))

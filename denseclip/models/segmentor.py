@@ -69,7 +69,7 @@ class Segmentor(GuidedModel, nn.Module):
             in_channels[score_level] += num_classes  # C + K at the level with the score map
         self.neck = FPN(in_channels, neck_channels)
         self.head = SemanticFPNHead(neck_channels, head_channels, num_classes,
-                                    dropout=head_dropout)
+                                    dropout=head_dropout, align_corners=align_corners)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.loss_average = loss_average

@@ -27,13 +27,11 @@ from denseclip.data.transforms import (
 )
 from denseclip.utils import keep_ratio_size
 from tests.helpers.images import PALETTE, block_labels, random_image
+from tests.helpers.official import OFFICIAL_MEAN, OFFICIAL_STD
 
 MEAN = [0.48145466, 0.4578275, 0.40821073]
 STD = [0.26862954, 0.26130258, 0.27577711]
 # The official configs' img_norm_cfg (255 x the CLIP values above, as written there).
-# mmseg's Normalize stores the config's values as float32 (np.array(..., np.float32)).
-OFFICIAL_MEAN = np.array([122.7709383, 116.7460125, 104.09373615], dtype=np.float32)
-OFFICIAL_STD = np.array([68.5005327, 66.6321579, 70.32316305], dtype=np.float32)
 
 
 # ----------------------------------------------------------- the official code, restated

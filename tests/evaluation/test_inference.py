@@ -1,4 +1,3 @@
-import cv2
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,7 @@ from denseclip.evaluation.inference import (
 )
 from denseclip.utils import keep_ratio_size
 from tests.helpers.images import random_image
+from tests.helpers.official import official_view
 
 K = 5
 MEAN, STD = list(CLIP_MEAN), list(CLIP_STD)
@@ -201,20 +201,6 @@ def test_bad_model_output_is_reported():
         slide_inference(half_res, torch.randn(1, 3, 20, 20), (8, 8), (8, 8), K, (20, 20))
     with pytest.raises(ValueError, match="expected N x 4"):
         slide_inference(Ones(), torch.randn(1, 3, 20, 20), (8, 8), (8, 8), 4, (20, 20))
-
-
-def official_view(image: np.ndarray, bounds) -> torch.Tensor:
-    """One view of mmseg's MultiScaleFlipAug, with direct OpenCV calls: Resize
-    (mmcv.imrescale of the original BGR uint8 image) then Normalize(to_rgb=True)."""
-    bgr = np.ascontiguousarray(image[:, :, ::-1])
-    h, w = bgr.shape[:2]
-    factor = min(max(bounds) / max(h, w), min(bounds) / min(h, w))
-    size = int(w * float(factor) + 0.5), int(h * float(factor) + 0.5)
-    img = cv2.resize(bgr, size, interpolation=cv2.INTER_LINEAR).astype(np.float32)
-    cv2.cvtColor(img, cv2.COLOR_BGR2RGB, img)
-    cv2.subtract(img, np.float64([[122.7709383, 116.7460125, 104.09373615]]), img)
-    cv2.multiply(img, 1 / np.float64([[68.5005327, 66.6321579, 70.32316305]]), img)
-    return torch.from_numpy(img).permute(2, 0, 1)
 
 
 def test_aug_views_rescale_the_original_image_as_mmseg():

@@ -17,7 +17,7 @@ from denseclip.engine import trainer
 from denseclip.engine.dist import DistEnv
 from denseclip.evaluation.inference import aug_scales
 from denseclip.evaluation.segmentation import evaluate
-from tests.evaluation.test_inference import official_view
+from tests.helpers.official import official_view
 
 
 @pytest.mark.parametrize("align_corners", [False, True])
@@ -34,6 +34,8 @@ def test_evaluation_labels_equal_the_predictor(tmp_path, align_corners):
     trainer.test(cfg, checkpoint, out_dir=out, env=DistEnv(), progress=False)
     predictor = denseclip.Predictor(cfg, checkpoint)
     assert predictor.model.align_corners is align_corners
+    upsamples = [m for m in predictor.model.head.modules() if isinstance(m, torch.nn.Upsample)]
+    assert upsamples and all(m.align_corners is align_corners for m in upsamples)  # mmseg's
     images = sorted((root / "images" / "validation").glob("*.jpg"))
     assert len(images) == 2
     for image in images:
