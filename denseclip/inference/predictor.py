@@ -49,10 +49,11 @@ class Predictor:
         batch_size: images and sliding windows per forward call.
 
     Segmentation follows the test pipeline: keep-ratio resize to ``data.test_scale``
-    (bilinear, no antialiasing), normalisation with ``data.mean``/``data.std`` on the 0..255
-    scale, sliding-window (``evaluation.mode: slide``) or whole-image inference, logits
+    (OpenCV bilinear on the uint8 image, as mmcv), normalisation with
+    ``data.mean``/``data.std`` on the 0..255 scale, sliding-window (``evaluation.mode: slide``) or whole-image inference, logits
     resized to the original size, softmax. Detection presets return the model's boxes,
-    labels, scores (and masks) in original pixels.
+    labels, scores (and masks) in original pixels; the image is resized as uint8 to the
+    detection scale before the model, as mmdet's test pipeline does.
     """
 
     def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None,
