@@ -19,6 +19,7 @@ from denseclip.data import (
     load_image,
     pil_to_rgb,
 )
+from tests.helpers.official import OFFICIAL_MEAN, OFFICIAL_STD
 
 MEAN = torch.tensor([0.48145466, 0.4578275, 0.40821073])
 STD = torch.tensor([0.26862954, 0.26130258, 0.27577711])
@@ -71,8 +72,8 @@ def test_test_pipeline_normalises_and_keeps_original_target(tmp_path, write_pair
     # ... computed as mmcv.imnormalize does (float32, cv2.subtract, cv2.multiply): exactly
     official = image[:, :, ::-1].astype(np.float32)  # BGR, to_rgb=True
     cv2.cvtColor(official, cv2.COLOR_BGR2RGB, official)
-    mean = np.float64([[122.7709383, 116.7460125, 104.09373615]])  # the official config's
-    std = np.float64([[68.5005327, 66.6321579, 70.32316305]])
+    mean = np.float64(OFFICIAL_MEAN.reshape(1, -1))  # the official config's, as stored
+    std = np.float64(OFFICIAL_STD.reshape(1, -1))
     cv2.subtract(official, mean, official)
     cv2.multiply(official, 1 / std, official)
     np.testing.assert_array_equal(item["image"].permute(1, 2, 0).numpy(), official)
