@@ -50,8 +50,9 @@ class Predictor:
 
     Segmentation follows the test pipeline: keep-ratio resize to ``data.test_scale``
     (OpenCV bilinear on the uint8 image, as mmcv), normalisation with
-    ``data.mean``/``data.std`` on the 0..255 scale, sliding-window (``evaluation.mode: slide``) or whole-image inference, logits
-    resized to the original size, softmax. Detection presets return the model's boxes,
+    ``data.mean``/``data.std`` on the 0..255 scale, sliding-window
+    (``evaluation.mode: slide``) or whole-image inference, logits resized to the original
+    size, softmax. Detection presets return the model's boxes,
     labels, scores (and masks) in original pixels; the image is resized as uint8 to the
     detection scale before the model, as mmdet's test pipeline does.
     """
