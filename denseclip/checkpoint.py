@@ -94,13 +94,6 @@ def rename_key(key: str, table: list[tuple[str, str]]) -> str:
     return key
 
 
-def convert_official_keys(state_dict: dict[str, Any],
-                          table: list[tuple[str, str]]) -> dict[str, Any]:
-    """An official release's state dict with its keys renamed by ``table`` (a model class's
-    ``official_renames``, see :mod:`denseclip.models.official`)."""
-    return {rename_key(k, table): v for k, v in state_dict.items()}
-
-
 # ---------------------------------------------------------------------------- reading files
 def _is_torchscript(path: Path) -> bool:
     if not zipfile.is_zipfile(path):
@@ -188,12 +181,6 @@ def _reconcile(key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Ten
     )
 
 
-def official_renames(model: nn.Module) -> list[tuple[str, str]] | None:
-    """The official release's rename table of ``model``'s class (its ``official_renames``
-    attribute), or None when the class has none."""
-    return getattr(model, "official_renames", None)
-
-
 def convert_state_dict(sd: dict[str, torch.Tensor], fmt: str,
                        model_sd: dict[str, torch.Tensor],
                        official_table: list[tuple[str, str]] | None = None,
@@ -202,8 +189,9 @@ def convert_state_dict(sd: dict[str, torch.Tensor], fmt: str,
     keys that by design have no counterpart in ``model_sd``. An official release needs
     ``official_table``, the model's rename table."""
     if fmt == "official" and official_table is None:
-        raise CheckpointError("converting an official release needs the model's rename table "
-                              "(official_table)")
+        raise CheckpointError("an official DenseCLIP release needs the model's rename table "
+                              "(its official_renames); official releases load into the "
+                              "segmentor and the detectors only")
     table = {"official": official_table, "openai": OPENAI_RENAMES}.get(fmt) or []
     out, ignored = {}, []
     for key, value in sd.items():
@@ -247,14 +235,11 @@ def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
     path = Path(path)
     fmt, sd = detect_format(obj, path)
     model_sd = model.state_dict()
-    official_table = official_renames(model)
-    if fmt == "official" and official_table is None:
-        raise CheckpointError(
-            f"{path}: an official DenseCLIP release, but {type(model).__name__} has no "
-            f"official_renames table to map its keys; official releases load into the "
-            f"segmentor and the detectors only"
-        )
-    renamed, ignored = convert_state_dict(sd, fmt, model_sd, official_table)
+    try:
+        renamed, ignored = convert_state_dict(sd, fmt, model_sd,
+                                              getattr(model, "official_renames", None))
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {type(model).__name__}: {e}") from None
 
     unexpected = sorted(k for k in renamed if k not in model_sd)
     missing = [k for k in model_sd if k not in renamed]
