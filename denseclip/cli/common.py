@@ -36,9 +36,10 @@ def add_class_arguments(parser: argparse.ArgumentParser, help_names: str) -> Non
 def predictor_from_args(args: argparse.Namespace, cfg: Config, command: str,
                         **kwargs: Any) -> Predictor:
     """A :class:`Predictor` for a command's ``checkpoint`` (``none``/``random``: random
-    weights, with a warning) and ``--classes``/``--classes-file`` arguments."""
-    classes = args.classes  # a comma-separated list, checked by the predictor
-    if args.classes_file is not None:
+    weights, with a warning) and, where the command has them, ``--classes`` /
+    ``--classes-file``."""
+    classes = getattr(args, "classes", None)  # comma-separated, checked by the predictor
+    if getattr(args, "classes_file", None) is not None:
         classes = read_open_classes(args.classes_file)
     checkpoint = None if args.checkpoint.lower() in NO_CHECKPOINT else args.checkpoint
     with warnings.catch_warnings():

@@ -5,13 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
 from ..checkpoint import CheckpointError
 from ..config import load_config
 from ..demo import make_server
-from ..inference import PredictionError, Predictor
-from .common import NO_CHECKPOINT
+from ..inference import PredictionError
+from .common import predictor_from_args
 
 HELP = "serve a local web page to try a model on your own images"
 
@@ -32,18 +31,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``denseclip demo``: serve until interrupted (Ctrl-C); 2 if the model cannot load."""
     cfg = load_config(args.config, args.overrides)
-    checkpoint = None if args.checkpoint.lower() in NO_CHECKPOINT else args.checkpoint
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", UserWarning)
-            predictor = Predictor(cfg, checkpoint, args.device)
+        predictor = predictor_from_args(args, cfg, "demo", device=args.device)
         server = make_server(predictor, args.host, args.port, args.max_side)
     except (CheckpointError, FileNotFoundError, PredictionError, OSError) as e:
         print(f"denseclip demo: error: {e}", file=sys.stderr)
         return 2
-    if checkpoint is None:
-        print(f"denseclip demo: warning: no checkpoint, {cfg.name} has random weights",
-              file=sys.stderr)
     print(f"DenseCLIP demo for {cfg.name} on {server.url} (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
