@@ -14,7 +14,7 @@ from ..config import Config
 from ..data.coco import build_coco_dataset, collate_detection, move_detection_batch
 from ..data.samplers import collate_segmentation
 from ..data.segmentation import build_segmentation_dataset
-from ..evaluation.coco import evaluate_detection
+from ..evaluation.coco import METRIC_NAMES, evaluate_detection
 from ..evaluation.segmentation import evaluate
 from .dist import DistEnv
 
@@ -57,7 +57,7 @@ class SegmentationTask:
 
 class DetectionTask:
     name = "detection"
-    summary_keys = tuple(f"bbox_{k}" for k in ("AP", "AP50", "AP75", "APs", "APm", "APl"))
+    summary_keys = tuple(f"bbox_{k}" for k in METRIC_NAMES)
 
     @staticmethod
     def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
@@ -70,9 +70,7 @@ class DetectionTask:
         self.cfg = cfg
         self.with_masks = cfg.model.task == "mask_rcnn"
         if self.with_masks:
-            self.summary_keys = (*self.summary_keys,
-                                 *(f"segm_{k}" for k in ("AP", "AP50", "AP75", "APs", "APm",
-                                                         "APl")))
+            self.summary_keys = (*self.summary_keys, *(f"segm_{k}" for k in METRIC_NAMES))
         self.class_names = load_class_names(cfg.model.classes)
 
     def dataset(self, split: str, train: bool):
