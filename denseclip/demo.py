@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .data.io import decode_image
 from .inference import DetectionPrediction, PredictionError, Predictor, to_rgb
 from .inference.render import format_share, palette, render_detections, render_overlay
 
@@ -249,12 +250,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _predict(self, upload: bytes, classes: str) -> str:
         server = self.server
-        try:
-            with Image.open(io.BytesIO(upload)) as img:
-                img.load()
-                rgb = to_rgb(img)
-        except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-            raise PredictionError(f"cannot read the upload as an image: {e}") from None
+        rgb = decode_image(upload)  # as a file is decoded (OpenCV, like mmcv)
+        if rgb is None:  # a format OpenCV cannot read, or not an image: Pillow says which
+            try:
+                with Image.open(io.BytesIO(upload)) as img:
+                    img.load()
+                    rgb = to_rgb(img)
+            except (OSError, SyntaxError, Image.DecompressionBombError) as e:
+                raise PredictionError(f"cannot read the upload as an image: {e}") from None
         note = None
         H, W = rgb.shape[:2]
         if max(H, W) > server.max_side:
