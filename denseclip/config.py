@@ -35,6 +35,8 @@ DatasetKind = Literal["ade20k", "folder", "coco"]
 LrPolicy = Literal["poly", "step"]
 EvalMode = Literal["slide", "whole"]
 AmpMode = Literal["none", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "auto"]
+Kernels = Literal["fast", "reference"]
 NonfiniteLoss = Literal["stop", "skip"]
 DropPathMode = Literal["token", "sample"]
 
@@ -235,7 +237,15 @@ class Config:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
     seed: int = 0
-    amp: AmpMode = "none"  # "none", "bf16" or "fp16"
+    amp: AmpMode = "none"  # training autocast: "none", "bf16" or "fp16" (+ loss scaling)
+    # Inference precision (predict, demo, the Predictor): "auto" is the fastest one the
+    # hardware runs natively (see denseclip.runtime); `denseclip test` uses fp32 unless
+    # told otherwise, so reproduced numbers are reproducible.
+    precision: Precision = "auto"
+    # "fast": channels_last, fused attention, BatchNorm folded at inference, the text
+    # prefix shared by all classes; "reference": the computation as written (equal up to
+    # floating-point rounding). Training and inference alike.
+    kernels: Kernels = "fast"
     nonfinite_loss: NonfiniteLoss = "stop"  # "stop" or "skip"
 
     def to_dict(self) -> dict[str, Any]:

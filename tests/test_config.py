@@ -179,6 +179,8 @@ CHOICES = {
     "schedule.policy": ("poly", "step"),
     "evaluation.mode": ("slide", "whole"),
     "amp": ("none", "bf16", "fp16"),
+    "precision": ("fp32", "bf16", "fp16", "auto"),
+    "kernels": ("fast", "reference"),
     "nonfinite_loss": ("stop", "skip"),
 }
 
