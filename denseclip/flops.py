@@ -64,6 +64,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from .runtime import reference_kernels
+
 __all__ = ["DETECTION_INPUT_SIZE", "EXTRA_OPS", "MODULES", "TRANSPOSED_CONV", "complexity",
            "count_macs", "count_parameters", "format_report", "is_detector"]
 
@@ -190,7 +192,7 @@ def count_macs(module: nn.Module, *inputs: Any, extra_ops: bool = True,
     mapping = _custom_mapping(extra_ops, transposed_conv)
     counter = FlopCounterMode(display=False, custom_mapping=mapping)
     call = module if method is None else _MethodCall(module, method)
-    with torch.no_grad(), counter:
+    with torch.no_grad(), reference_kernels(), counter:  # explicit attention matmuls, full text
         call(*inputs, **kwargs)
     # The counter names modules "<RootClass>.<path>" and the whole call "Global".
     root = type(module).__name__ + "." if method is None else "_MethodCall.model."

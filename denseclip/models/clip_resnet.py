@@ -8,7 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import attention, spatial_pos_embed
+from .layers import attention, conv_bn, spatial_pos_embed
 
 
 class Bottleneck(nn.Module):
@@ -39,10 +39,13 @@ class Bottleneck(nn.Module):
             self.downsample.add_module("1", nn.BatchNorm2d(planes * self.expansion))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        identity = x if self.downsample is None else self.downsample(x)
-        out = self.relu1(self.bn1(self.conv1(x)))
-        out = self.relu2(self.bn2(self.conv2(out)))
-        out = self.bn3(self.conv3(self.avgpool(out)))
+        identity = x
+        if self.downsample is not None:
+            pool, conv, bn = self.downsample
+            identity = conv_bn(conv, bn, pool(x))
+        out = self.relu1(conv_bn(self.conv1, self.bn1, x))
+        out = self.relu2(conv_bn(self.conv2, self.bn2, out))
+        out = conv_bn(self.conv3, self.bn3, self.avgpool(out))
         return self.relu3(out + identity)
 
 
@@ -137,9 +140,9 @@ class CLIPResNet(nn.Module):
     def forward(self, x: torch.Tensor):
         """Returns ``(features, embeddings)``: four maps and ``(global (B, D), dense
         (B, D, H/32, W/32))``, or ``None`` without the attention pool."""
-        x = self.relu1(self.bn1(self.conv1(x)))
-        x = self.relu2(self.bn2(self.conv2(x)))
-        x = self.relu3(self.bn3(self.conv3(x)))
+        x = self.relu1(conv_bn(self.conv1, self.bn1, x))
+        x = self.relu2(conv_bn(self.conv2, self.bn2, x))
+        x = self.relu3(conv_bn(self.conv3, self.bn3, x))
         x = self.avgpool(x)
         features = []
         for stage in (self.layer1, self.layer2, self.layer3, self.layer4):

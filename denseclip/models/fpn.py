@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .layers import conv_bn
+
 
 def conv_module_init(module: nn.Module) -> None:
     """The initialisation mmcv's ``ConvModule`` applies when it is constructed (so also in
@@ -81,7 +83,7 @@ class ConvBNReLU(nn.Module):
         self.relu = nn.ReLU(inplace=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.relu(self.bn(self.conv(x)))
+        return self.relu(conv_bn(self.conv, self.bn, x))
 
 
 class SemanticFPNHead(nn.Module):

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import fast_kernels, fp32_region
 from .layers import attention
 from .losses import cross_entropy
 from .text_encoder import CLIPTextEncoder, tokenize
@@ -190,17 +191,18 @@ class TextGuidance(nn.Module):
 
     def cache_key(self, texts: Sequence[str], device: torch.device) -> tuple:
         """What inference-time text embeddings of ``texts`` depend on: the texts, device,
-        autocast state, and the identity and version of the contexts and every text-encoder
-        weight (any in-place update, e.g. an optimiser step or ``load_state_dict``, bumps a
-        tensor's version counter)."""
+        autocast dtype, kernel choice (:mod:`denseclip.runtime`), and the identity and
+        version of the contexts and every text-encoder weight (any in-place update, e.g. an
+        optimiser step or ``load_state_dict``, bumps a tensor's version counter)."""
         try:
-            autocast = torch.is_autocast_enabled(device.type)
+            autocast = (torch.get_autocast_dtype(device.type)
+                        if torch.is_autocast_enabled(device.type) else None)
         except RuntimeError:  # a device type without autocast (e.g. meta)
-            autocast = False
+            autocast = None
         contexts = getattr(self, "contexts", None)
         own = () if contexts is None else (contexts.data_ptr(), contexts._version)
         weights = tuple((p.data_ptr(), p._version) for p in self.text_encoder.parameters())
-        return (tuple(texts), device, autocast, own, weights)
+        return (tuple(texts), device, autocast, fast_kernels(), own, weights)
 
     def text_embeddings(self) -> torch.Tensor:
         """Text embeddings (1, K, D) of the class list behind the learned contexts
@@ -238,17 +240,19 @@ class TextGuidance(nn.Module):
                 raise ValueError("pre-model prompting computes text per image: pass tokens")
             tokens = self.tokens if tokens is None else tokens
             text = self.text_encoder(tokens, self.prompt_generator(visual))
-        score = torch.einsum(
-            "bchw,bkc->bkhw", F.normalize(dense_embed, dim=1), F.normalize(text, dim=2)
-        )
+        with fp32_region(dense_embed.device):  # the cosine in fp32 under autocast
+            score = torch.einsum("bchw,bkc->bkhw", F.normalize(dense_embed.float(), dim=1),
+                                 F.normalize(text.float(), dim=2))
         return GuidanceOutput(text=text, score=score)
 
     def identity_loss(self, score: torch.Tensor, target: torch.Tensor, ignore_index: int = 255,
                       average: str = "all") -> torch.Tensor:
         """Cross-entropy of score/τ, resized bilinearly to the label size (the official
         "identity head"), unweighted."""
-        logits = F.interpolate(score / self.tau, size=target.shape[-2:], mode="bilinear",
-                               align_corners=False)
+        # channels_last with the fast kernels, for speed (see Segmentor.forward_head)
+        fmt = torch.channels_last if fast_kernels() else torch.contiguous_format
+        logits = F.interpolate((score.float() / self.tau).contiguous(memory_format=fmt),
+                               size=target.shape[-2:], mode="bilinear", align_corners=False)
         return cross_entropy(logits, target, ignore_index, average)
 
 

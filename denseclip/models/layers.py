@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import fast_kernels
 from ..utils import resize_grid
 
 
@@ -13,7 +14,10 @@ class LayerNorm(nn.LayerNorm):
     """LayerNorm computed in float32 (as CLIP does) and cast back to the input dtype."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, weight, bias,
+                            self.eps).type(x.dtype)
 
 
 class QuickGELU(nn.Module):
@@ -55,9 +59,16 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
 
     The scores are scaled by ``scale`` (default ``d ** -0.5``) after the product; a caller
     whose queries are already scaled (CLIP's attention pool scales them first) passes
-    ``scale=1``. Written with explicit matrix products rather than a fused kernel so that
-    ``torch.utils.flop_counter`` sees (and counts) the two attention matmuls.
+    ``scale=1``. ``mask`` is added to the scores. With the fast kernels this is PyTorch's
+    fused ``F.scaled_dot_product_attention`` (softmax accumulated in fp32, no L×L matrix
+    kept for backward); with the reference kernels (:mod:`denseclip.runtime`) it is written
+    with explicit matrix products, which ``torch.utils.flop_counter`` counts and ONNX
+    exports as plain MatMul/Softmax.
     """
+    if fast_kernels():
+        if mask is not None and mask.is_floating_point():
+            mask = mask.to(q.dtype)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     scores = q @ k.transpose(-2, -1)
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     if scale != 1:
@@ -65,6 +76,39 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
     if mask is not None:
         scores = scores + mask
     return scores.softmax(dim=-1) @ v
+
+
+def causal_mask(length: int, device: torch.device | None = None,
+                prefix: int = 0) -> torch.Tensor:
+    """Additive mask (length, prefix + length): each of ``length`` queries sees all
+    ``prefix`` leading keys, itself and the keys before it (0), not the later ones (-inf)."""
+    mask = torch.full((length, prefix + length), float("-inf"), device=device)
+    return mask.triu_(prefix + 1)
+
+
+def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """``bn(conv(x))``. At inference (BatchNorm in eval mode, no autograd) with the fast
+    kernels, one convolution whose weight and bias have the BatchNorm folded in: the same
+    function up to rounding, one pass over the activations fewer. The folded weights are
+    cached until any of the tensors they come from changes (version counters)."""
+    if bn.training or torch.is_grad_enabled() or not fast_kernels() or bn.running_var is None:
+        return bn(conv(x))
+    tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
+    key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
+    cache = getattr(bn, "_folded", None)
+    if cache is None or cache[0] != key:
+        scale = torch.rsqrt(bn.running_var + bn.eps)
+        if bn.weight is not None:
+            scale = scale * bn.weight
+        bias = -bn.running_mean * scale
+        if conv.bias is not None:
+            bias = bias + conv.bias * scale
+        if bn.bias is not None:
+            bias = bias + bn.bias
+        weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+        cache = (key, weight, bias.to(conv.weight.dtype))
+        bn._folded = cache
+    return conv._conv_forward(x, cache[1], cache[2])
 
 
 class MultiheadAttention(nn.Module):
@@ -89,6 +133,29 @@ class MultiheadAttention(nn.Module):
         out = out.transpose(0, 1).reshape(L, B, C)
         return self.out_proj(out)
 
+    def forward_shared_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor,
+                              prefix_mask: torch.Tensor, suffix_mask: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Attention over sequences that share their first positions: ``prefix`` (P, B, C)
+        holds them once per context b, ``suffix`` (S, B*K, C) the rest of K sequences per b.
+        Prefix queries see ``prefix_mask`` (P, P) of the prefix; suffix queries see the
+        whole prefix of their b and ``suffix_mask`` (S, P + S). The same function as
+        :meth:`forward` on the B*K full sequences, with the prefix computed once."""
+        P, B, C = prefix.shape
+        S, BK, _ = suffix.shape
+        K, h = BK // B, self.heads
+        qp, kp, vp = F.linear(prefix, self.in_proj_weight, self.in_proj_bias) \
+            .reshape(P, B, 3, h, -1).permute(2, 1, 3, 0, 4)  # 3 x (B, h, P, d)
+        qs, ks, vs = F.linear(suffix, self.in_proj_weight, self.in_proj_bias) \
+            .reshape(S, B, K, 3, h, -1).permute(3, 1, 2, 4, 0, 5)  # 3 x (B, K, h, S, d)
+        out_p = attention(qp, kp, vp, prefix_mask)  # (B, h, P, d)
+        k = torch.cat([kp[:, None].expand(-1, K, -1, -1, -1), ks], dim=3)
+        v = torch.cat([vp[:, None].expand(-1, K, -1, -1, -1), vs], dim=3)
+        out_s = attention(qs, k, v, suffix_mask)  # (B, K, h, S, d)
+        out_p = out_p.permute(2, 0, 1, 3).reshape(P, B, C)
+        out_s = out_s.permute(3, 0, 1, 2, 4).reshape(S, BK, C)
+        return self.out_proj(out_p), self.out_proj(out_s)
+
 
 class ResidualAttentionBlock(nn.Module):
     """CLIP's pre-norm transformer block (QuickGELU MLP), with optional drop-path."""
@@ -108,6 +175,17 @@ class ResidualAttentionBlock(nn.Module):
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.ln_1(x), mask))
         return x + self.drop_path(self.mlp(self.ln_2(x)))
+
+    def forward_shared_prefix(self, prefix: torch.Tensor, suffix: torch.Tensor,
+                              prefix_mask: torch.Tensor, suffix_mask: torch.Tensor
+                              ) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`forward` on sequences with a shared prefix (see
+        :meth:`MultiheadAttention.forward_shared_prefix`)."""
+        a_p, a_s = self.attn.forward_shared_prefix(self.ln_1(prefix), self.ln_1(suffix),
+                                                   prefix_mask, suffix_mask)
+        prefix, suffix = prefix + self.drop_path(a_p), suffix + self.drop_path(a_s)
+        return (prefix + self.drop_path(self.mlp(self.ln_2(prefix))),
+                suffix + self.drop_path(self.mlp(self.ln_2(suffix))))
 
 
 class Transformer(nn.Module):

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..runtime import fast_kernels
 from .fpn import FPN, SemanticFPNHead
 from .guidance import DenseFeatures, GuidedModel, TextGuidance
 from .losses import cross_entropy
@@ -82,8 +83,16 @@ class Segmentor(GuidedModel, nn.Module):
                              align_corners=self.align_corners)
 
     def forward_head(self, features: list[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
-        """FPN and decode head on fused backbone levels → logits (B, K, *size)."""
-        return self.upsample(self.head(self.neck(features)), size)  # from stride 4
+        """FPN and decode head on fused backbone levels → logits (B, K, *size), float32
+        whatever the precision inside. With the fast kernels the eval output is contiguous
+        NCHW (a softmax or argmax over classes is several times slower on channels_last),
+        while in training it is channels_last: the bilinear resize's backward is ~5x faster
+        so, and the loss reads it as rows of classes (:func:`.losses.cross_entropy`)."""
+        logits = self.head(self.neck(features)).float()  # stride 4
+        if fast_kernels():
+            logits = logits.contiguous(memory_format=torch.channels_last if self.training
+                                       else torch.contiguous_format)
+        return self.upsample(logits, size)
 
     def forward_scores(self, dense: DenseFeatures, size: Sequence[int], *,
                        text: torch.Tensor | None = None,

@@ -12,7 +12,8 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
-from .layers import LayerNorm, Transformer
+from ..runtime import fast_kernels
+from .layers import LayerNorm, Transformer, causal_mask
 
 
 @functools.lru_cache(maxsize=1)
@@ -71,13 +72,34 @@ class CLIPTextEncoder(nn.Module):
         """Embed ``tokens`` (K, T) behind ``contexts`` (B, n_ctx, width).
 
         Returns (K, D) without contexts, or (B, K, D) with them.
+
+        With the fast kernels (:mod:`denseclip.runtime`) the positions every class shares
+        (the start token and the contexts) go through the transformer once per context
+        rather than once per class, and positions after the last end token are dropped:
+        under the causal mask neither changes what the end tokens see.
         """
         K, T = tokens.shape
-        x = self.token_embedding(tokens)  # (K, T, W)
+        n_ctx = 0 if contexts is None else contexts.shape[1]
+        if n_ctx + T > self.context_length:
+            raise ValueError(
+                f"{T} token positions + {n_ctx} contexts exceed the text context length "
+                f"{self.context_length}"
+            )
         eot = tokens.argmax(dim=-1)  # (K,)
-        if contexts is None:
-            B, n_ctx = 1, 0
+        shared = fast_kernels() and T > 1 and tokens.device.type != "meta"  # (needs values)
+        if shared and bool((tokens[:, 0] == tokens[0, 0]).all()):
+            x = self._forward_shared_prefix(tokens, contexts, eot)
         else:
+            x = self._forward_full(tokens, contexts, eot)
+        x = self.ln_final(x) @ self.text_projection
+        return x if contexts is None else x.reshape(contexts.shape[0], K, -1)
+
+    def _forward_full(self, tokens: torch.Tensor, contexts: torch.Tensor | None,
+                      eot: torch.Tensor) -> torch.Tensor:
+        """Every class sequence in full; the (B*K, width) features at the end tokens."""
+        K, T = tokens.shape
+        x = self.token_embedding(tokens)  # (K, T, W)
+        if contexts is not None:
             B, n_ctx, _ = contexts.shape
             x = torch.cat(
                 [
@@ -89,13 +111,30 @@ class CLIPTextEncoder(nn.Module):
             ).reshape(B * K, n_ctx + T, -1)
             eot = (eot + n_ctx).repeat(B)
         L = x.shape[1]
-        if L > self.context_length:
-            raise ValueError(
-                f"{T} token positions + {n_ctx} contexts exceed the text context length "
-                f"{self.context_length}"
-            )
         x = x + self.positional_embedding[:L].to(x.dtype)
         x = self.transformer(x.transpose(0, 1), self.attn_mask[:L, :L]).transpose(0, 1)
-        x = self.ln_final(x)
-        x = x[torch.arange(x.shape[0], device=x.device), eot] @ self.text_projection
-        return x if contexts is None else x.reshape(B, K, -1)
+        return x[torch.arange(x.shape[0], device=x.device), eot]
+
+    def _forward_shared_prefix(self, tokens: torch.Tensor, contexts: torch.Tensor | None,
+                               eot: torch.Tensor) -> torch.Tensor:
+        """As :meth:`_forward_full`, with the shared prefix [start token, contexts] computed
+        once per context and each class's tokens up to the last end token."""
+        S = int(eot.max())  # suffix positions 1..S of the tokens
+        start = self.token_embedding(tokens[:1, :1])  # (1, 1, W)
+        if contexts is None:
+            prefix = start  # (B=1, P=1, W)
+        else:
+            B = contexts.shape[0]
+            prefix = torch.cat([start.expand(B, -1, -1), contexts.to(start.dtype)], dim=1)
+        B, P, _ = prefix.shape
+        pos = self.positional_embedding
+        prefix = (prefix + pos[:P].to(prefix.dtype)).transpose(0, 1)  # (P, B, W)
+        suffix = self.token_embedding(tokens[:, 1:S + 1])  # (K, S, W)
+        suffix = suffix + pos[P:P + S].to(suffix.dtype)
+        suffix = suffix.transpose(0, 1).repeat(1, B, 1)  # (S, B*K, W), b-major
+        prefix_mask = causal_mask(P, device=prefix.device)
+        suffix_mask = causal_mask(S, device=prefix.device, prefix=P)
+        for block in self.transformer.resblocks:
+            prefix, suffix = block.forward_shared_prefix(prefix, suffix, prefix_mask,
+                                                         suffix_mask)
+        return suffix[(eot - 1).repeat(B), torch.arange(suffix.shape[1], device=suffix.device)]

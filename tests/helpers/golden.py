@@ -20,6 +20,7 @@ import torch
 import denseclip
 from denseclip import Predictor
 from denseclip.export import SegmentorForExport
+from denseclip.runtime import reference_kernels
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "golden_tiny.pt"
 SEGMENTATION = {
@@ -39,6 +40,8 @@ def platform_key() -> str:
 
 
 def _model(preset: str, overrides: list[str]):
+    # The reference computation (fp32, NCHW, explicit attention): what was pinned.
+    overrides = [*overrides, "kernels=reference", "precision=fp32"]
     cfg = denseclip.load_config(preset.removesuffix("_pre"), overrides)
     torch.manual_seed(0)
     return cfg, denseclip.build_model(cfg)
@@ -113,8 +116,9 @@ def compute() -> dict[str, dict[str, dict]]:
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        result = {name: _segmentation(name, ov) for name, ov in SEGMENTATION.items()}
-        result.update({name: _detection(name) for name in DETECTION})
+        with reference_kernels():
+            result = {name: _segmentation(name, ov) for name, ov in SEGMENTATION.items()}
+            result.update({name: _detection(name) for name in DETECTION})
     finally:
         torch.set_num_threads(threads)
     return {model: {k: fingerprint(v) for k, v in outs.items()} for model, outs in result.items()}
