@@ -36,6 +36,7 @@ from ..checkpoint import (
 from ..config import Config, config_from_dict, save_config
 from ..data.samplers import build_train_loader
 from ..models import build_model
+from ..runtime import prepare_model, run_mode
 from ..utils import unwrap_model
 from .dist import DistEnv, barrier, init_distributed
 from .optim import build_optimizer, build_scheduler, freeze_text_encoder
@@ -114,11 +115,9 @@ class MetricLogger:
             self.tb.close()
 
 
-def _autocast(cfg: Config, device: torch.device):
-    if cfg.amp == "none":
-        return nullcontext()
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}[cfg.amp]  # checked at load
-    return torch.autocast(device.type, dtype=dtype)
+def _train_mode(cfg: Config, device: torch.device):
+    """Autocast to ``cfg.amp`` with ``cfg.kernels`` in effect, around each training forward."""
+    return run_mode("fp32" if cfg.amp == "none" else cfg.amp, cfg.kernels, device)
 
 
 def iterations_per_epoch(dataset_size: int, cfg: Config, world_size: int,
@@ -164,12 +163,12 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     if cfg.schedule.max_epochs > 0:
         cfg.schedule.max_iters = cfg.schedule.max_epochs * ipe
 
-    model.to(env.device)
+    prepare_model(model.to(env.device), cfg.kernels)
     if env.distributed and env.device.type == "cuda":  # SyncBatchNorm needs CUDA
         model = task.convert_sync_batchnorm(model)
     if cfg.optim.freeze_text_encoder:
         freeze_text_encoder(model)
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, fused=cfg.kernels == "fast")
     scheduler = build_scheduler(optimizer, cfg.schedule, ipe)
     scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
     start_iter = 0
@@ -216,7 +215,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
                 sync = micro == accumulate - 1 or not env.distributed
                 ctx = nullcontext() if sync else model.no_sync()
                 with ctx:
-                    with _autocast(cfg, env.device):
+                    with _train_mode(cfg, env.device):
                         losses = model(inputs, targets)
                     loss = sum(losses.values())
                     if not torch.isfinite(loss.detach()):
@@ -259,7 +258,8 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
                       step, cfg, env, meta)
             if val_set is not None and (step % cfg.schedule.eval_interval == 0
                                         or step == max_iters):
-                last_metrics = task.evaluate(model, val_set, env, progress=progress)
+                with run_mode("fp32", cfg.kernels, env.device):  # comparable across runs
+                    last_metrics = task.evaluate(model, val_set, env, progress=progress)
                 summary = {k: last_metrics[k] for k in task.summary_keys}
                 log(f"\niteration {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in
                                                        summary.items()))
@@ -296,18 +296,24 @@ def _save(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: Confi
 
 def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
          out_dir: str | Path | None = None, env: DistEnv | None = None,
-         progress: bool = True) -> dict[str, Any]:
+         progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
     """Evaluate ``checkpoint`` (any format :func:`load_checkpoint` accepts) on the
-    validation split of ``cfg.data``: mIoU for segmentation, COCO AP for detection."""
+    validation split of ``cfg.data``: mIoU for segmentation, COCO AP for detection.
+
+    ``precision`` is the inference precision (``fp32`` by default, so that reproduced
+    numbers are reproducible; ``auto``/``bf16``/``fp16`` as in :mod:`denseclip.runtime`);
+    the result's ``precision`` says which one ran."""
     env = env or init_distributed()
     model = build_model(cfg)
     report = load_checkpoint(model, checkpoint)
     if env.is_main:
         _log.info("%s", report)
-    model.to(env.device).eval()
+    prepare_model(model.to(env.device), cfg.kernels).eval()
     task = make_task(cfg, model)
     dataset = task.dataset(cfg.data.val_split, train=False)
-    metrics = task.evaluate(model, dataset, env, aug_test=aug_test, out_dir=out_dir,
-                            progress=progress)
+    with run_mode(precision, cfg.kernels, env.device) as resolved:
+        metrics = task.evaluate(model, dataset, env, aug_test=aug_test, out_dir=out_dir,
+                                progress=progress)
     metrics["summary"] = {k: metrics[k] for k in task.summary_keys}
+    metrics["precision"] = resolved
     return metrics

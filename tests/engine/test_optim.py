@@ -167,3 +167,30 @@ def test_an_epoch_of_aspect_ratio_groups_is_mmdets():
     assert iterations_per_epoch(8, cfg, 1) == 4
     assert iterations_per_epoch(8, cfg, 1, flags) == 5
     assert iterations_per_epoch(8, cfg, 2, flags) == 3  # global batch 4: 2 + 1 batches
+
+
+def test_fused_adamw_gives_the_default_update():
+    """``kernels: fast`` trains with the fused AdamW kernel: the same parameters after a
+    few steps (every multiplier group, decay on and off) up to float rounding."""
+    cfg = denseclip.load_config("tiny_denseclip_res")
+    models = []
+    for fused in (False, True):
+        torch.manual_seed(0)
+        model = denseclip.build_model(cfg)
+        optimizer = build_optimizer(model, cfg.optim, fused=fused)
+        assert optimizer.defaults["fused"] is (True if fused else None)
+        gen = torch.Generator().manual_seed(1)
+        for _ in range(3):
+            optimizer.zero_grad()
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=gen)
+            optimizer.step()
+        models.append(model)
+    reference, fused = (dict(m.named_parameters()) for m in models)
+    for name, p in reference.items():
+        torch.testing.assert_close(fused[name], p, rtol=1e-5, atol=1e-6, msg=name)
+    # the comparison is not vacuous: the steps changed the weights
+    torch.manual_seed(0)
+    initial = dict(denseclip.build_model(cfg).named_parameters())
+    moved = sum(not torch.equal(initial[n], p) for n, p in reference.items())
+    assert moved > len(reference) // 2
