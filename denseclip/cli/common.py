@@ -9,6 +9,7 @@ from typing import Any
 
 from ..config import Config, load_config
 from ..inference import Predictor, read_open_classes
+from ..runtime import PRECISIONS
 
 NO_CHECKPOINT = ("none", "random")  # checkpoint arguments that mean random weights
 
@@ -33,6 +34,15 @@ def add_class_arguments(parser: argparse.ArgumentParser, help_names: str) -> Non
                             "per line")
 
 
+def add_precision_argument(parser: argparse.ArgumentParser, default: str | None = None,
+                           note: str = "") -> None:
+    """``--precision fp32|bf16|fp16|auto``."""
+    what = f"default {default}" if default else "default: the config's precision, auto"
+    parser.add_argument("--precision", default=default, choices=PRECISIONS,
+                        help=f"inference precision; auto = the fastest one this hardware runs "
+                             f"natively ({what}){note}")
+
+
 def predictor_from_args(args: argparse.Namespace, cfg: Config, command: str,
                         **kwargs: Any) -> Predictor:
     """A :class:`Predictor` for a command's ``checkpoint`` (``none``/``random``: random
@@ -44,7 +54,8 @@ def predictor_from_args(args: argparse.Namespace, cfg: Config, command: str,
     checkpoint = None if args.checkpoint.lower() in NO_CHECKPOINT else args.checkpoint
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
-        predictor = Predictor(cfg, checkpoint, **kwargs)
+        predictor = Predictor(cfg, checkpoint, precision=getattr(args, "precision", None),
+                              **kwargs)
     if checkpoint is None:
         print(f"denseclip {command}: warning: no checkpoint, {cfg.name} has random weights; "
               f"its outputs are meaningless", file=sys.stderr)

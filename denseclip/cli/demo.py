@@ -10,7 +10,7 @@ from ..checkpoint import CheckpointError
 from ..config import load_config
 from ..demo import make_server
 from ..inference import PredictionError
-from .common import predictor_from_args
+from .common import add_precision_argument, predictor_from_args
 
 HELP = "serve a local web page to try a model on your own images"
 
@@ -24,6 +24,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1, this machine only)")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
+    add_precision_argument(parser)
     parser.add_argument("--max-side", type=int, default=1024,
                         help="uploads larger than this (pixels, longer side) are reduced")
 

@@ -15,7 +15,7 @@ from ..checkpoint import CheckpointError
 from ..config import load_config
 from ..inference import PredictionError, collect_inputs, write_detection, write_segmentation
 from ..models.detection import DETECTION_TASKS
-from .common import add_class_arguments, predictor_from_args
+from .common import add_class_arguments, add_precision_argument, predictor_from_args
 
 HELP = "segment or detect images: overlays, label maps, heatmaps, JSON"
 
@@ -39,6 +39,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--heatmaps", action="store_true",
                         help="also write <stem>_heatmap_<class>.png per open class (or per "
                              "trained class present, without open classes)")
+    add_precision_argument(parser)
     parser.add_argument("--score-thr", type=float, default=0.3,
                         help="detection: draw and list detections scoring at least this")
     parser.set_defaults(overrides=[])

@@ -11,7 +11,8 @@ from ..config import load_config
 from ..data.synthetic import make_synthetic_dataset
 from ..engine.dist import DistEnv, cleanup, init_distributed
 from ..engine.trainer import test, train
-from .common import add_config_arguments, load_cli_config
+from ..runtime import PRECISIONS
+from .common import add_config_arguments, add_precision_argument, load_cli_config
 
 TRAIN_HELP = "train a model (single process, or many under torchrun)"
 TEST_HELP = "evaluate a checkpoint on the validation split"
@@ -51,6 +52,11 @@ def add_test_arguments(parser: argparse.ArgumentParser) -> None:
                         help="multi-scale + flip test-time augmentation")
     parser.add_argument("--out-dir", help="write predicted label PNGs and metrics.json here")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    add_precision_argument(parser, "fp32", note=", so that reproduced numbers are "
+                                               "reproducible")
+    parser.add_argument("--compare-precision", metavar="PRECISION", choices=PRECISIONS,
+                        help="evaluate again in this precision and print how far it moves "
+                             "each metric")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -59,13 +65,30 @@ def run_test(args: argparse.Namespace) -> int:
     env = init_distributed(args.device)
     try:
         metrics = test(cfg, args.checkpoint, aug_test=args.aug_test, out_dir=args.out_dir,
-                       env=env, progress=not args.no_progress)
+                       env=env, progress=not args.no_progress, precision=args.precision)
+        other = None
+        if args.compare_precision:
+            other = test(cfg, args.checkpoint, aug_test=args.aug_test, env=env,
+                         progress=not args.no_progress, precision=args.compare_precision)
     finally:
         cleanup()
     if env.is_main:
         print(metrics["table"])
         print(json.dumps({k: round(v, 4) for k, v in metrics["summary"].items()}))
+        if other is not None:
+            print(precision_comparison(metrics, other))
     return 0
+
+
+def precision_comparison(base: dict, other: dict) -> str:
+    """One line per summary metric: its value in each precision and the difference."""
+    a, b = base["precision"], other["precision"]
+    lines = [f"{a} vs {b}:"]
+    for key, value in base["summary"].items():
+        delta = other["summary"][key] - value
+        lines.append(f"  {key}: {value:.2f} ({a}) {other['summary'][key]:.2f} ({b}) "
+                     f"delta {delta:+.2f}")
+    return "\n".join(lines)
 
 
 def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:

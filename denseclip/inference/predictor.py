@@ -23,6 +23,7 @@ from ..models.build import build_model
 from ..models.detection import DETECTION_TASKS
 from ..models.guidance import TextGuidance
 from ..models.segmentor import MIN_INPUT_SIZE
+from ..runtime import prepare_model, resolve_precision, run_mode
 from ..utils import keep_ratio_size, resize
 from .inputs import to_rgb
 from .open_vocab import OpenVocabulary
@@ -47,6 +48,10 @@ class Predictor:
             presets with text guidance): a comma-separated string, a list of names, or a
             mapping ``{name: text to embed}``. ``None`` for trained classes only.
         batch_size: images and sliding windows per forward call.
+        precision: ``fp32``, ``bf16``, ``fp16`` or ``auto`` (the fastest precision this
+            hardware runs natively, see :mod:`denseclip.runtime`); ``None`` takes the
+            config's ``precision`` (``auto`` by default). :attr:`precision` is the resolved
+            choice.
 
     Segmentation follows the test pipeline: keep-ratio resize to ``data.test_scale``
     (OpenCV bilinear on the uint8 image, as mmcv), normalisation with
@@ -59,7 +64,7 @@ class Predictor:
 
     def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None,
                  device: str | torch.device = "cpu", classes: Any = None,
-                 batch_size: int = 8) -> None:
+                 batch_size: int = 8, precision: str | None = None) -> None:
         cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
         if checkpoint is not None:
             cfg.model.pretrained = None  # the checkpoint holds every weight
@@ -74,26 +79,29 @@ class Predictor:
                 f"no checkpoint given for {cfg.name}: {what}, so predictions are meaningless",
                 UserWarning, stacklevel=2,
             )
-        self._setup(model, cfg, device, classes, batch_size)
+        self._setup(model, cfg, device, classes, batch_size, precision)
 
     @classmethod
     def from_model(cls, model: nn.Module, config: str | Path | Config,
                    device: str | torch.device = "cpu", classes: Any = None,
-                   batch_size: int = 8) -> Predictor:
-        """A predictor around a model you already have (its weights are used as they are)."""
+                   batch_size: int = 8, precision: str | None = None) -> Predictor:
+        """A predictor around a model you already have (its weights are used as they are;
+        with ``kernels: fast`` its convolution weights move to channels_last in place)."""
         cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
         self = cls.__new__(cls)
         self.load_report = None
-        self._setup(model, cfg, device, classes, batch_size)
+        self._setup(model, cfg, device, classes, batch_size, precision)
         return self
 
-    def _setup(self, model: nn.Module, cfg: Config, device, classes, batch_size: int) -> None:
+    def _setup(self, model: nn.Module, cfg: Config, device, classes, batch_size: int,
+               precision: str | None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cfg = cfg
         self.task = cfg.model.task
         self.device = torch.device(device)
-        self.model = model.to(self.device).eval()
+        self.precision = resolve_precision(precision or cfg.precision, self.device)
+        self.model = prepare_model(model.to(self.device), cfg.kernels).eval()
         self.batch_size = int(batch_size)
         names = getattr(model, "class_names", None)
         self.class_names: list[str] = list(names) if names else load_class_names(
@@ -199,7 +207,11 @@ class Predictor:
 
     @torch.no_grad()
     def predict_prepared(self, items: Sequence[Prepared], return_probs: bool = True) -> list:
-        """Predict images already passed through :meth:`prepare`."""
+        """Predict images already passed through :meth:`prepare` (in :attr:`precision`)."""
+        with run_mode(self.precision, self.cfg.kernels, self.device):
+            return self._predict_prepared(items, return_probs)
+
+    def _predict_prepared(self, items: Sequence[Prepared], return_probs: bool) -> list:
         if self.task in DETECTION_TASKS:
             return self._detect(items)
         results: list[SegmentationPrediction | None] = [None] * len(items)

@@ -32,7 +32,7 @@ def test_evaluation_labels_equal_the_predictor(tmp_path, align_corners):
     checkpoint = save_checkpoint(tmp_path / "model.pth", denseclip.build_model(cfg))
     out = tmp_path / "pred"
     trainer.test(cfg, checkpoint, out_dir=out, env=DistEnv(), progress=False)
-    predictor = denseclip.Predictor(cfg, checkpoint)
+    predictor = denseclip.Predictor(cfg, checkpoint, precision="fp32")  # as `test` evaluates
     assert predictor.model.align_corners is align_corners
     upsamples = [m for m in predictor.model.head.modules() if isinstance(m, torch.nn.Upsample)]
     assert upsamples and all(m.align_corners is align_corners for m in upsamples)  # mmseg's

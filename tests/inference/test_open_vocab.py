@@ -23,7 +23,9 @@ NAMES = ["cat", "dog", "grass"]
 def make_predictor(preset: str = PRESET, classes=None, overrides=()) -> Predictor:
     torch.manual_seed(0)
     model = denseclip.build_model(denseclip.load_config(preset, overrides))
-    return Predictor.from_model(model, denseclip.load_config(preset, overrides), classes=classes)
+    # fp32: these tests compare with fp32 references (reduced precision: test_fast_path.py)
+    return Predictor.from_model(model, denseclip.load_config(preset, overrides), classes=classes,
+                                precision="fp32")
 
 
 def count_text_calls(predictor: Predictor) -> list:

@@ -33,7 +33,8 @@ def checkpoint(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def predictor(checkpoint):
-    return Predictor(PRESET, checkpoint)
+    # fp32: compared with the evaluation's fp32 numbers (reduced precision: test_fast_path.py)
+    return Predictor(PRESET, checkpoint, precision="fp32")
 
 
 def test_matches_the_test_pipeline(predictor):
@@ -161,7 +162,7 @@ def test_random_weights_warn():
 
 def test_whole_image_mode(checkpoint):
     cfg = denseclip.load_config(PRESET, ["evaluation.mode=whole"])
-    predictor = Predictor(cfg, checkpoint)
+    predictor = Predictor(cfg, checkpoint, precision="fp32")  # as the fp32 `expected`
     image = random_image(60, 90)
     result = predictor.predict(image)
     tensor = predictor.prepare(image).tensor
