@@ -12,10 +12,19 @@ The text encoder does not run in the graph: the text embeddings of the trained a
 class lists are computed once at export time and stored as constants (post-model prompting;
 pre-model prompting makes text depend on the image and is not exportable this way). The
 class names, normalisation and test settings are stored in the ONNX metadata.
+
+The graph is traced with the reference kernels (:mod:`denseclip.runtime`): plain
+MatMul/Softmax attention and separate BatchNorm nodes, which every ONNX runtime supports
+and fuses itself. ``precision="fp16"`` stores weights and computes in float16 (float16 input,
+float32 outputs as in PyTorch, half the file size); ``fp32`` (default, and what ``auto`` means for a
+file meant to run anywhere) keeps float32, from which runtimes such as TensorRT can
+build reduced-precision engines themselves. bf16 is refused: ONNX Runtime implements few
+operators in bf16.
 """
 
 from __future__ import annotations
 
+import copy
 import json
 import warnings
 from pathlib import Path
@@ -27,8 +36,12 @@ from torch import nn
 from .inference import Predictor
 from .models.segmentor import Segmentor
 from .optional import require
+from .runtime import reference_kernels
 
-__all__ = ["ExportError", "SegmentorForExport", "export_onnx", "export_predictor"]
+EXPORT_PRECISIONS = ("fp32", "fp16")
+
+__all__ = ["ExportError", "SegmentorForExport", "export_onnx", "export_precision",
+           "export_predictor"]
 
 
 class ExportError(ValueError):
@@ -69,15 +82,30 @@ class SegmentorForExport(nn.Module):
         return logits, model.forward_scores(dense, images.shape[-2:], text=self.open_text)
 
 
+def export_precision(precision: str) -> str:
+    """The stored precision of an ONNX file for a ``--precision`` choice (``auto`` and
+    ``fp32`` → fp32, ``fp16`` → fp16); bf16 raises :class:`ExportError`."""
+    if precision in ("auto", "fp32"):
+        return "fp32"
+    if precision == "fp16":
+        return "fp16"
+    if precision == "bf16":
+        raise ExportError("ONNX Runtime implements few operators in bf16: export fp32 (and "
+                          "let the runtime reduce precision) or fp16")
+    raise ExportError(f"unknown precision {precision!r}; use fp32 or fp16")
+
+
 def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | None = None,
                 example_size: tuple[int, int] = (64, 96), opset: int = 17,
-                metadata: dict[str, Any] | None = None) -> Path:
+                metadata: dict[str, Any] | None = None, precision: str = "fp32") -> Path:
     """Export ``model`` (a segmentor) to ``path``; see the module documentation.
 
     ``open_text`` are the open classes' text embeddings (1, K', D) (e.g. from
     :class:`~denseclip.inference.Predictor`); ``metadata`` values are stored JSON-encoded in
     the model's ``metadata_props``. The graph is traced (TorchScript exporter) at
     ``example_size`` with dynamic batch, height and width, then checked with ``onnx``.
+    ``precision`` is ``fp32`` or ``fp16`` (see :func:`export_precision`); an fp16 export
+    converts a copy of the model, ``model`` itself is unchanged.
     """
     try:
         onnx = require("onnx", "ONNX export")
@@ -85,15 +113,21 @@ def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | No
         raise ExportError(str(e)) from None
     if not isinstance(model, Segmentor):
         raise ExportError(f"only segmentation models can be exported, got {type(model).__name__}")
+    stored = export_precision(precision)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    wrapper = SegmentorForExport(model, open_text).eval()
+    dtype = torch.float16 if stored == "fp16" else torch.float32
+    if stored == "fp16":
+        model = copy.deepcopy(model).half()
+        open_text = None if open_text is None else open_text.half()
+    with reference_kernels():
+        wrapper = SegmentorForExport(model, open_text).eval()
     device = next(model.parameters()).device
-    example = torch.zeros(1, 3, *example_size, device=device)
+    example = torch.zeros(1, 3, *example_size, device=device, dtype=dtype)
     outputs = ["logits"] if open_text is None else ["logits", "open_scores"]
     axes = {"images": {0: "batch", 2: "height", 3: "width"}}
     axes.update({name: {0: "batch", 2: "height", 3: "width"} for name in outputs})
-    with torch.no_grad(), warnings.catch_warnings():
+    with torch.no_grad(), reference_kernels(), warnings.catch_warnings():
         # The tracer warns about every Python-level shape check; the graph is verified
         # against PyTorch at other sizes in the tests instead.
         warnings.simplefilter("ignore")
@@ -101,7 +135,7 @@ def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | No
                           output_names=outputs, dynamic_axes=axes, opset_version=opset,
                           dynamo=False)
     proto = onnx.load(str(path))
-    for key, value in (metadata or {}).items():
+    for key, value in {**(metadata or {}), "precision": stored}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto)
@@ -109,8 +143,10 @@ def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | No
     return path
 
 
-def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17) -> Path:
-    """Export a predictor's model and class lists (trained and open) to ONNX."""
+def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17,
+                     precision: str = "fp32") -> Path:
+    """Export a predictor's model and class lists (trained and open) to ONNX, stored in
+    ``precision`` (see :func:`export_precision`)."""
     if predictor.task != "segmentation":
         raise ExportError(f"ONNX export supports segmentation presets; {predictor.cfg.name} "
                           f"is a {predictor.task} model")
@@ -135,4 +171,4 @@ def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17) ->
         "align_corners": cfg.model.align_corners,
     }
     return export_onnx(predictor.model, path, open_text, example_size=(crop[0], crop[1]),
-                       opset=opset, metadata=metadata)
+                       opset=opset, metadata=metadata, precision=precision)

@@ -132,3 +132,32 @@ def test_cli(tmp_path, capsys):
     status = run_cli("tiny_denseclip_res", str(checkpoint), "--out", str(out), "--classes",
                      "a remarkably verbose description")
     assert status == 2 and "at most 3" in capsys.readouterr().err
+
+
+def test_fp16_export_runs_in_onnxruntime(tmp_path):
+    predictor = make_predictor("tiny_denseclip_res", NAMES)
+    path = export_predictor(predictor, tmp_path / "half.onnx", precision="fp16")
+    assert next(predictor.model.parameters()).dtype == torch.float32  # a copy was converted
+    sess = session(path)
+    assert sess.get_inputs()[0].type == "tensor(float16)"
+    assert json.loads(sess.get_modelmeta().custom_metadata_map["precision"]) == "fp16"
+    fp32 = session(export_predictor(predictor, tmp_path / "full.onnx"))
+    x = torch.randn(1, 3, 64, 96)
+    half_logits, half_scores = sess.run(None, {"images": x.half().numpy()})
+    logits, scores = fp32.run(None, {"images": x.numpy()})
+    assert half_logits.dtype == np.float32  # the head's output is cast up, as in PyTorch
+    # fp16 keeps ~3 decimal digits: compare relative to each output's range.
+    for got, want in [(half_logits, logits), (half_scores, scores)]:
+        spread = float(want.max() - want.min())
+        assert np.abs(got.astype(np.float32) - want).max() <= 1e-2 * spread
+    agree = (half_logits.argmax(1) == logits.argmax(1)).mean()
+    assert agree >= 0.99
+
+
+def test_bf16_export_is_refused(tmp_path, capsys):
+    status = run_cli("tiny_denseclip_res", "none", "--out", str(tmp_path / "m.onnx"),
+                     "--precision", "bf16")
+    assert status == 2
+    err = capsys.readouterr().err
+    assert "bf16" in err and "fp16" in err
+    assert not (tmp_path / "m.onnx").exists()
