@@ -246,6 +246,11 @@ class Config:
     # prefix shared by all classes; "reference": the computation as written (equal up to
     # floating-point rounding). Training and inference alike.
     kernels: Kernels = "fast"
+    # Training forward through torch.compile (off by default: compilation takes minutes
+    # and pays only in long runs; `denseclip bench --compile` measures both). Any backend
+    # torch.compile accepts: "inductor" (needs a C++ compiler on CPU), "aot_eager", ...
+    compile: bool = False
+    compile_backend: str = "inductor"
     nonfinite_loss: NonfiniteLoss = "stop"  # "stop" or "skip"
 
     def to_dict(self) -> dict[str, Any]:

@@ -186,6 +186,9 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     if env.distributed:
         ids = [env.local_rank] if env.device.type == "cuda" else None
         model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    # The training forward, compiled when asked (parameters shared with `model`, which
+    # evaluation and checkpoints use as they are).
+    forward = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
     if env.is_main:
         save_config(cfg, work_dir / "config.yaml")
 
@@ -216,7 +219,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
                 ctx = nullcontext() if sync else model.no_sync()
                 with ctx:
                     with _train_mode(cfg, env.device):
-                        losses = model(inputs, targets)
+                        losses = forward(inputs, targets)
                     loss = sum(losses.values())
                     if not torch.isfinite(loss.detach()):
                         if cfg.nonfinite_loss == "skip":
