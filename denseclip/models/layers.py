@@ -92,23 +92,32 @@ def conv_bn(conv: nn.Conv2d, bn: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tenso
     function up to rounding, one pass over the activations fewer. The folded weights are
     cached until any of the tensors they come from changes (version counters)."""
     if bn.training or torch.is_grad_enabled() or not fast_kernels() or bn.running_var is None:
+        if bn.training:
+            bn.__dict__.pop("_folded", None)  # training changes the statistics anyway
         return bn(conv(x))
+    if torch.compiler.is_compiling():  # traced into the graph, where the compiler folds it
+        return conv._conv_forward(x, *_fold(conv, bn))
     tensors = (conv.weight, conv.bias, bn.weight, bn.bias, bn.running_mean, bn.running_var)
     key = tuple((t.data_ptr(), t._version) if t is not None else None for t in tensors)
     cache = getattr(bn, "_folded", None)
     if cache is None or cache[0] != key:
-        scale = torch.rsqrt(bn.running_var + bn.eps)
-        if bn.weight is not None:
-            scale = scale * bn.weight
-        bias = -bn.running_mean * scale
-        if conv.bias is not None:
-            bias = bias + conv.bias * scale
-        if bn.bias is not None:
-            bias = bias + bn.bias
-        weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
-        cache = (key, weight, bias.to(conv.weight.dtype))
+        cache = (key, *_fold(conv, bn))
         bn._folded = cache
     return conv._conv_forward(x, cache[1], cache[2])
+
+
+def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> tuple[torch.Tensor, torch.Tensor]:
+    """The weight and bias of ``conv`` followed by eval-mode ``bn``, as one convolution."""
+    scale = torch.rsqrt(bn.running_var + bn.eps)
+    if bn.weight is not None:
+        scale = scale * bn.weight
+    bias = -bn.running_mean * scale
+    if conv.bias is not None:
+        bias = bias + conv.bias * scale
+    if bn.bias is not None:
+        bias = bias + bn.bias
+    weight = conv.weight * scale.reshape(-1, 1, 1, 1).to(conv.weight.dtype)
+    return weight, bias.to(conv.weight.dtype)
 
 
 class MultiheadAttention(nn.Module):

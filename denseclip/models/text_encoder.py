@@ -86,7 +86,11 @@ class CLIPTextEncoder(nn.Module):
                 f"{self.context_length}"
             )
         eot = tokens.argmax(dim=-1)  # (K,)
-        shared = fast_kernels() and T > 1 and tokens.device.type != "meta"  # (needs values)
+        # The shared-prefix path reads token values (the start tokens must agree, and the
+        # last end token bounds the sequence): not on the meta device, nor inside a
+        # torch.compile trace, where data-dependent shapes break the graph.
+        shared = fast_kernels() and T > 1 and tokens.device.type != "meta" \
+            and not torch.compiler.is_compiling()
         if shared and bool((tokens[:, 0] == tokens[0, 0]).all()):
             x = self._forward_shared_prefix(tokens, contexts, eot)
         else:
