@@ -127,7 +127,7 @@ def slide_inference(
         for k, ((y1, y2, x1, x2), n) in enumerate(chunk):
             total[n, :, y1:y2, x1:x2] += logits[k].to(total.dtype)
     assert total is not None
-    total = total / count.to(total.dtype)
+    total.div_(count.to(total.dtype))  # in place: no second image-sized buffer
     return resize(total, out_size, align_corners)
 
 
