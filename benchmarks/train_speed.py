@@ -11,7 +11,8 @@ Prints, each measured in this run:
   keep the model fed.
 
 Each model runs in its own subprocess so its peak memory (max RSS on CPU, max allocated
-on GPU) is its own.
+on GPU) is its own. For fp32 against the fast mode side by side, with eval forward, slide
+inference and memory per mode, see ``denseclip bench PRESET`` (:mod:`denseclip.bench`).
 """
 
 from __future__ import annotations
@@ -21,30 +22,30 @@ import json
 import resource
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 
 def train_steps(preset: str, batch: int, iters: int, device: str) -> dict:
     import denseclip
+    from denseclip.bench import make_inputs
     from denseclip.engine.optim import build_optimizer
+    from denseclip.runtime import prepare_model, run_mode
 
     cfg = denseclip.load_config(preset)
     torch.manual_seed(0)
-    model = denseclip.build_model(cfg).to(device).train()
+    model = prepare_model(denseclip.build_model(cfg).to(device), cfg.kernels).train()
     optimizer = build_optimizer(model, cfg.optim)
     h, w = cfg.data.crop_size
-    images = torch.randn(batch, 3, h, w, device=device)
-    targets = torch.randint(0, model.num_classes, (batch, h, w), device=device)
+    images, targets = make_inputs(cfg, model.num_classes, (h, w), batch, torch.device(device))
+    precision = "fp32" if cfg.amp == "none" else cfg.amp
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
-        sum(model(images, targets).values()).backward()
+        with run_mode(precision, cfg.kernels, device):  # as the trainer runs a step
+            losses = model(images, targets)
+        sum(losses.values()).backward()
         optimizer.step()
 
     step()  # warm-up: allocator, kernels, lazy init
@@ -66,28 +67,12 @@ def train_steps(preset: str, batch: int, iters: int, device: str) -> dict:
 
 
 def pipeline_speed(num_images: int) -> dict:
-    from denseclip.config import DataConfig
-    from denseclip.data import ADE20KDataset, build_train_transforms
+    """The ADE20K training pipeline in one worker (:func:`denseclip.bench.pipeline_speed`)."""
+    import denseclip
+    from denseclip.bench import pipeline_speed as measure
 
-    torch.set_num_threads(1)  # one DataLoader worker
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp)
-        (root / "images/training").mkdir(parents=True)
-        (root / "annotations/training").mkdir(parents=True)
-        rng = np.random.default_rng(0)
-        for i in range(num_images):
-            h, w = (512, 683) if i % 2 else (683, 512)
-            img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-            lbl = np.repeat(np.arange(w, dtype=np.uint8)[None] % 151, h, axis=0)
-            Image.fromarray(img).save(root / f"images/training/{i:05d}.jpg", quality=90)
-            Image.fromarray(lbl).save(root / f"annotations/training/{i:05d}.png")
-        dataset = ADE20KDataset(root, "training", transforms=build_train_transforms(DataConfig()))
-        dataset[(0, 0)]  # warm-up
-        start = time.perf_counter()
-        for i in range(num_images):
-            dataset[(i, i)]
-        elapsed = time.perf_counter() - start
-    return {"images": num_images, "images_per_s_per_worker": num_images / elapsed}
+    rate = measure(denseclip.load_config("denseclip_fpn_res50_512x512_80k"), num_images)
+    return {"images": num_images, "images_per_s_per_worker": rate}
 
 
 def main() -> None:

@@ -1,7 +1,7 @@
 """The ``denseclip`` command line (also ``python -m denseclip``).
 
 One module per command (:mod:`.train` for train/test/quickstart, :mod:`.predict`,
-:mod:`.export`, :mod:`.demo`, :mod:`.flops` for flops/presets), each with an
+:mod:`.export`, :mod:`.demo`, :mod:`.flops` for flops/presets, :mod:`.bench`), each with an
 ``add_arguments``-style function that fills its subparser and a ``run`` function that returns
 the exit status; :data:`COMMANDS` lists them. Subcommands that take a config also accept
 trailing ``section.key=value`` overrides, anywhere after the config name. Library modules
@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import ConfigError
-from . import demo, export, flops, predict, train
+from . import bench, demo, export, flops, predict, train
 
 EXIT_USAGE = 2  # bad arguments or config, like argparse's own errors
 
@@ -40,6 +40,7 @@ COMMANDS: list[Command] = [
     Command("demo", demo.HELP, demo.add_arguments, demo.run),
     Command("flops", flops.HELP, flops.add_arguments, flops.run),
     Command("presets", flops.PRESETS_HELP, flops.add_presets_arguments, flops.run_presets),
+    Command("bench", bench.HELP, bench.add_arguments, bench.run),
 ]
 
 
