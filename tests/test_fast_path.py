@@ -35,6 +35,7 @@ from denseclip.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, 
 from denseclip.engine import trainer
 from denseclip.engine.optim import build_optimizer
 from denseclip.runtime import fast_kernels, prepare_model, resolve_precision, run_mode
+from tests.helpers.weights import randomise_batchnorm
 
 AGREEMENT = 0.995  # argmax / sign agreement of bf16 with the fp32 reference
 BF16_REL_TOL = 0.025  # max |Δ| of bf16 outputs, relative to the reference's value range
@@ -80,20 +81,6 @@ def _get(cfg, dotted: str):
 
 def tiny_config(preset: str):
     return denseclip.load_config(preset, [*TINY[preset], *_SMALL])
-
-
-def randomise_batchnorm(model: nn.Module, seed: int = 1) -> None:
-    """Non-trivial BatchNorm statistics and affine parameters (fresh ones are the
-    identity, which would make folding them into the convolutions trivially exact)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, nn.BatchNorm2d):
-            n = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
 
 
 def scenes(cfg, seeds, size: int = SIZE) -> tuple[torch.Tensor, torch.Tensor]:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from denseclip.models import CLIPResNet, CLIPTextEncoder, CLIPViT, tokenize
 from denseclip.models.layers import resize_grid, spatial_pos_embed
+from tests.helpers.weights import randomise_batchnorm
 
 ATOL = 1e-5
 TEXTS = ["a diagram", "A CAT, sitting!", "  traffic light "]
@@ -26,19 +27,6 @@ def _open_clip_model(name: str) -> torch.nn.Module:
     return model.eval()
 
 
-def _randomise_batchnorm(module: torch.nn.Module, seed: int) -> None:
-    """Non-trivial BN statistics and affine parameters (open_clip zero-inits some bn3)."""
-    g = torch.Generator().manual_seed(seed)
-    for m in module.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            n = m.num_features
-            with torch.no_grad():
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(n, generator=g) * 0.1)
-                m.running_var.copy_(torch.rand(n, generator=g) + 0.5)
-
-
 def _visual_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k[len("visual."):]: v for k, v in model.state_dict().items()
             if k.startswith("visual.")}
@@ -52,7 +40,7 @@ def _text_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def oc_rn50():
     model = _open_clip_model("RN50")
-    _randomise_batchnorm(model.visual, seed=1)
+    randomise_batchnorm(model.visual, seed=1)
     return model
 
 
