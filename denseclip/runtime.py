@@ -140,10 +140,3 @@ def prepare_model(model: nn.Module, kernels: str) -> nn.Module:
     ``channels_last`` for the fast kernels, contiguous NCHW for the reference."""
     fmt = torch.channels_last if kernels == "fast" else torch.contiguous_format
     return model.to(memory_format=fmt)
-
-
-def prepare_images(images: torch.Tensor, kernels: str) -> torch.Tensor:
-    """A (B, 3, H, W) batch in the memory format of ``kernels``."""
-    if kernels == "fast" and images.ndim == 4:
-        return images.contiguous(memory_format=torch.channels_last)
-    return images

@@ -20,7 +20,6 @@ from denseclip.runtime import (
     cpu_has_native_bf16,
     fast_kernels,
     fp32_region,
-    prepare_images,
     prepare_model,
     reference_kernels,
     resolve_precision,
@@ -164,14 +163,6 @@ def test_prepare_model_switches_conv_weights_to_channels_last_and_back():
     for m in (model[0], model[2]):
         assert m.weight.is_contiguous()
     torch.testing.assert_close(model[0].weight, conv, rtol=0, atol=0)  # same values
-
-
-def test_prepare_images_matches_the_kernels():
-    x = torch.randn(2, 3, 8, 8)
-    fast = prepare_images(x, "fast")
-    assert fast.is_contiguous(memory_format=torch.channels_last) and not fast.is_contiguous()
-    assert prepare_images(x, "reference") is x
-    assert torch.equal(fast, x)
 
 
 def test_config_keys_default_to_auto_and_fast_and_are_checked():
