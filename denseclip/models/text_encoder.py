@@ -62,8 +62,7 @@ class CLIPTextEncoder(nn.Module):
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         # Causal mask: each position sees itself and the positions before it.
-        mask = torch.full((context_length, context_length), float("-inf")).triu_(1)
-        self.register_buffer("attn_mask", mask, persistent=False)
+        self.register_buffer("attn_mask", causal_mask(context_length), persistent=False)
         nn.init.normal_(self.token_embedding.weight, std=0.02)
         nn.init.normal_(self.positional_embedding, std=0.01)
         nn.init.normal_(self.text_projection, std=width**-0.5)
