@@ -17,8 +17,11 @@ from .segmentor import Segmentor
 from .text_encoder import CLIPTextEncoder
 
 
-def build_backbone(cfg: BackboneConfig, embeddings: bool | None = None) -> nn.Module:
-    """A CLIP visual tower exposing ``out_channels`` and ``embed_dim``."""
+def build_backbone(cfg: BackboneConfig, embeddings: bool | None = None,
+                   levels: tuple[int, ...] = (0, 1, 2, 3)) -> nn.Module:
+    """A CLIP visual tower exposing ``out_channels`` and ``embed_dim``. ``levels`` are the
+    pyramid levels the model reads (a ViT builds only those; a ResNet computes every
+    stage on the way to the last anyway)."""
     embeddings = cfg.embeddings if embeddings is None else embeddings
     if cfg.type == "resnet":
         if len(cfg.layers) != 4:
@@ -30,7 +33,7 @@ def build_backbone(cfg: BackboneConfig, embeddings: bool | None = None) -> nn.Mo
             raise ConfigError(f"model.backbone.layers: a ViT takes [depth], got {cfg.layers}")
         return CLIPViT(cfg.width, cfg.layers[0], cfg.heads, cfg.patch_size, cfg.embed_dim,
                        cfg.input_resolution, cfg.out_indices, cfg.drop_path_rate, embeddings,
-                       cfg.class_embedding_quirk, cfg.pos_embed, cfg.drop_path_mode)
+                       cfg.class_embedding_quirk, cfg.pos_embed, cfg.drop_path_mode, levels)
     raise ConfigError(f"model.backbone.type must be 'resnet' or 'vit', got {cfg.type!r}")
 
 
@@ -44,15 +47,15 @@ def build_guidance(cfg: ModelConfig, class_names: list[str]) -> TextGuidance:
                         g.gamma_init, g.tau)
 
 
-def _backbone_and_guidance(cfg: ModelConfig) -> tuple[list[str], nn.Module,
-                                                      TextGuidance | None]:
+def _backbone_and_guidance(cfg: ModelConfig, levels: tuple[int, ...] = (0, 1, 2, 3)
+                           ) -> tuple[list[str], nn.Module, TextGuidance | None]:
     """What every task model starts from: its class names, the CLIP backbone and, for
     DenseCLIP (``model.guidance.enabled``), the text guidance."""
     class_names = load_class_names(cfg.classes)
     guided = cfg.guidance.enabled
     if guided and not cfg.backbone.embeddings:
         raise ConfigError("model.guidance.enabled needs model.backbone.embeddings: true")
-    backbone = build_backbone(cfg.backbone)
+    backbone = build_backbone(cfg.backbone, levels=levels)
     return class_names, backbone, build_guidance(cfg, class_names) if guided else None
 
 
@@ -76,14 +79,15 @@ def build_detector(cfg: ModelConfig, **options: Any) -> nn.Module:
     (1024 for the presets' 256)."""
     if cfg.task not in DETECTION_TASKS:
         raise ConfigError(f"model.task must be one of {DETECTION_TASKS}, got {cfg.task!r}")
-    if cfg.backbone.type != "resnet":
-        raise ConfigError("detection supports CLIP ResNet backbones only "
-                          f"(model.backbone.type=resnet), got {cfg.backbone.type!r}")
+    if cfg.backbone.type == "vit" and cfg.backbone.pos_embed != "interpolate":
+        raise ConfigError("a ViT detector needs model.backbone.pos_embed=interpolate: its "
+                          "patch grid follows each (non-square) input size")
     det = cfg.detection
     if det.seg_loss and not cfg.guidance.enabled:
         raise ConfigError("model.detection.seg_loss needs text guidance "
                           "(model.guidance.enabled: true); turn it off for CLIP baselines")
-    class_names, backbone, guidance = _backbone_and_guidance(cfg)
+    detector = CLIPRetinaNet if cfg.task == "retinanet" else CLIPMaskRCNN
+    class_names, backbone, guidance = _backbone_and_guidance(cfg, detector.IN_LEVELS)
     common: dict[str, Any] = dict(
         score_level=cfg.guidance.score_level, neck_channels=cfg.neck_channels,
         min_size=det.min_size, max_size=det.max_size, size_divisor=det.size_divisor,

@@ -5,6 +5,8 @@ Attribute names follow OpenAI CLIP's ``visual.*`` keys (plus ``fpn1..fpn4``).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import nn
 
@@ -22,16 +24,22 @@ class CLIPViT(nn.Module):
 
     ``class_embedding_quirk`` reproduces the official code, which adds the class embedding
     a second time onto the class position's embedding (needed for official checkpoints).
+    ``levels`` lists the pyramid levels to build (0..3 = strides patch/4 .. 2·patch); the
+    others are ``None`` in the output and have no module (RetinaNet reads levels 1–3 only,
+    and unused parameters would stall distributed training).
     """
 
     def __init__(self, width: int = 768, layers: int = 12, heads: int = 12,
                  patch_size: int = 16, embed_dim: int = 512, input_resolution: int = 224,
                  out_indices: list[int] = (3, 5, 7, 11), drop_path_rate: float = 0.0,
                  embeddings: bool = True, class_embedding_quirk: bool = True,
-                 pos_embed: str = "interpolate", drop_path_mode: str = "token") -> None:
+                 pos_embed: str = "interpolate", drop_path_mode: str = "token",
+                 levels: Sequence[int] = (0, 1, 2, 3)) -> None:
         super().__init__()
         if len(out_indices) != 4 or max(out_indices) >= layers:
             raise ValueError(f"out_indices {list(out_indices)} must be 4 blocks of {layers}")
+        if not levels or not set(levels) <= {0, 1, 2, 3}:
+            raise ValueError(f"pyramid levels {list(levels)} must be a subset of 0..3")
         self.patch_size = patch_size
         self.out_indices = list(out_indices)
         self.class_embedding_quirk = class_embedding_quirk
@@ -61,6 +69,9 @@ class CLIPViT(nn.Module):
         self.fpn2 = nn.Sequential(nn.GroupNorm(1, width), nn.ConvTranspose2d(width, width, 2, 2))
         self.fpn3 = nn.GroupNorm(1, width)
         self.fpn4 = nn.Sequential(nn.GroupNorm(1, width), nn.MaxPool2d(2, 2))
+        for level in range(4):
+            if level not in levels:
+                setattr(self, f"fpn{level + 1}", None)
         self.out_channels = [width] * 4
 
     def forward(self, x: torch.Tensor):
@@ -83,7 +94,7 @@ class CLIPViT(nn.Module):
             if i in self.out_indices:
                 maps.append(x[1:].permute(1, 2, 0).reshape(B, C, H, W))
         pyramid = (self.fpn1, self.fpn2, self.fpn3, self.fpn4)
-        features = [fpn(m) for fpn, m in zip(pyramid, maps, strict=True)]
+        features = [None if fpn is None else fpn(m) for fpn, m in zip(pyramid, maps, strict=True)]
 
         embeddings = None
         if self.proj is not None:

@@ -67,22 +67,24 @@ class CLIPDetector(GuidedModel):
                              f"{divisor}, got shape {tuple(images.shape)}")
         return self.extract_features(images)[0]
 
-    def extract_features(self, x: Tensor) -> tuple[list[Tensor], Tensor | None, Tensor]:
+    def extract_features(self, x: Tensor) -> tuple[list[Tensor], Tensor | None,
+                                                   tuple[int, int]]:
         """:meth:`forward_features` (score map / τ fused into ``score_level``) → FPN.
-        Returns (pyramid, score map (B, K, h, w) or None, C2)."""
+        Returns (pyramid, score map (B, K, h, w) or None, the stride-4 size (H/4, W/4) of
+        the padded batch, where the auxiliary loss is computed)."""
         dense = self.forward_features(x)
         pyramid = self.neck([dense.features[i] for i in self.in_levels])
         score = None if dense.guided is None else dense.guided.score
-        return pyramid, score, dense.features[0]
+        return pyramid, score, (x.shape[-2] // 4, x.shape[-1] // 4)
 
-    def _seg_aux_loss(self, score: Tensor | None, c2: Tensor,
+    def _seg_aux_loss(self, score: Tensor | None, size: tuple[int, int],
                       targets: list[dict[str, Tensor]]) -> dict[str, Tensor]:
         if score is None or self.seg_loss_weight == 0:
             return {}
-        logits = F.interpolate(score / self.guidance.tau, size=c2.shape[-2:], mode="bilinear",
+        logits = F.interpolate(score / self.guidance.tau, size=size, mode="bilinear",
                                align_corners=False)
         loss = box_seg_loss(logits, [t["boxes"] for t in targets],
-                            [t["labels"] for t in targets], stride=4)  # C2 is at stride 4
+                            [t["labels"] for t in targets], stride=4)
         return {"loss_seg_aux": self.seg_loss_weight * loss}
 
     def _check_inputs(self, images, targets, original_sizes=None):

@@ -28,8 +28,10 @@ __all__ = ["CLIPMaskRCNN"]
 
 
 class CLIPMaskRCNN(CLIPDetector, GeneralizedRCNN):
-    """Mask R-CNN on a CLIP ResNet (C2–C5 + max-pooled P6), DenseCLIP score map on C5 when
+    """Mask R-CNN on a CLIP ResNet or ViT (C2–C5 + max-pooled P6), DenseCLIP score map on C5 when
     ``guidance`` is given. See docs/detection.md for the recipe."""
+
+    IN_LEVELS = (0, 1, 2, 3)  # the backbone levels the FPN reads: strides 4 to 32
 
     def __init__(self, backbone: nn.Module, num_classes: int,
                  guidance: TextGuidance | None = None, *, score_level: int = 3,
@@ -43,7 +45,7 @@ class CLIPMaskRCNN(CLIPDetector, GeneralizedRCNN):
                  score_thresh: float = 0.05, nms_thresh: float = 0.5,
                  detections_per_img: int = 100, seg_loss_weight: float = 0.0,
                  train_bn: bool = True) -> None:
-        in_levels = [0, 1, 2, 3]
+        in_levels = list(self.IN_LEVELS)
         in_channels = [backbone.out_channels[i] for i in in_levels]
         if guidance is not None:
             if score_level not in in_levels:
@@ -129,7 +131,7 @@ class CLIPMaskRCNN(CLIPDetector, GeneralizedRCNN):
         sizes), rescaled before NMS and with masks pasted there, as mmdet does."""
         images, targets, original_sizes = self._check_inputs(images, targets, original_sizes)
         image_list, targets = self.transform(images, targets)
-        pyramid, score, c2 = self.extract_features(image_list.tensors)
+        pyramid, score, aux_size = self.extract_features(image_list.tensors)
         features = OrderedDict(zip(["0", "1", "2", "3", "pool"], pyramid, strict=True))
         # torchvision's R-CNN heads reserve label 0 for the background
         rcnn_targets = None
@@ -139,7 +141,7 @@ class CLIPMaskRCNN(CLIPDetector, GeneralizedRCNN):
         detections, roi_losses = self.roi_heads(features, proposals, image_list.image_sizes,
                                                 rcnn_targets, original_sizes)
         if self.training:
-            return {**rpn_losses, **roi_losses, **self._seg_aux_loss(score, c2, targets)}
+            return {**rpn_losses, **roi_losses, **self._seg_aux_loss(score, aux_size, targets)}
         for det in detections:
             det["labels"] = det["labels"] - 1
         return detections

@@ -24,8 +24,10 @@ __all__ = ["CLIPRetinaNet"]
 
 
 class CLIPRetinaNet(CLIPDetector, RetinaNet):
-    """RetinaNet on a CLIP ResNet (C3–C5 + P6 on the C5 input + P7), DenseCLIP score map
+    """RetinaNet on a CLIP ResNet or ViT (C3–C5 + P6 on the C5 input + P7), DenseCLIP score map
     on C5 when ``guidance`` is given. See docs/detection.md for the recipe."""
+
+    IN_LEVELS = (1, 2, 3)  # the backbone levels the FPN reads: strides 8, 16, 32
 
     def __init__(self, backbone: nn.Module, num_classes: int,
                  guidance: TextGuidance | None = None, *, score_level: int = 3,
@@ -35,7 +37,7 @@ class CLIPRetinaNet(CLIPDetector, RetinaNet):
                  nms_thresh: float = 0.5, detections_per_img: int = 100,
                  topk_candidates: int = 1000, seg_loss_weight: float = 0.0,
                  focal_prior_init: bool = False, train_bn: bool = True) -> None:
-        in_levels = [1, 2, 3]
+        in_levels = list(self.IN_LEVELS)
         in_channels = [backbone.out_channels[i] for i in in_levels]
         if guidance is not None:
             if score_level not in in_levels:
@@ -131,14 +133,14 @@ class CLIPRetinaNet(CLIPDetector, RetinaNet):
         sizes), rescaled before NMS as mmdet does."""
         images, targets, original_sizes = self._check_inputs(images, targets, original_sizes)
         image_list, targets = self.transform(images, targets)
-        pyramid, score, c2 = self.extract_features(image_list.tensors)
+        pyramid, score, aux_size = self.extract_features(image_list.tensors)
         head_outputs = self.head(pyramid)
         anchors = self.anchor_generator(image_list, pyramid)
         if self.training:
             valid = self.anchor_generator.valid_masks(
                 image_list.image_sizes, [p.shape[-2:] for p in pyramid], pyramid[0].device)
             losses = self.compute_loss(targets, head_outputs, anchors, valid)
-            losses.update(self._seg_aux_loss(score, c2, targets))
+            losses.update(self._seg_aux_loss(score, aux_size, targets))
             return losses
         per_level = [p.shape[-2] * p.shape[-1] * self.anchor_generator.num_anchors_per_location()[0]
                      for p in pyramid]
