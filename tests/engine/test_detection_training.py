@@ -39,7 +39,8 @@ def cli(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=300)
 
 
-@pytest.mark.parametrize("preset", ["tiny_retinanet_denseclip", "tiny_mask_rcnn_denseclip"])
+@pytest.mark.parametrize("preset", ["tiny_retinanet_denseclip", "tiny_mask_rcnn_denseclip",
+                                    "tiny_retinanet_denseclip_vit"])
 def test_train_then_test_through_the_cli(tmp_path, coco_dir, preset):
     common = [f"data.root={coco_dir}", "data.train_split=train", "data.val_split=val",
               f"model.classes={coco_dir}/classes.txt", "data.flip_prob=0.0"]

@@ -36,6 +36,7 @@ from denseclip.models.detection import (
 from denseclip.models.detection.transform import scale_factors
 from denseclip.models.official import OFFICIAL_DETECTION_RENAMES
 from denseclip.utils import keep_ratio_size
+from tests.helpers.clip import FakeOpenAICLIP
 
 OFFICIAL_KEYS = Path(__file__).parents[1] / "fixtures" / "official_keys"
 # preset → params excluding the text encoder (M), DESIGN §8
@@ -48,6 +49,14 @@ ZOO = {
     "mask_rcnn_denseclip_r50_fpn_1x_coco": 66.69,
     "mask_rcnn_clip_r101_fpn_1x_coco": 63.41,
     "mask_rcnn_denseclip_r101_fpn_1x_coco": 84.24,
+}
+# ViT-B/16 detectors (no official counterpart): params excluding the text encoder (M), as
+# built here; pinned so that a change to the pyramid or heads is noticed.
+VIT_ZOO = {
+    "retinanet_clip_vit-b_fpn_1x_coco": 99.346,
+    "retinanet_denseclip_vit-b_fpn_1x_coco": 103.319,
+    "mask_rcnn_clip_vit-b_fpn_1x_coco": 113.577,
+    "mask_rcnn_denseclip_vit-b_fpn_1x_coco": 117.550,
 }
 # few proposals keep Mask R-CNN steps fast on a CPU
 FEW_PROPOSALS = dict(rpn_pre_nms_top_n=(200, 100), rpn_post_nms_top_n=(100, 100),
@@ -80,12 +89,15 @@ def read_official_keys(name: str) -> dict[str, tuple[int, ...]]:
 
 
 # ----------------------------------------------------------------------------- architecture
-@pytest.mark.parametrize("name", list(ZOO))
+@pytest.mark.parametrize("name", list(ZOO) + list(VIT_ZOO))
 def test_parameter_counts_match_design(name):
     with torch.device("meta"):
         model = denseclip.build_model(denseclip.load_config(name))
     params = count_parameters(model)["excluding_text_encoder"] / 1e6
-    assert params == pytest.approx(ZOO[name], abs=0.01)  # the official table's precision
+    if name in ZOO:
+        assert params == pytest.approx(ZOO[name], abs=0.01)  # the official table's precision
+    else:
+        assert params == pytest.approx(VIT_ZOO[name], abs=0.001)
 
 
 @pytest.mark.parametrize("name", list(ZOO))
@@ -422,8 +434,8 @@ def test_builder_rejects_inconsistent_configs(shared_coco):
         tiny("tiny_retinanet_clip", shared_coco, "model.detection.seg_loss=true")
     with pytest.raises(ConfigError, match="head_channels"):
         tiny("tiny_retinanet_denseclip", shared_coco, "model.head_channels=64")
-    with pytest.raises(ConfigError, match="ResNet"):
-        tiny("tiny_retinanet_clip", shared_coco, "model.backbone.type=vit")
+    with pytest.raises(ConfigError, match="pos_embed=interpolate"):
+        tiny("tiny_retinanet_denseclip_vit", shared_coco, "model.backbone.pos_embed=crop")
     model = tiny("tiny_mask_rcnn_denseclip", shared_coco)
     assert isinstance(model, CLIPMaskRCNN) and model.num_classes == 3
     assert model.class_names == ["square", "circle", "triangle"]
@@ -462,7 +474,8 @@ def test_crop_mode_refuses_inputs_beyond_1344(shared_coco):
 
 # ----------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", ["tiny_retinanet_denseclip", "tiny_mask_rcnn_denseclip",
-                                  "tiny_mask_rcnn_clip"])
+                                  "tiny_mask_rcnn_clip", "tiny_retinanet_denseclip_vit",
+                                  "tiny_mask_rcnn_denseclip_vit"])
 def test_every_trainable_parameter_gets_a_gradient(shared_coco, name):
     model = tiny(name, shared_coco).train()
     batch = train_batch(shared_coco, isinstance(model, CLIPMaskRCNN))
@@ -481,7 +494,9 @@ def test_every_trainable_parameter_gets_a_gradient(shared_coco, name):
         assert model.guidance.contexts.grad is not None
 
 
-@pytest.mark.parametrize("name", ["tiny_retinanet_denseclip", "tiny_mask_rcnn_denseclip"])
+@pytest.mark.parametrize("name", ["tiny_retinanet_denseclip", "tiny_mask_rcnn_denseclip",
+                                  "tiny_retinanet_denseclip_vit",
+                                  "tiny_mask_rcnn_denseclip_vit"])
 def test_training_overfits_two_images(shared_coco, name):
     model = tiny(name, shared_coco).train()
     batch = train_batch(shared_coco, isinstance(model, CLIPMaskRCNN))
@@ -552,3 +567,33 @@ def test_proposal_counts_come_from_the_config(shared_coco):
         build_detector(denseclip.load_config("tiny_mask_rcnn_denseclip", [
             f"model.classes={shared_coco / 'classes.txt'}",
             "model.detection.rpn_pre_nms_top_n=[5]"]).model)
+
+
+def test_vit_detector_loads_openai_clip_and_follows_non_square_inputs(shared_coco, tmp_path):
+    """``--load-from ViT-B-16.pt`` for a ViT detector: CLIP's towers load (the position
+    grid resized to the config's), the pyramid, neck and heads start new, and at run time
+    the grid follows each padded input's patch grid, square or not."""
+    torch.manual_seed(3)
+    clip = FakeOpenAICLIP(vit=True)
+    torch.save(clip.state_dict(), tmp_path / "ViT-tiny.pt")
+    model = tiny("tiny_retinanet_denseclip_vit", shared_coco)
+    assert model.backbone.fpn1 is None  # RetinaNet reads strides 8-32 only
+    report = denseclip.load_checkpoint(model, tmp_path / "ViT-tiny.pt")
+    assert report.format == "openai"
+    sd = model.state_dict()
+    torch.testing.assert_close(sd["backbone.conv1.weight"],
+                               clip.state_dict()["visual.conv1.weight"])
+    assert ("backbone.positional_embedding", (197, 32), (17, 32)) in report.resized
+    assert not any(k.startswith("backbone.fpn1") for k in sd)
+    assert all(re.match(r"(guidance\.(contexts|gamma|context_decoder)|neck|head|"
+                        r"backbone\.fpn[234])", k) or k.endswith("num_batches_tracked")
+               for k in report.new)
+    model.eval()
+    x = torch.randn(1, 3, 128, 160)  # 8 x 10 patches from a stored 4 x 4 grid
+    with torch.no_grad():
+        features, (global_embed, dense_embed) = model.backbone(x)
+        detections = model([torch.rand(3, 100, 140)])
+    assert features[0] is None
+    assert [tuple(f.shape[-2:]) for f in features[1:]] == [(16, 20), (8, 10), (4, 5)]
+    assert global_embed.shape == (1, 32) and dense_embed.shape == (1, 32, 8, 10)
+    assert detections[0]["boxes"].shape[1] == 4
