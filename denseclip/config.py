@@ -39,6 +39,7 @@ Precision = Literal["fp32", "bf16", "fp16", "auto"]
 Kernels = Literal["fast", "reference"]
 NonfiniteLoss = Literal["stop", "skip"]
 DropPathMode = Literal["token", "sample"]
+Activation = Literal["quick_gelu", "gelu"]
 
 
 class ConfigError(ValueError):
@@ -71,6 +72,9 @@ class BackboneConfig:
     # ViT only: the official code adds the class embedding a second time to the class
     # position (DESIGN §9). Official ViT checkpoints need it; set False for the fix.
     class_embedding_quirk: bool = True
+    # ViT only: the blocks' MLP activation, as the weights were trained: "quick_gelu"
+    # (OpenAI's CLIP) or "gelu" (most OpenCLIP releases, e.g. the LAION-2B ViTs).
+    act: Activation = "quick_gelu"
 
 
 @dataclass
@@ -83,6 +87,7 @@ class TextConfig:
     layers: int = 12
     heads: int = 8
     vocab_size: int = 49408
+    act: Activation = "quick_gelu"  # as model.backbone.act, for the text tower
 
 
 @dataclass

@@ -174,6 +174,8 @@ CHOICES = {
     "model.backbone.type": ("resnet", "vit"),
     "model.backbone.pos_embed": ("interpolate", "crop"),
     "model.backbone.drop_path_mode": ("token", "sample"),
+    "model.backbone.act": ("quick_gelu", "gelu"),
+    "model.text.act": ("quick_gelu", "gelu"),
     "model.guidance.prompting": ("post", "pre"),
     "data.dataset": ("ade20k", "folder", "coco"),
     "schedule.policy": ("poly", "step"),

@@ -33,7 +33,8 @@ def build_backbone(cfg: BackboneConfig, embeddings: bool | None = None,
             raise ConfigError(f"model.backbone.layers: a ViT takes [depth], got {cfg.layers}")
         return CLIPViT(cfg.width, cfg.layers[0], cfg.heads, cfg.patch_size, cfg.embed_dim,
                        cfg.input_resolution, cfg.out_indices, cfg.drop_path_rate, embeddings,
-                       cfg.class_embedding_quirk, cfg.pos_embed, cfg.drop_path_mode, levels)
+                       cfg.class_embedding_quirk, cfg.pos_embed, cfg.drop_path_mode, levels,
+                       cfg.act)
     raise ConfigError(f"model.backbone.type must be 'resnet' or 'vit', got {cfg.type!r}")
 
 
@@ -41,7 +42,7 @@ def build_guidance(cfg: ModelConfig, class_names: list[str]) -> TextGuidance:
     """The text encoder and guidance module for ``class_names``."""
     g, t = cfg.guidance, cfg.text
     text_encoder = CLIPTextEncoder(t.context_length, t.vocab_size, t.width, t.layers, t.heads,
-                                   cfg.backbone.embed_dim)
+                                   cfg.backbone.embed_dim, t.act)
     return TextGuidance(text_encoder, class_names, cfg.backbone.embed_dim, t.n_ctx, g.prompting,
                         g.decoder_width, g.decoder_heads, g.decoder_layers, g.decoder_dropout,
                         g.gamma_init, g.tau)

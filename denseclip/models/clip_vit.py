@@ -26,7 +26,8 @@ class CLIPViT(nn.Module):
     a second time onto the class position's embedding (needed for official checkpoints).
     ``levels`` lists the pyramid levels to build (0..3 = strides patch/4 .. 2·patch); the
     others are ``None`` in the output and have no module (RetinaNet reads levels 1–3 only,
-    and unused parameters would stall distributed training).
+    and unused parameters would stall distributed training). ``act`` is the blocks' MLP
+    activation (``quick_gelu`` for OpenAI's weights, ``gelu`` for most OpenCLIP ones).
     """
 
     def __init__(self, width: int = 768, layers: int = 12, heads: int = 12,
@@ -34,7 +35,7 @@ class CLIPViT(nn.Module):
                  out_indices: list[int] = (3, 5, 7, 11), drop_path_rate: float = 0.0,
                  embeddings: bool = True, class_embedding_quirk: bool = True,
                  pos_embed: str = "interpolate", drop_path_mode: str = "token",
-                 levels: Sequence[int] = (0, 1, 2, 3)) -> None:
+                 levels: Sequence[int] = (0, 1, 2, 3), act: str = "quick_gelu") -> None:
         super().__init__()
         if len(out_indices) != 4 or max(out_indices) >= layers:
             raise ValueError(f"out_indices {list(out_indices)} must be 4 blocks of {layers}")
@@ -50,7 +51,7 @@ class CLIPViT(nn.Module):
         self.class_embedding = nn.Parameter(scale * torch.randn(width))
         self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
         self.ln_pre = LayerNorm(width)
-        self.transformer = Transformer(width, layers, heads, drop_path_rate, drop_path_mode)
+        self.transformer = Transformer(width, layers, heads, drop_path_rate, drop_path_mode, act)
         self.embed_dim = embed_dim
         if embeddings:
             self.ln_post = LayerNorm(width)

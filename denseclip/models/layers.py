@@ -25,6 +25,11 @@ class QuickGELU(nn.Module):
         return x * torch.sigmoid(1.702 * x)
 
 
+#: The MLP activations of CLIP releases: OpenAI's use QuickGELU, most OpenCLIP ones
+#: (e.g. the LAION-2B ViTs) the exact GELU.
+ACTIVATIONS = {"quick_gelu": QuickGELU, "gelu": nn.GELU}
+
+
 class DropPath(nn.Module):
     """Stochastic depth on sequence-first (L, B, C) tokens; identity at eval time or with
     p = 0. ``mode="token"`` draws one keep/drop per token position for the whole batch
@@ -167,16 +172,19 @@ class MultiheadAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
-    """CLIP's pre-norm transformer block (QuickGELU MLP), with optional drop-path."""
+    """CLIP's pre-norm transformer block (MLP with ``act``, one of :data:`ACTIVATIONS`),
+    with optional drop-path."""
 
     def __init__(self, width: int, heads: int, drop_path: float = 0.0,
-                 drop_path_mode: str = "token") -> None:
+                 drop_path_mode: str = "token", act: str = "quick_gelu") -> None:
         super().__init__()
         self.attn = MultiheadAttention(width, heads)
         self.ln_1 = LayerNorm(width)
         self.mlp = nn.Sequential()
         self.mlp.add_module("c_fc", nn.Linear(width, width * 4))
-        self.mlp.add_module("gelu", QuickGELU())
+        if act not in ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}, got {act!r}")
+        self.mlp.add_module("gelu", ACTIVATIONS[act]())
         self.mlp.add_module("c_proj", nn.Linear(width * 4, width))
         self.ln_2 = LayerNorm(width)
         self.drop_path = DropPath(drop_path, drop_path_mode)
@@ -201,12 +209,12 @@ class Transformer(nn.Module):
     """A stack of residual attention blocks over (L, B, C) tokens."""
 
     def __init__(self, width: int, layers: int, heads: int, drop_path_rate: float = 0.0,
-                 drop_path_mode: str = "token") -> None:
+                 drop_path_mode: str = "token", act: str = "quick_gelu") -> None:
         super().__init__()
         # Drop-path rate grows linearly with depth (as torch.linspace(0, rate, layers)).
         rates = [drop_path_rate * i / max(layers - 1, 1) for i in range(layers)]
         self.resblocks = nn.ModuleList(
-            ResidualAttentionBlock(width, heads, rate, drop_path_mode) for rate in rates
+            ResidualAttentionBlock(width, heads, rate, drop_path_mode, act) for rate in rates
         )
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

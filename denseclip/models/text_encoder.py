@@ -51,14 +51,15 @@ class CLIPTextEncoder(nn.Module):
     """
 
     def __init__(self, context_length: int = 77, vocab_size: int = 49408, width: int = 512,
-                 layers: int = 12, heads: int = 8, embed_dim: int = 512) -> None:
+                 layers: int = 12, heads: int = 8, embed_dim: int = 512,
+                 act: str = "quick_gelu") -> None:
         super().__init__()
         self.context_length = context_length
         self.width = width
         self.embed_dim = embed_dim
         self.token_embedding = nn.Embedding(vocab_size, width)
         self.positional_embedding = nn.Parameter(torch.empty(context_length, width))
-        self.transformer = Transformer(width, layers, heads)
+        self.transformer = Transformer(width, layers, heads, act=act)
         self.ln_final = LayerNorm(width)
         self.text_projection = nn.Parameter(torch.empty(width, embed_dim))
         # Causal mask: each position sees itself and the positions before it.

@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import denseclip
 from denseclip.models import CLIPResNet, CLIPTextEncoder, CLIPViT, tokenize
 from denseclip.models.layers import resize_grid, spatial_pos_embed
 from tests.helpers.weights import randomise_batchnorm
@@ -246,3 +247,47 @@ def test_vit_interpolates_to_non_square_inputs():
 def test_vit_rejects_bad_out_indices():
     with pytest.raises(ValueError, match="out_indices"):
         CLIPViT(width=32, layers=4, heads=2, out_indices=[0, 1, 2, 4])
+
+
+# --------------------------------------------------------------------------- OpenCLIP
+@pytest.fixture(scope="module")
+def oc_vit_gelu():
+    """open_clip's own ViT-B/16 configuration (exact GELU), as its LAION releases use."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return open_clip.create_model("ViT-B-16", pretrained=None).eval()
+
+
+def test_openclip_gelu_towers_match_open_clip(oc_vit_gelu, image224):
+    vit = CLIPViT(input_resolution=224, class_embedding_quirk=False, act="gelu").eval()
+    vit.load_state_dict(_visual_state(oc_vit_gelu), strict=False)
+    text = CLIPTextEncoder(context_length=77, embed_dim=512, act="gelu").eval()
+    text.load_state_dict(_text_state(oc_vit_gelu), strict=True)
+    with torch.no_grad():
+        expected_image = oc_vit_gelu.encode_image(image224)
+        expected_text = oc_vit_gelu.encode_text(open_clip.tokenize(TEXTS))
+        _, (image, _) = vit(image224)
+        words = text(tokenize(TEXTS, 77))
+        quick = CLIPViT(input_resolution=224, class_embedding_quirk=False).eval()
+        quick.load_state_dict(vit.state_dict())
+        _, (wrong, _) = quick(image224)
+    assert (image - expected_image).abs().max().item() <= ATOL
+    assert (words - expected_text).abs().max().item() <= ATOL
+    assert (wrong - expected_image).abs().max().item() > 100 * ATOL  # the activation matters
+
+
+def test_openclip_preset_loads_an_open_clip_state_dict(oc_vit_gelu, image224, tmp_path):
+    torch.save(oc_vit_gelu.state_dict(), tmp_path / "open_clip_pytorch_model.bin")
+    cfg = denseclip.load_config("denseclip_fpn_vit-b-laion2b_640x640_80k",
+                                ["model.backbone.input_resolution=224"])
+    model = denseclip.build_model(cfg).eval()
+    report = denseclip.load_checkpoint(model, tmp_path / "open_clip_pytorch_model.bin")
+    assert report.format == "openai"  # OpenCLIP keeps OpenAI's key layout
+    assert "logit_scale" in report.ignored
+    assert not any(k.startswith(("backbone.transformer", "guidance.text_encoder.transformer"))
+                   for k in report.new)
+    with torch.no_grad():
+        _, (image, _) = model.backbone(image224)
+        expected = oc_vit_gelu.encode_image(image224)
+    assert (image - expected).abs().max().item() <= ATOL
