@@ -36,7 +36,7 @@ def train_steps(preset: str, batch: int, iters: int, device: str) -> dict:
     cfg = denseclip.load_config(preset)
     torch.manual_seed(0)
     model = prepare_model(denseclip.build_model(cfg).to(device), cfg.kernels).train()
-    optimizer = build_optimizer(model, cfg.optim)
+    optimizer = build_optimizer(model, cfg.optim, fused=cfg.kernels == "fast")  # as trained
     h, w = cfg.data.crop_size
     images, targets = make_inputs(cfg, model.num_classes, (h, w), batch, torch.device(device))
     precision = "fp32" if cfg.amp == "none" else cfg.amp
