@@ -21,6 +21,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
 from torch import nn
 
 from .utils import resize_grid, unwrap_model
@@ -37,12 +39,13 @@ class LoadReport:
     """What :func:`load_checkpoint` did."""
 
     path: str
-    format: str  # "denseclip", "state_dict", "official", "openai"
+    format: str  # "denseclip", "state_dict", "official", "openai", "imagenet"
     loaded: list[str] = field(default_factory=list)
     new: list[str] = field(default_factory=list)  # model keys left at their initialisation
     ignored: list[str] = field(default_factory=list)  # file keys with no use in this model
     resized: list[tuple[str, tuple[int, ...], tuple[int, ...]]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # our checkpoints: everything else
+    notes: list[str] = field(default_factory=list)  # further lines for the report
 
     def __str__(self) -> str:
         lines = [f"{self.path}: {self.format} checkpoint, {len(self.loaded)} tensors loaded"]
@@ -53,7 +56,7 @@ class LoadReport:
             lines.append(f"left at initialisation ({len(self.new)}): {_summarise(self.new)}")
         if self.ignored:
             lines.append(f"ignored ({len(self.ignored)}): {_summarise(self.ignored)}")
-        return "\n".join(lines)
+        return "\n".join(lines + self.notes)
 
 
 def _summarise(keys: Iterable[str], limit: int = 8) -> str:
@@ -109,6 +112,8 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> Any:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    if path.suffix == ".safetensors":
+        return _read_safetensors(path)
     if _is_torchscript(path):
         try:
             with warnings.catch_warnings():  # TorchScript is deprecated, yet CLIP ships it
@@ -126,6 +131,14 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> Any:
                 f"if you trust the file, load it with weights_only=False"
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint: {msg}") from None
+
+
+def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    """A ``.safetensors`` file's tensors (the format holds data only: nothing is executed)."""
+    try:
+        return load_file(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{path} is not a readable safetensors file: {e}") from None
 
 
 def _tensors_only(d: dict[str, Any], path: Path) -> dict[str, torch.Tensor]:
@@ -181,13 +194,54 @@ def _reconcile(key: str, value: torch.Tensor, target: torch.Tensor) -> torch.Ten
     )
 
 
+@dataclass
+class ImageNetKeys:
+    """How an ImageNet classifier's state dict meets a model with an ImageNet backbone
+    (:class:`~denseclip.models.imagenet.ImageNetBackbone`)."""
+
+    mapping: dict[str, str]  # file key → model key
+    unused: set[str]  # file keys of the classifier that the pyramid leaves out
+    new: set[str]  # model keys the file cannot provide (attention pool, added norms, heads)
+
+
+def imagenet_keys(model: nn.Module, sd: dict[str, torch.Tensor]) -> ImageNetKeys | None:
+    """The key map when ``sd`` is an ImageNet state dict for ``model``'s backbone (a
+    torchvision or timm classifier's keys, none of this package's), else None."""
+    backbone = getattr(model, "backbone", None)
+    if not callable(getattr(backbone, "file_keys", None)) or any(
+            k.startswith(("backbone.", "guidance.", "neck.")) for k in sd):
+        return None
+    mapping, unused = backbone.file_keys()
+    if not any(k in mapping for k in sd):
+        return None
+    mapping = {k: f"backbone.{v}" for k, v in mapping.items()}
+    mapped = set(mapping.values())
+    new = {k for k in model.state_dict()
+           if not k.startswith("backbone.body.") or k not in mapped}
+    return ImageNetKeys(mapping, unused, new)
+
+
 def convert_state_dict(sd: dict[str, torch.Tensor], fmt: str,
                        model_sd: dict[str, torch.Tensor],
                        official_table: list[tuple[str, str]] | None = None,
+                       imagenet: ImageNetKeys | None = None,
                        ) -> tuple[dict, list[str]]:
     """Rename ``sd`` from ``fmt`` to this package's keys. Returns (renamed, ignored keys):
     keys that by design have no counterpart in ``model_sd``. An official release needs
-    ``official_table``, the model's rename table."""
+    ``official_table``, the model's rename table; an ``imagenet`` file its key map."""
+    if fmt == "imagenet":
+        if imagenet is None:
+            raise CheckpointError("an ImageNet state dict loads into a model with a "
+                                  "torchvision or timm backbone only")
+        out, ignored = {}, []
+        for key, value in sd.items():
+            if key in imagenet.mapping:
+                out[imagenet.mapping[key]] = value
+            elif key in imagenet.unused:
+                ignored.append(key)
+            else:
+                out[key] = value  # unknown to the model: an error when loading strictly
+        return out, ignored
     if fmt == "official" and official_table is None:
         raise CheckpointError("an official DenseCLIP release needs the model's rename table "
                               "(its official_renames); official releases load into the "
@@ -234,17 +288,22 @@ def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
     (``path`` names it in messages)."""
     path = Path(path)
     fmt, sd = detect_format(obj, path)
+    imagenet = imagenet_keys(model, sd) if fmt == "state_dict" else None
+    if imagenet is not None:
+        fmt = "imagenet"
     model_sd = model.state_dict()
     try:
         renamed, ignored = convert_state_dict(sd, fmt, model_sd,
-                                              getattr(model, "official_renames", None))
+                                              getattr(model, "official_renames", None),
+                                              imagenet)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {type(model).__name__}: {e}") from None
 
     unexpected = sorted(k for k in renamed if k not in model_sd)
     missing = [k for k in model_sd if k not in renamed]
     allowed = OPENAI_NEW if fmt == "openai" else (r"\.num_batches_tracked$",)
-    new = [k for k in missing if any(re.search(p, k) for p in allowed)]
+    new = [k for k in missing if any(re.search(p, k) for p in allowed)
+           or (imagenet is not None and k in imagenet.new)]
     not_loaded = [k for k in missing if k not in new]
     if strict and (unexpected or not_loaded):
         parts = [f"{path}: {fmt} checkpoint does not match the model"]
@@ -272,6 +331,9 @@ def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
         final[key] = fitted.to(target.dtype)
         report.loaded.append(key)
     model.load_state_dict(final, strict=False)
+    if fmt == "imagenet" and ignored:
+        report.notes.append(f"not part of the feature pyramid: the ImageNet classifier's "
+                            f"{_summarise(ignored)}")
     if fmt == "denseclip":
         report.extra = {k: v for k, v in obj.items() if k not in ("model", "format")}
     return report
@@ -295,3 +357,58 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+# ---------------------------------------------------------------------------- text tower only
+TEXT_PREFIX = "guidance.text_encoder."
+
+
+def load_text_weights(model: nn.Module, path: str | Path) -> LoadReport:
+    """Load only CLIP's text side (text transformer, token and position embeddings, final
+    norm and projection) from an OpenAI CLIP release or an OpenCLIP state dict, into the
+    text encoder of ``model``'s guidance: for backbones that are not CLIP's own (ImageNet
+    pyramids). The file's image tower is ignored, with a report line that says so.
+
+    Every text-encoder parameter must be in the file; a projection width that differs
+    from the model's ``model.backbone.embed_dim`` raises naming both."""
+    path = Path(path)
+    fmt, sd = detect_format(read_checkpoint(path), path)
+    if fmt != "openai":
+        raise CheckpointError(f"{path}: text weights come from an OpenAI CLIP release (or an "
+                              f"OpenCLIP state dict with its key names); this is a {fmt} "
+                              f"checkpoint")
+    guidance = getattr(model, "guidance", None)
+    if guidance is None:
+        raise CheckpointError(f"{path}: {type(model).__name__} has no text encoder (a "
+                              f"baseline without text guidance); drop the text weights")
+    model_sd = {k: v for k, v in model.state_dict().items() if k.startswith(TEXT_PREFIX)}
+    report = LoadReport(str(path), "openai (text tower)")
+    image = [k for k in sd if k.startswith("visual.")]
+    final = {}
+    for key, value in sd.items():
+        new = rename_key(key, OPENAI_RENAMES)
+        if new not in model_sd:
+            if not key.startswith("visual."):
+                report.ignored.append(key)
+            continue
+        if new.endswith("text_projection") and value.shape[1] != model_sd[new].shape[1]:
+            raise CheckpointError(
+                f"{path}: the text tower projects to {value.shape[1]} dimensions, the model "
+                f"to {model_sd[new].shape[1]}; set model.backbone.embed_dim: {value.shape[1]}")
+        try:
+            fitted = _reconcile(new, value, model_sd[new])
+        except CheckpointError as e:
+            raise CheckpointError(f"{path}: {e}") from None
+        if fitted.shape != value.shape:
+            report.resized.append((new, tuple(value.shape), tuple(fitted.shape)))
+        final[new] = fitted.to(model_sd[new].dtype)
+        report.loaded.append(new)
+    missing = sorted(set(model_sd) - set(final))
+    if missing:
+        raise CheckpointError(f"{path}: the file lacks text-encoder weights ({len(missing)}): "
+                              + ", ".join(missing[:20]))
+    model.load_state_dict(final, strict=False)
+    if image:
+        report.notes.append(f"image tower ignored: {len(image)} visual.* tensors (the "
+                            f"backbone's weights come from elsewhere)")
+    return report

@@ -1,11 +1,11 @@
 """Typed configuration: small dataclass sections, YAML presets and dotted overrides.
 
-A preset is a YAML file under ``denseclip/configs``; it may name one ``_base_`` file whose
-values it extends (nested mappings are merged, everything else replaced). Overrides are
-``section.key=value`` strings whose value is parsed as YAML (``optim.lr=2e-4``,
-``data.crop_size=[256,256]``). Unknown keys are errors that list the valid ones. Choice
-fields are typed ``Literal[...]``; a value outside the choices is an error when the config
-loads, naming the key, the value and the allowed values.
+A preset is a YAML file under ``denseclip/configs``; it may name one ``_base_`` file (a path
+relative to it, or a preset's name) whose values it extends (nested mappings are merged,
+everything else replaced). Overrides are ``section.key=value`` strings whose value is
+parsed as YAML (``optim.lr=2e-4``, ``data.crop_size=[256,256]``). Unknown keys are errors
+that list the valid ones. Choice fields are typed ``Literal[...]``; a value outside the
+choices is an error when the config loads, naming the key, the value and the allowed values.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # The allowed values of each choice field (checked when a config loads).
 Task = Literal["segmentation", "retinanet", "mask_rcnn"]
-BackboneType = Literal["resnet", "vit"]
+BackboneType = Literal["resnet", "vit", "torchvision", "timm"]
 PosEmbed = Literal["interpolate", "crop"]
 Prompting = Literal["post", "pre"]
 LossAverage = Literal["all", "valid"]
@@ -48,14 +48,28 @@ class ConfigError(ValueError):
 
 @dataclass
 class BackboneConfig:
-    """A CLIP visual tower (DESIGN §2)."""
+    """The visual backbone: a CLIP visual tower (DESIGN §2), or an ImageNet feature pyramid
+    (torchvision or timm) under a new attention pool."""
 
-    type: BackboneType = "resnet"  # "resnet" (CLIP ModifiedResNet) or "vit" (CLIP ViT)
+    # "resnet" (CLIP ModifiedResNet), "vit" (CLIP ViT), "torchvision" (a ResNet or Swin
+    # builder of torchvision.models, named by ``name``) or "timm" (any timm model with
+    # ``features_only``, named by ``name``).
+    type: BackboneType = "resnet"
+    # torchvision / timm only: the builder's name (``resnet50``, ``swin_t``,
+    # ``convnext_tiny`` ...) and keyword arguments passed to it.
+    name: str = ""
+    kwargs: dict[str, Any] = field(default_factory=dict)
+    # timm only: features_only ``out_indices``; empty picks the last feature map at each of
+    # the strides 4, 8, 16 and 32 from the model's feature_info.
+    feature_indices: list[int] = field(default_factory=list)
     # ResNet: blocks per stage and stem width. ViT: ``layers[0]`` is the depth.
     layers: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
     width: int = 64  # ResNet base width, or ViT token width
-    heads: int = 32  # attention-pool heads (ResNet) or transformer heads (ViT)
-    embed_dim: int = 1024  # CLIP embedding dim D of the global/dense embeddings
+    # attention-pool heads (ResNet, torchvision, timm) or transformer heads (ViT)
+    heads: int = 32
+    # CLIP embedding dim D of the global/dense embeddings: the text encoder's output width
+    # (1024 for RN50's text tower, 512 for RN101's and ViT-B/16's)
+    embed_dim: int = 1024
     input_resolution: int = 512  # the stored position-embedding grid is resolution/stride
     # Also return (global, dense) embeddings (attention pool, or ViT ln_post + proj).
     embeddings: bool = True
@@ -297,8 +311,12 @@ def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if base is None:
         return data
     base_path = (path.parent / base).resolve()
-    if not base_path.is_file():
-        raise ConfigError(f"{path}: _base_ file {base_path} does not exist")
+    if not base_path.is_file():  # a preset's name (with or without .yaml) also works
+        preset = PRESET_DIR / (base if str(base).endswith(".yaml") else f"{base}.yaml")
+        if not preset.is_file():
+            raise ConfigError(f"{path}: _base_ {base!r} is neither a file ({base_path}) nor "
+                              f"a preset (see `denseclip presets`)")
+        base_path = preset
     return _merge(_load_raw(base_path, seen + (path,)), data)
 
 
@@ -361,6 +379,8 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
             return float(value)  # YAML reads "1e-4" (no dot) as a string
         except ValueError:
             pass
+    if tp is Any:
+        return value
     if tp in (int, str, bool) and type(value) is tp:
         return value
     raise ConfigError(f"{where}: expected {getattr(tp, '__name__', tp)}, got {value!r}")

@@ -9,6 +9,7 @@ module             used for                         install
 =================  ===============================  ==============================
 ``pycocotools``    COCO masks, data and evaluation  ``pip install 'denseclip[coco]'``
 ``onnx``           ONNX export                      ``pip install 'denseclip[export]'``
+``timm``           timm backbones                   ``pip install timm``
 =================  ===============================  ==============================
 """
 

@@ -140,6 +140,15 @@ def test_yaml_file_with_base(tmp_path):
     assert cfg.model == Config().model  # sections not mentioned keep their defaults
 
 
+def test_a_users_file_extends_a_preset_by_name(tmp_path):
+    (tmp_path / "mine.yaml").write_text("_base_: tiny_denseclip_res\noptim: {lr: 3.0e-4}\n")
+    (tmp_path / "mine2.yaml").write_text("_base_: tiny_denseclip_res.yaml\n")
+    cfg = load_config(tmp_path / "mine.yaml")
+    assert cfg.optim.lr == 3e-4
+    assert cfg.model == load_config("tiny_denseclip_res").model == \
+        load_config(tmp_path / "mine2.yaml").model
+
+
 def test_bad_config_files(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load_config(tmp_path / "missing.yaml")
@@ -148,7 +157,8 @@ def test_bad_config_files(tmp_path):
     with pytest.raises(ConfigError, match="circular"):
         load_config(tmp_path / "a.yaml")
     (tmp_path / "c.yaml").write_text("_base_: nowhere.yaml\n")
-    with pytest.raises(ConfigError, match="_base_ file .* does not exist"):
+    with pytest.raises(ConfigError, match="_base_ 'nowhere.yaml' is neither a file .* nor a "
+                                          "preset"):
         load_config(tmp_path / "c.yaml")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(ConfigError, match="must be a mapping"):
@@ -171,7 +181,7 @@ def test_unknown_preset_is_a_config_error():
 CHOICES = {
     "model.task": ("segmentation", "retinanet", "mask_rcnn"),
     "model.loss_average": ("all", "valid"),
-    "model.backbone.type": ("resnet", "vit"),
+    "model.backbone.type": ("resnet", "vit", "torchvision", "timm"),
     "model.backbone.pos_embed": ("interpolate", "crop"),
     "model.backbone.drop_path_mode": ("token", "sample"),
     "model.backbone.act": ("quick_gelu", "gelu"),

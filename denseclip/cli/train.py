@@ -25,7 +25,11 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in the work dir")
     parser.add_argument("--load-from", metavar="CKPT",
-                        help="initialise weights only (e.g. OpenAI RN50.pt or a release)")
+                        help="initialise weights only: OpenAI CLIP (RN50.pt), an ImageNet "
+                             "torchvision/timm state dict, a release or our checkpoint")
+    parser.add_argument("--text-weights", metavar="CKPT",
+                        help="load only CLIP's text tower from this OpenAI CLIP file (for "
+                             "ImageNet backbones; its image tower is ignored)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -36,7 +40,7 @@ def run_train(args: argparse.Namespace) -> int:
     work_dir = args.work_dir or f"work_dirs/{cfg.name}"
     try:
         metrics = train(cfg, work_dir, resume=args.resume, load_from=args.load_from, env=env,
-                        progress=not args.no_progress)
+                        progress=not args.no_progress, text_weights=args.text_weights)
     finally:
         cleanup()
     if metrics and env.is_main:

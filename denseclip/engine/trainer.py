@@ -28,8 +28,10 @@ from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
 from ..checkpoint import (
+    TEXT_PREFIX,
     load_checkpoint,
     load_checkpoint_object,
+    load_text_weights,
     read_checkpoint,
     save_checkpoint,
 )
@@ -134,8 +136,14 @@ def iterations_per_epoch(dataset_size: int, cfg: Config, world_size: int,
 
 def train(cfg: Config, work_dir: str | Path, resume: bool = False,
           load_from: str | None = None, env: DistEnv | None = None,
-          progress: bool = True) -> dict[str, Any]:
-    """Train ``cfg`` in ``work_dir``; returns the last evaluation's metrics (if any)."""
+          progress: bool = True, text_weights: str | None = None) -> dict[str, Any]:
+    """Train ``cfg`` in ``work_dir``; returns the last evaluation's metrics (if any).
+
+    ``load_from`` initialises the weights from any checkpoint :func:`load_checkpoint`
+    accepts (OpenAI CLIP, ImageNet torchvision/timm state dicts, releases, ours);
+    ``text_weights`` then loads only the text tower from an OpenAI CLIP file
+    (:func:`load_text_weights`), for backbones that are not CLIP's. Neither applies when
+    resuming, whose checkpoint holds every weight."""
     env = env or init_distributed()
     work_dir = Path(work_dir)
     if env.is_main:
@@ -152,8 +160,19 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     seed_everything(cfg.seed + env.rank)
     model = build_model(cfg)
     log = _log.info if env.is_main else (lambda *a, **k: None)
+    text_loaded = False
     if load_from and start_ckpt is None:
-        log(str(load_checkpoint(model, load_from)))
+        report = load_checkpoint(model, load_from)
+        log(str(report))
+        text_loaded = any(k.startswith(TEXT_PREFIX) for k in report.loaded)
+    if text_weights and start_ckpt is None:
+        log(str(load_text_weights(model, text_weights)))
+        text_loaded = True
+    if (start_ckpt is None and not text_loaded and env.is_main
+            and getattr(model, "guidance", None) is not None
+            and cfg.model.backbone.type in ("torchvision", "timm")):
+        _log.warning("the text encoder is left at random initialisation: load CLIP's text "
+                     "tower with --text-weights (e.g. RN50.pt)")
 
     task = make_task(cfg, model)
     train_set = task.dataset(cfg.data.train_split, train=True)

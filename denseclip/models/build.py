@@ -13,14 +13,16 @@ from .clip_resnet import CLIPResNet
 from .clip_vit import CLIPViT
 from .detection import DETECTION_TASKS, CLIPMaskRCNN, CLIPRetinaNet
 from .guidance import TextGuidance
+from .imagenet import ImageNetBackbone, TimmBody, torchvision_body
 from .segmentor import Segmentor
 from .text_encoder import CLIPTextEncoder
 
 
 def build_backbone(cfg: BackboneConfig, embeddings: bool | None = None,
                    levels: tuple[int, ...] = (0, 1, 2, 3)) -> nn.Module:
-    """A CLIP visual tower exposing ``out_channels`` and ``embed_dim``. ``levels`` are the
-    pyramid levels the model reads (a ViT builds only those; a ResNet computes every
+    """The visual backbone exposing ``out_channels`` and ``embed_dim``: a CLIP tower, or an
+    ImageNet pyramid (torchvision / timm) under a new attention pool. ``levels`` are the
+    pyramid levels the model reads (a CLIP ViT builds only those; the others compute every
     stage on the way to the last anyway)."""
     embeddings = cfg.embeddings if embeddings is None else embeddings
     if cfg.type == "resnet":
@@ -35,7 +37,16 @@ def build_backbone(cfg: BackboneConfig, embeddings: bool | None = None,
                        cfg.input_resolution, cfg.out_indices, cfg.drop_path_rate, embeddings,
                        cfg.class_embedding_quirk, cfg.pos_embed, cfg.drop_path_mode, levels,
                        cfg.act)
-    raise ConfigError(f"model.backbone.type must be 'resnet' or 'vit', got {cfg.type!r}")
+    if cfg.type in ("torchvision", "timm"):
+        if not cfg.name:
+            raise ConfigError(f"model.backbone.name: a {cfg.type} backbone needs the model's "
+                              f"name (e.g. resnet50, swin_t)")
+        body = (torchvision_body(cfg.name, cfg.kwargs, levels) if cfg.type == "torchvision"
+                else TimmBody(cfg.name, cfg.kwargs, cfg.feature_indices))
+        return ImageNetBackbone(body, cfg.embed_dim, cfg.heads, cfg.input_resolution,
+                                embeddings, cfg.pos_embed)
+    raise ConfigError(f"model.backbone.type must be one of resnet, vit, torchvision, timm; "
+                      f"got {cfg.type!r}")
 
 
 def build_guidance(cfg: ModelConfig, class_names: list[str]) -> TextGuidance:
@@ -95,7 +106,7 @@ def build_detector(cfg: ModelConfig, **options: Any) -> nn.Module:
         score_thresh=det.score_thresh, detections_per_img=det.detections_per_img,
         seg_loss_weight=det.seg_loss_weight if det.seg_loss else 0.0, train_bn=det.train_bn,
     )
-    common.update(image_mean=CLIP_MEAN, image_std=CLIP_STD)
+    common.update(image_mean=CLIP_MEAN, image_std=CLIP_STD)  # build_model passes data.mean
     common.update(options)
     try:
         if cfg.task == "retinanet":
@@ -125,7 +136,9 @@ def build_model(cfg: Config) -> nn.Module:
     if cfg.model.task == "segmentation":
         model = build_segmentor(cfg.model)
     else:
-        model = build_detector(cfg.model)
+        # the detector normalises its uint8 input itself, with the data config's statistics
+        model = build_detector(cfg.model, image_mean=tuple(cfg.data.mean),
+                               image_std=tuple(cfg.data.std))
     if cfg.model.pretrained:
         load_checkpoint(model, cfg.model.pretrained)
     return model

@@ -475,7 +475,9 @@ def test_crop_mode_refuses_inputs_beyond_1344(shared_coco):
 # ----------------------------------------------------------------------------- training
 @pytest.mark.parametrize("name", ["tiny_retinanet_denseclip", "tiny_mask_rcnn_denseclip",
                                   "tiny_mask_rcnn_clip", "tiny_retinanet_denseclip_vit",
-                                  "tiny_mask_rcnn_denseclip_vit"])
+                                  "tiny_mask_rcnn_denseclip_vit",
+                                  "tiny_retinanet_denseclip_r18-in1k",
+                                  "tiny_mask_rcnn_denseclip_swin"])
 def test_every_trainable_parameter_gets_a_gradient(shared_coco, name):
     model = tiny(name, shared_coco).train()
     batch = train_batch(shared_coco, isinstance(model, CLIPMaskRCNN))
@@ -496,7 +498,9 @@ def test_every_trainable_parameter_gets_a_gradient(shared_coco, name):
 
 @pytest.mark.parametrize("name", ["tiny_retinanet_denseclip", "tiny_mask_rcnn_denseclip",
                                   "tiny_retinanet_denseclip_vit",
-                                  "tiny_mask_rcnn_denseclip_vit"])
+                                  "tiny_mask_rcnn_denseclip_vit",
+                                  "tiny_retinanet_denseclip_r18-in1k",
+                                  "tiny_mask_rcnn_denseclip_swin"])
 def test_training_overfits_two_images(shared_coco, name):
     model = tiny(name, shared_coco).train()
     batch = train_batch(shared_coco, isinstance(model, CLIPMaskRCNN))
