@@ -9,6 +9,7 @@ module             used for                         install
 =================  ===============================  ==============================
 ``pycocotools``    COCO masks, data and evaluation  ``pip install 'denseclip[coco]'``
 ``onnx``           ONNX export                      ``pip install 'denseclip[export]'``
+``matplotlib``     figures of results               ``pip install 'denseclip[plot]'``
 ``timm``           timm backbones                   ``pip install timm``
 =================  ===============================  ==============================
 """
@@ -20,7 +21,7 @@ from types import ModuleType
 
 __all__ = ["require"]
 
-EXTRAS = {"pycocotools": "coco", "onnx": "export"}
+EXTRAS = {"pycocotools": "coco", "onnx": "export", "matplotlib": "plot"}
 
 
 def require(module: str, purpose: str) -> ModuleType:

@@ -1,8 +1,10 @@
 """What differs between segmentation and detection for the shared training engine:
-datasets, batching, moving a batch to the device, evaluation and its headline numbers."""
+datasets, batching, moving a batch to the device, evaluation, its headline numbers and the
+figures ``denseclip test`` draws of it."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -14,9 +16,14 @@ from ..config import Config
 from ..data.coco import build_coco_dataset, collate_detection, move_detection_batch
 from ..data.samplers import collate_segmentation
 from ..data.segmentation import build_segmentation_dataset
-from ..evaluation.coco import METRIC_NAMES, evaluate_detection
+from ..evaluation.coco import METRIC_NAMES, evaluate_detection, format_per_category_table
+from ..evaluation.plots import write_segmentation_figures
 from ..evaluation.segmentation import evaluate
 from .dist import DistEnv
+
+FIGURES_DIR = "plots"  # out_dir's top level holds the label PNGs, one per image
+
+_log = logging.getLogger(__name__)
 
 
 class SegmentationTask:
@@ -50,6 +57,23 @@ class SegmentationTask:
                  out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
         return evaluate(model, dataset, self.cfg, env, aug_test=aug_test, out_dir=out_dir,
                         progress=progress)
+
+    def write_figures(self, metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
+        """Draw the confusion matrix and the per-class IoU of :meth:`evaluate`'s ``metrics``
+        as ``confusion_matrix.png`` and ``per_class_iou.png`` in ``out_dir/plots`` (the
+        label PNGs fill ``out_dir`` itself); returns their paths. Without matplotlib, or
+        without a single labelled pixel to draw, logs a warning (saying what to install) and
+        returns ``[]``: the evaluation's data files (``metrics.json``,
+        ``confusion_matrix.npy``) are written either way."""
+        names = [row["name"] for row in metrics["per_class"]]
+        iou = [row["IoU"] for row in metrics["per_class"]]
+        try:
+            return write_segmentation_figures(Path(out_dir) / FIGURES_DIR,
+                                              metrics["confusion"], names, iou)
+        except (ImportError, ValueError) as e:
+            _log.warning("%s; no figures drawn (metrics.json and confusion_matrix.npy are "
+                         "written)", e)
+            return []
 
     def checkpoint_meta(self, dataset) -> dict[str, Any]:
         return {"classes": list(dataset.class_names)}
@@ -103,8 +127,18 @@ class DetectionTask:
         result = evaluate_detection(model, dataset, env, out_dir,
                                     num_workers=self.cfg.data.num_workers, progress=progress)
         summaries = [result.get(f"{t}_summary", "") for t in ("bbox", "segm")]
+        per_category = {t: result[f"{t}_per_category"] for t in ("bbox", "segm")
+                        if f"{t}_per_category" in result}
         result["table"] = "\n".join(s for s in summaries if s)
+        if per_category:
+            result["table"] += "\n\nAP per category (%):\n" + \
+                format_per_category_table(per_category)
         return result
+
+    def write_figures(self, metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
+        """Detection draws no figure: its per-category AP tables are written by
+        :meth:`evaluate` (``per_category_ap.json`` and ``.md``)."""
+        return []
 
     def checkpoint_meta(self, dataset) -> dict[str, Any]:
         # Category id of each contiguous label, so results map back to the JSON's ids.

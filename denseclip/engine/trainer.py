@@ -324,7 +324,13 @@ def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
 
     ``precision`` is the inference precision (``fp32`` by default, so that reproduced
     numbers are reproducible; ``auto``/``bf16``/``fp16`` as in :mod:`denseclip.runtime`);
-    the result's ``precision`` says which one ran."""
+    the result's ``precision`` says which one ran.
+
+    With ``out_dir``, the evaluation writes its files there (segmentation: label PNGs,
+    ``metrics.json``, ``confusion_matrix.npy``; detection: ``bbox.json``/``segm.json``,
+    ``metrics.json``, ``per_category_ap.json``/``.md``) and the main process adds the
+    task's figures (segmentation: ``plots/confusion_matrix.png`` and
+    ``plots/per_class_iou.png``, which need matplotlib)."""
     env = env or init_distributed()
     model = build_model(cfg)
     report = load_checkpoint(model, checkpoint)
@@ -338,4 +344,8 @@ def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
                                 progress=progress)
     metrics["summary"] = {k: metrics[k] for k in task.summary_keys}
     metrics["precision"] = resolved
+    if out_dir is not None and env.is_main:
+        figures = task.write_figures(metrics, out_dir)
+        if figures:
+            _log.info("figures: %s", ", ".join(str(p) for p in figures))
     return metrics

@@ -1,2 +1,3 @@
 """Evaluation: test-time inference for segmentation (whole image, sliding window,
-multi-scale + flip), mIoU over a dataset, and COCO box / mask AP."""
+multi-scale + flip), mIoU over a dataset, COCO box / mask AP (overall and per category), and
+figures of the results and of training logs (:mod:`.plots`, needs matplotlib)."""

@@ -5,7 +5,8 @@ scores, and for Mask R-CNN N×1×H×W mask probabilities at the original size) b
 results: ``bbox`` as [x, y, width, height], ``category_id`` mapped back through the
 dataset's label → category-id table, and ``segmentation`` as compressed RLE of the mask
 thresholded at 0.5 (``>= 0.5``, mmdet's ``mask_thr_binary``). :func:`coco_evaluate` runs the
-official ``COCOeval`` and reports AP, AP50, AP75, APs, APm and APl in percent.
+official ``COCOeval`` and reports AP, AP50, AP75, APs, APm and APl in percent, and
+:func:`per_category_ap` the AP of every category (``per_category_ap.json`` and ``.md``).
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ __all__ = [
     "coco_evaluate",
     "detections_to_coco",
     "evaluate_detection",
+    "format_per_category_table",
     "masks_to_rles",
+    "per_category_ap",
+    "write_per_category_ap",
 ]
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl")
@@ -98,13 +102,20 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], iou_type: str,
                   image_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """Run ``COCOeval`` (``iou_type`` "bbox" or "segm") over ``image_ids`` (default: every
     ground-truth image). Returns ``{"AP", "AP50", "AP75", "APs", "APm", "APl"}`` in percent
-    (NaN where COCO reports -1, e.g. no object of that size) and ``summary``, COCOeval's
-    printed table. Without any result every AP is 0."""
+    (NaN where COCO reports -1, e.g. no object of that size), ``summary``, COCOeval's
+    printed table, and ``per_category`` (:func:`per_category_ap`). Without any result every
+    AP is 0 (NaN for a category without ground truth in the images)."""
     COCOeval = require("pycocotools.cocoeval", "COCO evaluation").COCOeval  # noqa: N806
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
     if not results:
-        return {**{name: 0.0 for name in METRIC_NAMES}, "summary": "no detections"}
+        ids = coco_gt.getImgIds() if image_ids is None else [int(i) for i in image_ids]
+        per_category = [
+            {"category_id": int(c), "name": coco_gt.cats[c]["name"],
+             "AP": 0.0 if coco_gt.getAnnIds(imgIds=ids, catIds=[c], iscrowd=False) else math.nan}
+            for c in sorted(coco_gt.getCatIds())]
+        return {**{name: 0.0 for name in METRIC_NAMES}, "summary": "no detections",
+                "per_category": per_category}
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         coco_dt = coco_gt.loadRes([dict(r) for r in results])  # loadRes adds fields in place
@@ -119,7 +130,73 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], iou_type: str,
         metrics[name] = float(value) * 100 if value >= 0 else math.nan
     metrics["summary"] = "\n".join(line for line in out.getvalue().splitlines()
                                    if line.lstrip().startswith("Average"))
+    metrics["per_category"] = per_category_ap(evaluator)
     return metrics
+
+
+def per_category_ap(evaluator) -> list[dict[str, Any]]:
+    """The AP of each category of an accumulated ``COCOeval``, in percent, in its category
+    order: ``[{"category_id", "name", "AP"}]``.
+
+    Each AP is the mean of ``evaluator.eval["precision"]`` over the ten IoU thresholds
+    (0.50:0.95) and the 101 recall points, for area "all" and 100 detections per image,
+    leaving out the -1 entries as ``COCOeval.summarize`` does; a category without ground
+    truth in the evaluated images has only -1 entries, and NaN here. Every category counts
+    the same number of entries, so the NaN-ignoring mean over categories equals the overall
+    AP (``stats[0]``)."""
+    params = evaluator.params
+    precision = evaluator.eval["precision"]  # T x R x K x A x M
+    area = params.areaRngLbl.index("all")
+    max_dets = [i for i, m in enumerate(params.maxDets) if m == 100]  # as stats[0]
+    rows = []
+    for k, cat_id in enumerate(params.catIds):
+        values = precision[:, :, k, area, max_dets]
+        valid = values[values > -1]
+        rows.append({"category_id": int(cat_id), "name": evaluator.cocoGt.cats[cat_id]["name"],
+                     "AP": float(valid.mean()) * 100 if valid.size else math.nan})
+    return rows
+
+
+def format_per_category_table(per_type: dict[str, list[dict[str, Any]]]) -> str:
+    """A Markdown table of :func:`per_category_ap` results, one AP column per IoU type
+    (``{"bbox": rows, "segm": rows}``), ``-`` for a category without ground truth, and a
+    last row with the mean over categories (the overall AP)."""
+    types = list(per_type)
+    if not types:
+        return ""
+    first = per_type[types[0]]
+    header = ["category", "id", *(f"{t} AP" for t in types)]
+    lines = ["| " + " | ".join(header) + " |",
+             "|" + "|".join([":---", "---:", *("---:" for _ in types)]) + "|"]
+    for i, row in enumerate(first):
+        values = [_ap_cell(per_type[t][i]["AP"]) for t in types]
+        lines.append(f"| {row['name']} | {row['category_id']} | " + " | ".join(values) + " |")
+    means = []
+    for t in types:
+        valid = [r["AP"] for r in per_type[t] if not math.isnan(r["AP"])]
+        means.append(_ap_cell(sum(valid) / len(valid) if valid else math.nan))
+    lines.append("| **mean** |  | " + " | ".join(means) + " |")
+    return "\n".join(lines)
+
+
+def _ap_cell(value: float) -> str:
+    return "-" if math.isnan(value) else f"{value:.2f}"
+
+
+def write_per_category_ap(out_dir: str | Path, per_type: dict[str, list[dict[str, Any]]]
+                          ) -> list[Path]:
+    """Write ``per_category_ap.json`` (``{"bbox": [{"category_id", "name", "AP"}], ...}``,
+    AP in percent, ``null`` for a category without ground truth) and ``per_category_ap.md``
+    (:func:`format_per_category_table`) into ``out_dir``; returns both paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    clean = {t: [{**r, "AP": None if math.isnan(r["AP"]) else r["AP"]} for r in rows]
+             for t, rows in per_type.items()}
+    json_path = out / "per_category_ap.json"
+    json_path.write_text(json.dumps(clean, indent=2))
+    md_path = out / "per_category_ap.md"
+    md_path.write_text(format_per_category_table(per_type) + "\n")
+    return [json_path, md_path]
 
 
 def _gather(obj: Any, env: DistEnv) -> list[Any]:
@@ -145,7 +222,9 @@ def evaluate_detection(model: nn.Module, dataset, env: DistEnv | None = None,
     group is initialised), which writes ``bbox.json`` / ``segm.json`` and ``metrics.json``
     into ``out_dir`` (if given) and runs COCOeval; every process returns the metrics:
     ``bbox_AP``, ``bbox_AP50``, … (``segm_*`` too for Mask R-CNN) in percent,
-    ``num_images`` and ``num_detections``."""
+    ``bbox_per_category`` (``segm_per_category``; :func:`per_category_ap`), ``num_images``
+    and ``num_detections``. With ``out_dir``, :func:`write_per_category_ap` writes the
+    per-category tables there too."""
     env = env or DistEnv()
     net = unwrap_model(model)
     was_training = net.training
@@ -192,4 +271,6 @@ def evaluate_detection(model: nn.Module, dataset, env: DistEnv | None = None,
         if out_dir is not None:
             (Path(out_dir) / "metrics.json").write_text(json.dumps(
                 {k: v for k, v in metrics.items() if not k.endswith("_summary")}, indent=2))
+            write_per_category_ap(out_dir, {name: metrics[f"{name}_per_category"]
+                                            for name, _ in types})
     return broadcast_object(metrics)

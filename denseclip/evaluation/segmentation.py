@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import Dataset
@@ -52,8 +53,11 @@ def evaluate(model: nn.Module, dataset, cfg: Config, env: DistEnv | None = None,
     the confusion matrices are summed across processes, and every process returns the
     metrics (mIoU, mAcc, aAcc in percent, per-class table). Predictions are resized to
     each image's original size. ``aug_test``: multi-scale (+ flip) testing of the original
-    images (``cfg.evaluation.aug_ratios``/``aug_flip``). With ``out_dir``, one label PNG
-    per image (dataset label space) and ``metrics.json`` are written there."""
+    images (``cfg.evaluation.aug_ratios``/``aug_flip``). The result also holds
+    ``confusion``, the summed ``K x K`` int64 confusion matrix (rows: ground truth, columns:
+    prediction) as a NumPy array. With ``out_dir``, one label PNG per image (dataset label
+    space), ``metrics.json`` (all but the table and the matrix) and ``confusion_matrix.npy``
+    are written there."""
     env = env or DistEnv()
     net = unwrap_model(model)
     was_training = net.training
@@ -84,9 +88,12 @@ def evaluate(model: nn.Module, dataset, cfg: Config, env: DistEnv | None = None,
     result = metric.compute(class_names)
     result["table"] = metric.format_table(class_names)
     result["num_images"] = len(dataset)
+    result["confusion"] = metric.confusion.cpu().numpy()
     if out_dir is not None and env.is_main:
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         (Path(out_dir) / "metrics.json").write_text(json.dumps(
-            {k: v for k, v in result.items() if k != "table"}, indent=2, default=float))
+            {k: v for k, v in result.items() if k not in ("table", "confusion")}, indent=2,
+            default=float))
+        np.save(Path(out_dir) / "confusion_matrix.npy", result["confusion"])
     net.train(was_training)
     return result
