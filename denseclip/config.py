@@ -148,6 +148,10 @@ class DetectionConfig:
 class ModelConfig:
     # "segmentation", "retinanet" or "mask_rcnn"
     task: Task = "segmentation"
+    # Zero-shot segmentation from CLIP's own weights (MaskCLIP, see
+    # denseclip.models.zeroshot): no neck, head or training; the classes' prompt-ensemble
+    # embeddings score CLIP's dense embeddings. Needs task: segmentation.
+    zeroshot: bool = False
     classes: str = "ade20k"  # a bundled list name ("ade20k", "coco") or a file, one per line
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     text: TextConfig = field(default_factory=TextConfig)

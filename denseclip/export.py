@@ -150,6 +150,9 @@ def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17,
     if predictor.task != "segmentation":
         raise ExportError(f"ONNX export supports segmentation presets; {predictor.cfg.name} "
                           f"is a {predictor.task} model")
+    if predictor.cfg.model.zeroshot:
+        raise ExportError(f"{predictor.cfg.name} is a zero-shot preset: ONNX export supports "
+                          f"the trained segmentors (DenseCLIP and its baselines)")
     open_text = None
     if predictor.open_class_names:
         guidance = predictor.guidance

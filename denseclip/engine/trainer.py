@@ -158,7 +158,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
             cfg = config_from_dict(state["config"], str(start_ckpt))
 
     seed_everything(cfg.seed + env.rank)
-    model = build_model(cfg)
+    model = build_model(cfg).train()  # a model that cannot train says so before any data
     log = _log.info if env.is_main else (lambda *a, **k: None)
     text_loaded = False
     if load_from and start_ckpt is None:

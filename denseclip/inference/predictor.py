@@ -140,6 +140,13 @@ class Predictor:
                 f"open-vocabulary classes need a segmentation preset; {self.cfg.name} is a "
                 f"{self.task} model"
             )
+        make = getattr(self.model, "make_open_vocabulary", None)
+        if make is not None:  # a model that scores typed classes itself (zero-shot CLIP)
+            try:
+                self.open_vocabulary = make(classes)
+            except ValueError as e:
+                raise PredictionError(str(e)) from None
+            return
         if self.guidance is None:
             raise PredictionError(
                 f"{self.cfg.name} has no text guidance (a plain CLIP baseline), so it has no "

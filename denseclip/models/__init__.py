@@ -17,10 +17,12 @@ from .guidance import (
 )
 from .segmentor import Segmentor
 from .text_encoder import CLIPTextEncoder, tokenize
+from .zeroshot import PROMPT_TEMPLATES, ZeroShotSegmentor, build_zeroshot_segmentor
 
 __all__ = [
     "CLIPMaskRCNN", "CLIPResNet", "CLIPRetinaNet", "CLIPTextEncoder", "CLIPViT",
-    "ContextDecoder", "DenseFeatures", "GuidanceOutput", "GuidedModel", "PromptGenerator",
-    "Segmentor", "TextGuidance", "build_backbone", "build_detector", "build_guidance",
-    "build_model", "build_segmentor", "fuse", "tokenize",
+    "ContextDecoder", "DenseFeatures", "GuidanceOutput", "GuidedModel", "PROMPT_TEMPLATES",
+    "PromptGenerator", "Segmentor", "TextGuidance", "ZeroShotSegmentor", "build_backbone",
+    "build_detector", "build_guidance", "build_model", "build_segmentor",
+    "build_zeroshot_segmentor", "fuse", "tokenize",
 ]

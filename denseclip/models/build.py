@@ -16,6 +16,7 @@ from .guidance import TextGuidance
 from .imagenet import ImageNetBackbone, TimmBody, torchvision_body
 from .segmentor import Segmentor
 from .text_encoder import CLIPTextEncoder
+from .zeroshot import build_zeroshot_segmentor
 
 
 def build_backbone(cfg: BackboneConfig, embeddings: bool | None = None,
@@ -133,7 +134,9 @@ def build_detector(cfg: ModelConfig, **options: Any) -> nn.Module:
 def build_model(cfg: Config) -> nn.Module:
     """Build the model described by ``cfg.model`` (and load ``model.pretrained`` if set)."""
     # model.task is one of the choices of config.Task (checked when the config loads)
-    if cfg.model.task == "segmentation":
+    if cfg.model.zeroshot:
+        model = build_zeroshot_segmentor(cfg.model)
+    elif cfg.model.task == "segmentation":
         model = build_segmentor(cfg.model)
     else:
         # the detector normalises its uint8 input itself, with the data config's statistics
