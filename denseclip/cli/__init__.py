@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import ConfigError
-from . import bench, demo, export, flops, plot, predict, train
+from . import bench, demo, download, export, flops, plot, predict, train
 
 EXIT_USAGE = 2  # bad arguments or config, like argparse's own errors
 
@@ -42,6 +42,7 @@ COMMANDS: list[Command] = [
     Command("presets", flops.PRESETS_HELP, flops.add_presets_arguments, flops.run_presets),
     Command("bench", bench.HELP, bench.add_arguments, bench.run),
     Command("plot", plot.HELP, plot.add_arguments, plot.run),
+    Command("download", download.HELP, download.add_arguments, download.run),
 ]
 
 

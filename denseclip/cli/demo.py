@@ -18,7 +18,8 @@ HELP = "serve a local web page to try a model on your own images"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``denseclip demo``."""
     parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
-    parser.add_argument("checkpoint", help="weights to serve; 'none' for random weights")
+    parser.add_argument("checkpoint", help="weights to serve (a file, a weights name or "
+                        "'pretrained'); 'none' for random weights")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any)")
     parser.add_argument("--host", default="127.0.0.1",

@@ -18,7 +18,8 @@ HELP = "export a segmentation model to ONNX with its text features baked in"
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``denseclip export``."""
     parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
-    parser.add_argument("checkpoint", help="weights to export; 'none' for random weights")
+    parser.add_argument("checkpoint", help="weights to export (a file, a weights name or "
+                        "'pretrained'); 'none' for random weights")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. evaluation.crop_size=[640,640]")
     parser.add_argument("--format", default="onnx", choices=["onnx"], help="output format")

@@ -26,8 +26,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``denseclip predict``."""
     parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
     parser.add_argument("checkpoint",
-                        help="weights (our checkpoint, a state dict or an official release); "
-                             "'none' for random weights (meaningless output, for trying out)")
+                        help="weights: our checkpoint, a state dict, an official release, a "
+                             "weights name (`denseclip download --list`) or 'pretrained' (the "
+                             "preset's release); 'none' for random weights (meaningless output, "
+                             "for trying out)")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
                         help="image files, folders (searched recursively) or glob patterns "
                              "(quote them); section.key=value items are config overrides")

@@ -12,7 +12,12 @@ from ..data.synthetic import make_synthetic_dataset
 from ..engine.dist import DistEnv, cleanup, init_distributed
 from ..engine.trainer import test, train
 from ..runtime import PRECISIONS
-from .common import add_config_arguments, add_precision_argument, load_cli_config
+from .common import (
+    add_config_arguments,
+    add_precision_argument,
+    load_cli_config,
+    resolve_checkpoint,
+)
 
 TRAIN_HELP = "train a model (single process, or many under torchrun)"
 TEST_HELP = "evaluate a checkpoint on the validation split"
@@ -25,8 +30,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="continue from the newest checkpoint in the work dir")
     parser.add_argument("--load-from", metavar="CKPT",
-                        help="initialise weights only: OpenAI CLIP (RN50.pt), an ImageNet "
-                             "torchvision/timm state dict, a release or our checkpoint")
+                        help="initialise weights only: OpenAI CLIP (RN50.pt, or the name "
+                             "RN50), an ImageNet torchvision/timm state dict, a release or "
+                             "our checkpoint")
     parser.add_argument("--text-weights", metavar="CKPT",
                         help="load only CLIP's text tower from this OpenAI CLIP file (for "
                              "ImageNet backbones; its image tower is ignored)")
@@ -36,11 +42,15 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_train(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
+    # names (RN50, a release) are fetched into the cache; every process may ask, the
+    # download itself runs once (a lock file) and a cached file needs no network
+    load_from = resolve_checkpoint(args.load_from, cfg)
+    text_weights = resolve_checkpoint(args.text_weights, cfg)
     env = init_distributed(args.device)
     work_dir = args.work_dir or f"work_dirs/{cfg.name}"
     try:
-        metrics = train(cfg, work_dir, resume=args.resume, load_from=args.load_from, env=env,
-                        progress=not args.no_progress, text_weights=args.text_weights)
+        metrics = train(cfg, work_dir, resume=args.resume, load_from=load_from, env=env,
+                        progress=not args.no_progress, text_weights=text_weights)
     finally:
         cleanup()
     if metrics and env.is_main:
@@ -50,7 +60,8 @@ def run_train(args: argparse.Namespace) -> int:
 
 def add_test_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="preset name or a YAML file")
-    parser.add_argument("checkpoint", help="our checkpoint, a state dict or an official release")
+    parser.add_argument("checkpoint", help="our checkpoint, a state dict, an official release, "
+                        "a weights name (`denseclip download --list`) or 'pretrained'")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
     parser.add_argument("--aug-test", action="store_true",
                         help="multi-scale + flip test-time augmentation")
@@ -66,13 +77,16 @@ def add_test_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_test(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
+    checkpoint = resolve_checkpoint(args.checkpoint, cfg)
+    if checkpoint is None:
+        raise ValueError(f"denseclip test needs weights, got {args.checkpoint!r}")
     env = init_distributed(args.device)
     try:
-        metrics = test(cfg, args.checkpoint, aug_test=args.aug_test, out_dir=args.out_dir,
+        metrics = test(cfg, checkpoint, aug_test=args.aug_test, out_dir=args.out_dir,
                        env=env, progress=not args.no_progress, precision=args.precision)
         other = None
         if args.compare_precision:
-            other = test(cfg, args.checkpoint, aug_test=args.aug_test, env=env,
+            other = test(cfg, checkpoint, aug_test=args.aug_test, env=env,
                          progress=not args.no_progress, precision=args.compare_precision)
     finally:
         cleanup()
