@@ -1,17 +1,21 @@
 """DenseCLIP: language-guided dense prediction with context-aware prompting.
 
 The public API: :func:`load_config` (presets and YAML files), :func:`build_model`,
-:func:`load_checkpoint` (our checkpoints, official releases, OpenAI CLIP) and
-:class:`Predictor` (images in, predictions out). The README's "Code map" says where each
-concept lives.
+:func:`load_checkpoint` (our checkpoints, official releases, OpenAI CLIP, ImageNet
+backbones), :class:`Predictor` (images in, predictions out), and :func:`save_pretrained` /
+:func:`from_pretrained` (a model as a safetensors directory, or a release by name). The
+README's "Code map" says where each concept lives.
 """
 
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, available_presets, load_config
 from .inference import Predictor
 from .models import build_model
+from .pretrained import from_pretrained
+from .saving import save_pretrained
 
 __version__ = "0.1.0"
 
 __all__ = ["Config", "ConfigError", "Predictor", "available_presets", "build_model",
-           "load_checkpoint", "load_config", "__version__"]
+           "from_pretrained", "load_checkpoint", "load_config", "save_pretrained",
+           "__version__"]

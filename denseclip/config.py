@@ -435,7 +435,13 @@ def load_config(name_or_path: str | Path, overrides: typing.Iterable[str] = ()) 
     data.setdefault("name", path.stem)
     for override in overrides:
         _apply_override(data, override)
-    return config_from_dict(data, str(path))
+    cfg = config_from_dict(data, str(path))
+    # a class file named relative to a config file (a saved model's classes.txt) is found
+    # next to it when the working directory has none
+    classes = Path(cfg.model.classes)
+    if not classes.is_absolute() and not classes.exists() and (path.parent / classes).is_file():
+        cfg.model.classes = str(path.parent / classes)
+    return cfg
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

@@ -377,3 +377,15 @@ def test_commands_take_a_name_or_pretrained_where_they_take_a_checkpoint(server,
     assert main(["predict", "tiny_denseclip_res", str(tmp_path / "nope.pth"),
                  str(tmp_path / "a.png"), "--out", str(tmp_path / "o")]) == 2
     assert "nope.pth does not exist" in capsys.readouterr().err
+
+
+def test_from_pretrained_builds_a_release_by_name(server, tmp_path):
+    torch.manual_seed(0)
+    model = denseclip.build_model(denseclip.load_config("tiny_denseclip_res")).eval()
+    saved = save_checkpoint(tmp_path / "tiny.pth", model)
+    entry(server, "tiny-release", saved.read_bytes(), preset="tiny_denseclip_res",
+          path="/tiny.pth")
+    loaded = denseclip.from_pretrained("tiny-release", progress=False)
+    assert loaded.config.name == "tiny_denseclip_res" and not loaded.training
+    for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k

@@ -1,18 +1,27 @@
 """``denseclip export``: a segmentation model as ONNX with its text features baked in
-(see :mod:`denseclip.export`)."""
+(see :mod:`denseclip.export`), or any model (ours, an official release, OpenAI CLIP) as a
+safetensors directory (:func:`denseclip.save_pretrained`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from ..checkpoint import CheckpointError
-from ..config import load_config
+from ..checkpoint import CheckpointError, load_checkpoint
+from ..config import Config, load_config
 from ..export import ExportError, export_precision, export_predictor
 from ..inference import PredictionError
-from .common import add_class_arguments, add_precision_argument, predictor_from_args
+from ..models import build_model
+from ..saving import save_pretrained
+from .common import (
+    add_class_arguments,
+    add_precision_argument,
+    predictor_from_args,
+    resolve_checkpoint,
+)
 
-HELP = "export a segmentation model to ONNX with its text features baked in"
+HELP = ("export a model: ONNX (segmentation, text features baked in) or a safetensors "
+        "directory")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,8 +31,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "'pretrained'); 'none' for random weights")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. evaluation.crop_size=[640,640]")
-    parser.add_argument("--format", default="onnx", choices=["onnx"], help="output format")
-    parser.add_argument("--out", required=True, metavar="FILE", help="the .onnx file to write")
+    parser.add_argument("--format", default="onnx", choices=["onnx", "safetensors"],
+                        help="onnx (default), or safetensors: a directory with "
+                             "model.safetensors, config.yaml, classes.txt and a model card")
+    parser.add_argument("--out", required=True, metavar="PATH",
+                        help="the .onnx file, or the directory for safetensors")
+    parser.add_argument("--metrics", metavar="FILE",
+                        help="safetensors: a metrics.json of `denseclip test` for the model card")
     add_class_arguments(parser, "also output score maps for these comma-separated classes")
     add_precision_argument(parser, "fp32", note="; the file stores fp32 or fp16 (auto "
                                                 "means fp32 for a portable file; bf16 is "
@@ -34,6 +48,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     """``denseclip export``: 0 on success, 2 when the model cannot be exported as asked."""
     cfg = load_config(args.config, args.overrides)
+    if args.format == "safetensors":
+        return _export_safetensors(args, cfg)
     try:
         stored = export_precision(args.precision)
         predictor = predictor_from_args(args, cfg, "export", device="cpu")
@@ -43,4 +59,22 @@ def run(args: argparse.Namespace) -> int:
         return 2
     outputs = "logits" + (", open_scores" if predictor.open_class_names else "")
     print(f"wrote {path} ({stored}): images (B, 3, H, W) -> {outputs}")
+    return 0
+
+
+def _export_safetensors(args: argparse.Namespace, cfg: Config) -> int:
+    """Convert any checkpoint the loader accepts into a save_pretrained directory."""
+    checkpoint = resolve_checkpoint(args.checkpoint, cfg)
+    model = build_model(cfg)
+    if checkpoint is None:
+        print(f"denseclip export: warning: no checkpoint, {cfg.name} has random weights",
+              file=sys.stderr)
+    else:
+        try:
+            print(load_checkpoint(model, checkpoint))
+        except CheckpointError as e:
+            print(f"denseclip export: error: {e}", file=sys.stderr)
+            return 2
+    out = save_pretrained(model, args.out, cfg, metrics=args.metrics)
+    print(f"wrote {out}: model.safetensors, config.yaml, classes.txt, README.md")
     return 0

@@ -144,4 +144,5 @@ def build_model(cfg: Config) -> nn.Module:
                                image_std=tuple(cfg.data.std))
     if cfg.model.pretrained:
         load_checkpoint(model, cfg.model.pretrained)
+    model.config = cfg  # what save_pretrained writes next to the weights
     return model

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import fast_kernels, fp32_region
+from ..saving import SavePretrained
 from .layers import attention
 from .losses import cross_entropy
 from .text_encoder import CLIPTextEncoder, tokenize
@@ -280,7 +281,7 @@ class DenseFeatures:
     guided: GuidanceOutput | None  # text embeddings and score maps of the model's classes
 
 
-class GuidedModel:
+class GuidedModel(SavePretrained):
     """The part every DenseCLIP task model shares (mixed into ``nn.Module`` subclasses that
     set ``backbone``, ``guidance``, ``score_level`` and ``num_classes``): backbone → text
     guidance → fusion, and the class names behind the score maps.

@@ -33,6 +33,7 @@ from torch import nn
 from ..classes import BUNDLED, as_class_dict, read_classes
 from ..config import ConfigError, ModelConfig
 from ..runtime import fast_kernels, fp32_region
+from ..saving import SavePretrained
 from .clip_resnet import CLIPResNet
 from .clip_vit import CLIPViT
 from .guidance import DenseFeatures
@@ -246,7 +247,7 @@ class ZeroShotVocabulary:
 
 
 # --------------------------------------------------------------------------- the model
-class ZeroShotSegmentor(nn.Module):
+class ZeroShotSegmentor(SavePretrained, nn.Module):
     """CLIP's dense embeddings (MaskCLIP) scored against prompt-ensembled class texts.
 
     ``model(images)`` (normalised float (B, 3, H, W)) → logits (B, K, H, W):

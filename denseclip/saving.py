@@ -1,0 +1,127 @@
+"""A model as a self-contained directory: ``model.safetensors`` (the weights, a format that
+holds data only, so loading it never executes code), ``config.yaml`` (the resolved config),
+``classes.txt`` and a ``README.md`` model card.
+
+:func:`save_pretrained` writes one (also ``model.save_pretrained(DIR)`` through the
+:class:`SavePretrained` mixin of the task models); :func:`denseclip.from_pretrained` reads
+one back. This module imports no model code, so the models can use it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import save_file
+from torch import nn
+
+from .classes import BUNDLED, load_class_names
+from .config import Config, save_config
+from .utils import unwrap_model
+
+WEIGHTS_NAME = "model.safetensors"
+CONFIG_NAME = "config.yaml"
+CLASSES_NAME = "classes.txt"
+CARD_NAME = "README.md"
+LICENCE = ("MIT for the code (denseclip). The weights carry the terms of the weights they were "
+           "trained from: OpenAI CLIP (MIT), the official DenseCLIP releases (MIT), "
+           "torchvision / timm ImageNet weights (their own licences).")
+
+
+def _atomic_write(path: Path, write) -> None:
+    """Write through a temporary file in the same directory, then rename it over ``path``."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _read_metrics(metrics: Mapping[str, Any] | str | Path | None) -> dict[str, float]:
+    """The headline numbers of ``metrics`` (a dict, or a ``metrics.json`` written by
+    ``denseclip test``): every top-level number."""
+    if metrics is None:
+        return {}
+    if not isinstance(metrics, Mapping):
+        path = Path(metrics)
+        try:
+            metrics = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError) as e:
+            raise ValueError(f"{path}: cannot read metrics: {e}") from None
+    return {k: float(v) for k, v in metrics.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def model_card(cfg: Config, class_names: list[str], metrics: dict[str, float]) -> str:
+    """The ``README.md`` of a saved model: preset, task, backbone, classes, training data,
+    metrics and licence."""
+    m = cfg.model
+    backbone = m.backbone.name or m.backbone.type
+    kind = ("zero-shot (CLIP weights only)" if m.zeroshot else
+            "DenseCLIP" if m.guidance.enabled else "baseline without text guidance")
+    shown = ", ".join(class_names[:30]) + (f", … ({len(class_names)} in all)"
+                                           if len(class_names) > 30 else "")
+    lines = [
+        f"# {cfg.name}", "",
+        f"A denseclip {m.task} model ({kind}) on a {backbone} backbone.", "",
+        f"- **Preset / config:** `{cfg.name}`, resolved in `{CONFIG_NAME}`",
+        f"- **Classes ({len(class_names)}):** {shown} (`{CLASSES_NAME}`)",
+        f"- **Training data:** {cfg.data.dataset} (`{cfg.data.root}`, split "
+        f"`{cfg.data.train_split}`)",
+        f"- **Licence:** {LICENCE}", "",
+    ]
+    if metrics:
+        lines += ["## Metrics", "", "| metric | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in metrics.items()]
+        lines.append("")
+    lines += ["## Use", "", "```python", "import denseclip",
+              "model = denseclip.from_pretrained(\"path/to/this/directory\")", "```", "",
+              "or `denseclip predict DIR/config.yaml DIR photo.jpg --out out/`.", ""]
+    return "\n".join(lines)
+
+
+def save_pretrained(model: nn.Module, directory: str | Path, cfg: Config | None = None,
+                    metrics: Mapping[str, Any] | str | Path | None = None) -> Path:
+    """Write ``model`` into ``directory``: ``model.safetensors``, ``config.yaml``,
+    ``classes.txt`` and a ``README.md`` model card (with ``metrics``: a dict or a
+    ``metrics.json`` of ``denseclip test``). ``cfg`` defaults to the config the model was
+    built from (:func:`~denseclip.build_model` records it as ``model.config``). Each file
+    is written atomically. Returns the directory."""
+    model = unwrap_model(model)
+    cfg = cfg if cfg is not None else getattr(model, "config", None)
+    if not isinstance(cfg, Config):
+        raise ValueError("save_pretrained needs the model's config: build the model with "
+                         "denseclip.build_model, or pass cfg")
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    class_names = list(getattr(model, "class_names", None) or load_class_names(cfg.model.classes))
+    classes = cfg.model.classes if cfg.model.classes in BUNDLED else CLASSES_NAME
+    saved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None,
+                                                               classes=classes))
+    # clones: safetensors refuses tensors that share memory
+    state = {k: v.detach().to("cpu", copy=True).contiguous()
+             for k, v in model.state_dict().items()}
+    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(
+        state, str(p), metadata={"format": "denseclip", "preset": cfg.name}))
+    _atomic_write(directory / CONFIG_NAME, lambda p: save_config(saved, p))
+    _atomic_write(directory / CLASSES_NAME,
+                  lambda p: p.write_text("\n".join(class_names) + "\n", encoding="utf-8"))
+    card = model_card(cfg, class_names, _read_metrics(metrics))
+    _atomic_write(directory / CARD_NAME, lambda p: p.write_text(card, encoding="utf-8"))
+    return directory
+
+
+class SavePretrained:
+    """Mixin: ``model.save_pretrained(DIR, metrics=None)`` (see :func:`save_pretrained`)."""
+
+    def save_pretrained(self, directory: str | Path,
+                        metrics: Mapping[str, Any] | str | Path | None = None) -> Path:
+        return save_pretrained(self, directory, metrics=metrics)  # type: ignore[arg-type]
