@@ -316,11 +316,24 @@ def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
         raise CheckpointError("\n".join(parts))
 
     report = LoadReport(str(path), fmt, new=missing if not strict else new, ignored=ignored)
+    report.ignored += [k for k in renamed if k not in model_sd]
+    _load_fitted(model, {k: v for k, v in renamed.items() if k in model_sd}, model_sd, path,
+                 report)
+    if fmt == "imagenet" and ignored:
+        report.notes.append(f"not part of the feature pyramid: the ImageNet classifier's "
+                            f"{_summarise(ignored)}")
+    if fmt == "denseclip":
+        report.extra = {k: v for k, v in obj.items() if k not in ("model", "format")}
+    return report
+
+
+def _load_fitted(model: nn.Module, renamed: dict[str, torch.Tensor],
+                 model_sd: dict[str, torch.Tensor], path: Path, report: LoadReport) -> None:
+    """Load ``renamed`` (model keys → file tensors) into ``model``, each tensor fitted to
+    the model's shape (:func:`_reconcile`) and dtype; ``report`` records what was loaded
+    and resized."""
     final = {}
     for key, value in renamed.items():
-        if key not in model_sd:
-            report.ignored.append(key)
-            continue
         target = model_sd[key]
         try:
             fitted = _reconcile(key, value, target)
@@ -331,12 +344,6 @@ def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
         final[key] = fitted.to(target.dtype)
         report.loaded.append(key)
     model.load_state_dict(final, strict=False)
-    if fmt == "imagenet" and ignored:
-        report.notes.append(f"not part of the feature pyramid: the ImageNet classifier's "
-                            f"{_summarise(ignored)}")
-    if fmt == "denseclip":
-        report.extra = {k: v for k, v in obj.items() if k not in ("model", "format")}
-    return report
 
 
 # ---------------------------------------------------------------------------- writing
@@ -384,30 +391,24 @@ def load_text_weights(model: nn.Module, path: str | Path) -> LoadReport:
     model_sd = {k: v for k, v in model.state_dict().items() if k.startswith(TEXT_PREFIX)}
     report = LoadReport(str(path), "openai (text tower)")
     image = [k for k in sd if k.startswith("visual.")]
-    final = {}
+    text = {}
     for key, value in sd.items():
         new = rename_key(key, OPENAI_RENAMES)
-        if new not in model_sd:
-            if not key.startswith("visual."):
-                report.ignored.append(key)
-            continue
-        if new.endswith("text_projection") and value.shape[1] != model_sd[new].shape[1]:
-            raise CheckpointError(
-                f"{path}: the text tower projects to {value.shape[1]} dimensions, the model "
-                f"to {model_sd[new].shape[1]}; set model.backbone.embed_dim: {value.shape[1]}")
-        try:
-            fitted = _reconcile(new, value, model_sd[new])
-        except CheckpointError as e:
-            raise CheckpointError(f"{path}: {e}") from None
-        if fitted.shape != value.shape:
-            report.resized.append((new, tuple(value.shape), tuple(fitted.shape)))
-        final[new] = fitted.to(model_sd[new].dtype)
-        report.loaded.append(new)
-    missing = sorted(set(model_sd) - set(final))
+        if new in model_sd:
+            text[new] = value
+        elif not key.startswith("visual."):
+            report.ignored.append(key)
+    projection = text.get(f"{TEXT_PREFIX}text_projection")
+    width = model_sd[f"{TEXT_PREFIX}text_projection"].shape[1]
+    if projection is not None and projection.shape[1] != width:
+        raise CheckpointError(
+            f"{path}: the text tower projects to {projection.shape[1]} dimensions, the model "
+            f"to {width}; set model.backbone.embed_dim: {projection.shape[1]}")
+    missing = sorted(set(model_sd) - set(text))
     if missing:
         raise CheckpointError(f"{path}: the file lacks text-encoder weights ({len(missing)}): "
                               + ", ".join(missing[:20]))
-    model.load_state_dict(final, strict=False)
+    _load_fitted(model, text, model_sd, path, report)
     if image:
         report.notes.append(f"image tower ignored: {len(image)} visual.* tensors (the "
                             f"backbone's weights come from elsewhere)")

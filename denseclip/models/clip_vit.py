@@ -75,8 +75,10 @@ class CLIPViT(nn.Module):
                 setattr(self, f"fpn{level + 1}", None)
         self.out_channels = [width] * 4
 
-    def forward(self, x: torch.Tensor):
-        """Returns ``(features, embeddings)`` like :class:`CLIPResNet`."""
+    def embed_tokens(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Images → the transformer's input tokens (1+hw, B, C): patch embeddings after the
+        class token, plus position embeddings fitted to the (h, w) patch grid, through
+        ``ln_pre``. Returns the tokens and (h, w)."""
         x = self.conv1(x)  # (B, C, h, w)
         B, C, H, W = x.shape
         x = x.flatten(2).transpose(1, 2)  # (B, hw, C)
@@ -87,7 +89,12 @@ class CLIPViT(nn.Module):
         if self.class_embedding_quirk:
             cls_pos = cls_pos + self.class_embedding.to(x.dtype)
         x = x + torch.cat([cls_pos, spatial_pos_embed(pos[1:], (H, W), self.pos_embed)])
-        x = self.ln_pre(x).transpose(0, 1)  # (L, B, C)
+        return self.ln_pre(x).transpose(0, 1), (H, W)  # (L, B, C)
+
+    def forward(self, x: torch.Tensor):
+        """Returns ``(features, embeddings)`` like :class:`CLIPResNet`."""
+        x, (H, W) = self.embed_tokens(x)
+        _, B, C = x.shape
 
         maps = []
         for i, block in enumerate(self.transformer.resblocks):

@@ -40,16 +40,19 @@ def _meta_state_shapes(build: Callable[[], nn.Module]) -> dict[str, torch.Size]:
 class FeatureBody(nn.Module):
     """Base class: ``forward(x)`` returns four NCHW maps at :data:`STRIDES`.
 
-    Subclasses set ``source`` and implement :meth:`_stages` and :meth:`_full_keys`.
+    Subclasses set ``source``, pass the classifier ``net`` they are cut from (or override
+    :meth:`_full_keys`, as the timm body does) and implement ``forward``.
     """
 
     source = ""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, net: nn.Module | None = None) -> None:
         super().__init__()
         self.name = name
         self.out_channels: list[int] = []
         self.strides: list[int] = []
+        # keys and shapes of the whole classifier ``net`` the body is cut from
+        self._full = {} if net is None else {k: v.shape for k, v in net.state_dict().items()}
 
     def _probe(self) -> None:
         """Run a dummy input once (eval mode, no gradient) to read the channels and strides
@@ -68,7 +71,7 @@ class FeatureBody(nn.Module):
 
     def _full_keys(self) -> dict[str, torch.Size]:
         """Keys and shapes of the whole ImageNet classifier's state dict."""
-        raise NotImplementedError
+        return self._full
 
     def _file_name(self, key: str, full: dict[str, torch.Size]) -> str | None:
         """The key of the ImageNet file that holds this body's ``key`` (None: new here)."""
@@ -95,15 +98,11 @@ class TorchvisionResNet(FeatureBody):
 
     def __init__(self, name: str, net: nn.Module, levels: tuple[int, ...] = (0, 1, 2, 3)
                  ) -> None:
-        super().__init__(name)  # every stage runs on the way to the last: levels unused
+        super().__init__(name, net)  # every stage runs on the way to the last: levels unused
         self.conv1, self.bn1, self.relu, self.maxpool = net.conv1, net.bn1, net.relu, net.maxpool
         self.layer1, self.layer2, self.layer3, self.layer4 = (net.layer1, net.layer2,
                                                               net.layer3, net.layer4)
-        self._full = {k: v.shape for k, v in net.state_dict().items()}
         self._probe()
-
-    def _full_keys(self) -> dict[str, torch.Size]:
-        return self._full
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
@@ -125,16 +124,12 @@ class TorchvisionSwin(FeatureBody):
 
     def __init__(self, name: str, net: nn.Module, levels: tuple[int, ...] = (0, 1, 2, 3)
                  ) -> None:
-        super().__init__(name)
+        super().__init__(name, net)
         self.features = net.features
-        self._full = {k: v.shape for k, v in net.state_dict().items()}
         widths = [self.features[i][-1].norm1.normalized_shape[0] for i in (1, 3, 5, 7)]
         self.norms = nn.ModuleList(nn.LayerNorm(c) if i in levels else nn.Identity()
                                    for i, c in enumerate(widths))
         self._probe()
-
-    def _full_keys(self) -> dict[str, torch.Size]:
-        return self._full
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         out = []

@@ -37,7 +37,6 @@ from ..saving import SavePretrained
 from .clip_resnet import CLIPResNet
 from .clip_vit import CLIPViT
 from .guidance import DenseFeatures
-from .layers import spatial_pos_embed
 from .segmentor import check_images
 from .text_encoder import CLIPTextEncoder, tokenize
 
@@ -124,16 +123,8 @@ class ZeroShotViT(CLIPViT):
         self.fpn4 = None  # dense prediction here needs no pyramid
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        x = self.conv1(x)  # (B, C, h, w)
-        B, C, H, W = x.shape
-        x = x.flatten(2).transpose(1, 2)
-        x = torch.cat([self.class_embedding.to(x.dtype).expand(B, 1, C), x], dim=1)
-        pos = self.positional_embedding.to(x.dtype)
-        cls_pos = pos[:1]
-        if self.class_embedding_quirk:
-            cls_pos = cls_pos + self.class_embedding.to(x.dtype)
-        x = x + torch.cat([cls_pos, spatial_pos_embed(pos[1:], (H, W), self.pos_embed)])
-        x = self.ln_pre(x).transpose(0, 1)  # (1+hw, B, C)
+        x, (H, W) = self.embed_tokens(x)  # (1+hw, B, C)
+        _, B, C = x.shape
         *blocks, last = self.transformer.resblocks
         for block in blocks:
             x = block(x)
