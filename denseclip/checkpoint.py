@@ -121,6 +121,11 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> Any:
                 return torch.jit.load(str(path), map_location="cpu").state_dict()
         except Exception as e:  # noqa: BLE001 - any failure means "not a usable archive"
             raise CheckpointError(f"{path}: cannot read TorchScript archive: {e}") from None
+    with open(path, "rb") as f:
+        magic = f.read(2)
+    if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save: a zip, or a pickle
+        raise CheckpointError(f"{path} is not a PyTorch checkpoint (nor a .safetensors file): "
+                              f"it is neither a zip archive nor a pickle")
     try:
         return torch.load(path, map_location="cpu", weights_only=weights_only)
     except Exception as e:  # noqa: BLE001

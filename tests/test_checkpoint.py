@@ -181,6 +181,10 @@ def test_files_that_are_not_checkpoints(tmp_path):
     (tmp_path / "notes.txt").write_text("hello")
     with pytest.raises(CheckpointError, match="notes.txt is not a PyTorch checkpoint"):
         denseclip.load_checkpoint(model, tmp_path / "notes.txt")
+    (tmp_path / "hostname").write_text("worker-7f3a\n")  # once read as "Python objects"
+    with pytest.raises(CheckpointError, match="hostname is not a PyTorch checkpoint .*neither "
+                                              "a zip archive nor a pickle"):
+        denseclip.load_checkpoint(model, tmp_path / "hostname")
     with pytest.raises(FileNotFoundError, match="missing.pth"):
         denseclip.load_checkpoint(model, tmp_path / "missing.pth")
     torch.save([1, 2, 3], tmp_path / "list.pth")
