@@ -5,7 +5,10 @@ its path; :func:`resolve_weights` turns whatever a user gives where a checkpoint
 file, a registered name, or ``pretrained`` for a preset's release) into a local path.
 
 Cache layout: ``$DENSECLIP_CACHE`` (default ``~/.cache/denseclip``) holds each registered
-file under its own name (``RN50.pt``, ``<preset>.pth``) and plain URLs under ``url/``. A
+file under its own name (``RN50.pt``, ``<preset>.pth``) and plain URLs flat under ``url/`` as
+``<hash of the URL>-<file name>``. Every cache file name is made of ``[A-Za-z0-9._-]`` only and
+is checked to lie directly in its folder, so no URL (path, query, fragment, percent-encoded
+``..`` or ``/``) can place a file anywhere else. A
 download is written to ``<file>.part`` (kept when interrupted, resumed with an HTTP ``Range``
 request next time), verified, then renamed into place, so a file with its final name is always
 complete; ``<file>.lock`` keeps two processes from writing the same file. Where a SHA-256 is
@@ -48,6 +51,9 @@ CHUNK = 1 << 16
 RETRY_DELAY_S = 1.0  # pause before resuming an interrupted transfer (times the attempt number)
 USER_AGENT = "denseclip-hub/0.1 (+urllib)"
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+MAX_FILENAME = 120  # characters of a cache file name (well under any file system's limit)
+URL_TAG = 16  # hex digits of the URL's SHA-256 that prefix a plain URL's cache file
 
 
 class DownloadError(RuntimeError):
@@ -76,10 +82,31 @@ class WeightsEntry:
 
     @property
     def filename(self) -> str:
-        """The file's name in the cache: the URL's own name when it has one, else
-        ``<name>.pth``."""
-        base = os.path.basename(urllib.parse.urlsplit(self.url).path)
-        return base if "." in base else f"{self.name}.pth"
+        """The file's name in the cache: the URL's own file name when it has one (with a
+        suffix), else ``<name>.pth``; always reduced to :func:`safe_filename`."""
+        base = safe_filename(_url_basename(self.url))
+        if "." in base:
+            return base
+        stem = base if self.name == self.url else safe_filename(self.name)
+        return safe_filename(f"{stem or 'weights'}.pth")
+
+
+def safe_filename(text: str) -> str:
+    """``text`` as a plain file name: every run of characters outside ``[A-Za-z0-9._-]``
+    becomes ``_``, leading and trailing dots, dashes and underscores go (no hidden file, no
+    ``.``/``..``), and a name longer than :data:`MAX_FILENAME` is shortened keeping its suffix.
+    May return an empty string (nothing usable in ``text``)."""
+    name = _UNSAFE.sub("_", text).strip("._-")
+    if len(name) > MAX_FILENAME:
+        stem, suffix = os.path.splitext(name)
+        suffix = suffix[:16]
+        name = stem[:MAX_FILENAME - len(suffix)].rstrip("._-") + suffix
+    return name
+
+
+def _url_basename(url: str) -> str:
+    """The last component of a URL's path (never its query or fragment), percent-decoded."""
+    return urllib.parse.unquote(urllib.parse.urlsplit(url).path.rsplit("/", 1)[-1])
 
 
 def _openai(name: str, url: str, description: str, preset: str | None = None) -> WeightsEntry:
@@ -187,10 +214,21 @@ def cached_path(name_or_url: str | WeightsEntry,
     entry = _as_entry(name_or_url)
     root = cache_dir(cache)
     if isinstance(name_or_url, str) and entry.name == name_or_url == entry.url:
-        # a plain URL: its own directory, prefixed with a hash so equal file names differ
-        tag = hashlib.sha256(entry.url.encode()).hexdigest()[:12]
-        return root / "url" / f"{tag}-{entry.filename}"
-    return root / entry.filename
+        # a plain URL: one flat folder, prefixed with a hash so that equal file names differ
+        tag = hashlib.sha256(entry.url.encode()).hexdigest()[:URL_TAG]
+        return _inside(root / "url", safe_filename(f"{tag}-{entry.filename}"))
+    return _inside(root, entry.filename)
+
+
+def _inside(folder: Path, name: str) -> Path:
+    """``folder / name``, refused unless ``name`` is a plain file name and the path (links
+    followed) lies directly in ``folder``: the last line of defence for the cache."""
+    path = folder / name
+    if (not name or name != safe_filename(name)
+            or path.resolve().parent != folder.resolve()):
+        raise DownloadError(f"refusing cache file name {name!r}: it would be written outside "
+                            f"{folder}")
+    return path
 
 
 def file_sha256(path: str | os.PathLike[str]) -> str:
@@ -404,10 +442,15 @@ def resolve_weights(spec: str | os.PathLike[str], preset: str | None = None, *,
     raise :class:`DownloadError` (a :class:`RuntimeError`).
     """
     path = Path(spec).expanduser()
-    if path.is_file():
-        return path
-    if path.exists():
-        raise FileNotFoundError(f"{path} is not a file (a directory?); give a checkpoint file")
+    try:
+        if path.is_file():
+            return path
+        if path.exists():
+            raise FileNotFoundError(f"{path} is not a file (a directory?); give a checkpoint "
+                                    "file")
+    except OSError as e:  # e.g. a long URL is no valid path: it is not a file then
+        if isinstance(e, FileNotFoundError):
+            raise
     text = str(spec)
     if text == "pretrained":
         if preset is None:

@@ -305,9 +305,101 @@ def test_offline_returns_a_cached_file(server, monkeypatch):
 
 def test_plain_url_goes_to_its_own_cache_folder(server, isolated):
     server.state.files["/any/model.bin"] = OTHER
-    path = hub.download(server.url("/any/model.bin"), progress=False)
+    path_url = server.url("/any/model.bin")
+    path = hub.download(path_url, progress=False)
     assert path.parent == isolated / "url" and path.name.endswith("-model.bin")
+    assert path.name == hashlib.sha256(path_url.encode()).hexdigest()[:16] + "-model.bin"
     assert path.read_bytes() == OTHER
+
+
+# ------------------------------------------------------------------ cache names (traversal)
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# request path as the server sees it (query included) -> URL as the user types it
+HOSTILE = {
+    "query": ("/payload?x=/../../../../../../{target}/ESCAPED", None),
+    "query, relative": ("/payload?x=/../../../target/ESCAPED", None),
+    "fragment": ("/payload", "#/../../../../../../{target}/ESCAPED"),
+    "path": ("/a/..%2f..%2f..%2ftarget%2fESCAPED", None),
+    "percent-encoded dots": ("/%2e%2e%2f%2e%2e%2f%2e%2e%2ftarget%2fESCAPED.pth", None),
+    "percent-encoded, upper case": ("/%2E%2E%2F%2E%2E%2Ftarget%2FESCAPED", None),
+    "absolute path in the query": ("/payload?{target}/ESCAPED.pth", None),
+    "backslashes": ("/..%5c..%5ctarget%5cESCAPED.pth", None),
+    "hidden name": ("/.bashrc", None),
+    "only dots": ("/..", None),
+    "very long": ("/" + "x" * 5000 + ".pth?" + "y" * 3000, None),
+    "very long suffix": ("/model." + "z" * 400, None),
+}
+
+
+@pytest.mark.parametrize("case", sorted(HOSTILE))
+def test_no_url_writes_outside_the_flat_url_cache(server, isolated, tmp_path, case):
+    target = tmp_path / "target"
+    target.mkdir()
+    request, fragment = HOSTILE[case]
+    request = request.format(target=str(target).lstrip("/"))
+    server.state.files[request] = OTHER
+    url = server.url(request) + (fragment or "").format(target=str(target).lstrip("/"))
+
+    path = hub.download(url, progress=False)
+    assert path.read_bytes() == OTHER
+    assert path.parent == isolated / "url"
+    assert SAFE_NAME.fullmatch(path.name) and len(path.name) <= hub.MAX_FILENAME
+    assert hub.resolve_weights(url, progress=False) == path
+    written = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert path in written
+    for p in written:  # the file and its .lock beside it, nothing else
+        assert p.parent == path.parent and p.name.startswith(path.name), p
+    assert not list(target.iterdir())
+    assert [d for d in (isolated / "url").iterdir() if d.is_dir()] == []
+
+
+def test_cli_download_of_a_hostile_url_stays_in_the_cache(server, tmp_path, capsys):
+    request = "/payload?x=/../../../../../../" + str(tmp_path).lstrip("/") + "/ESCAPED"
+    server.state.files[request] = OTHER
+    cache = tmp_path / "cache-cli"
+    assert main(["download", server.url(request), "--cache-dir", str(cache),
+                 "--no-progress"]) == 0
+    out = Path(capsys.readouterr().out.strip())
+    assert out.parent == cache / "url" and out.read_bytes() == OTHER
+    assert not list(tmp_path.glob("ESCAPED*")) and not (tmp_path / "tmp").exists()
+
+
+def test_equal_file_names_of_different_urls_do_not_collide(server, isolated):
+    server.state.files["/a/model.bin"] = OTHER
+    server.state.files["/b/model.bin"] = PAYLOAD
+    first = hub.download(server.url("/a/model.bin"), progress=False)
+    second = hub.download(server.url("/b/model.bin"), progress=False)
+    assert first != second and first.parent == second.parent == isolated / "url"
+    assert (first.read_bytes(), second.read_bytes()) == (OTHER, PAYLOAD)
+
+
+def test_registered_names_are_sanitised_too(server, isolated, tmp_path):
+    server.state.files["/noext"] = OTHER
+    hub.register(hub.WeightsEntry("../../../escaped/..\\x", server.url("/noext"), None, None,
+                                  "test", "MIT", "hostile name"))
+    path = hub.download("../../../escaped/..\\x", progress=False)
+    assert path.parent == isolated and SAFE_NAME.fullmatch(path.name)
+    assert path.read_bytes() == OTHER and not (tmp_path / "escaped").exists()
+
+
+def test_a_link_in_the_cache_pointing_outside_is_refused(server, isolated, tmp_path):
+    server.state.files["/model.bin"] = OTHER
+    url = server.url("/model.bin")
+    link = hub.cached_path(url)
+    link.parent.mkdir(parents=True)
+    outside = tmp_path / "outside.bin"
+    link.symlink_to(outside)
+    with pytest.raises(hub.DownloadError, match="outside"):
+        hub.download(url, progress=False)
+    assert not outside.exists()
+
+
+def test_safe_filename():
+    assert hub.safe_filename("../../etc/passwd") == "etc_passwd"
+    assert hub.safe_filename("RN50.pt") == "RN50.pt"
+    assert hub.safe_filename("...") == ""
+    long = hub.safe_filename("a" * 1000 + ".safetensors")
+    assert len(long) == hub.MAX_FILENAME and long.endswith(".safetensors")
 
 
 # ------------------------------------------------------------------ resolve_weights
