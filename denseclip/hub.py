@@ -31,7 +31,7 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -307,8 +307,15 @@ def download(name_or_url: str | WeightsEntry, *, cache: str | os.PathLike[str] |
         raise OfflineError(f"{entry.name!r} is not in the cache (expected at {final}) and "
                            f"{ENV_OFFLINE} is set, so nothing is downloaded; "
                            + _manual_hint(entry, final))
-    final.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(final):
+    with ExitStack() as stack:
+        try:
+            final.parent.mkdir(parents=True, exist_ok=True)
+            stack.enter_context(_locked(final))
+        except OSError as e:
+            raise DownloadError(
+                f"cannot write to the cache folder {final.parent} ({e.strerror or e}); set "
+                f"{ENV_CACHE} (or --cache-dir) to a writable folder, or "
+                + _manual_hint(entry, final)) from None
         if final.is_file():  # another process finished it while this one waited
             return final
         part = final.with_name(final.name + ".part")

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import socket
+import subprocess
 import threading
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -481,3 +483,38 @@ def test_from_pretrained_builds_a_release_by_name(server, tmp_path):
     assert loaded.config.name == "tiny_denseclip_res" and not loaded.training
     for (k, a), b in zip(model.state_dict().items(), loaded.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
+
+
+def test_unwritable_cache_is_one_line_naming_the_folder(server, tmp_path, capsys):
+    entry(server)
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("a file where the cache folder should be")
+    assert main(["download", "test-weights", "--cache-dir", str(blocker / "cache"),
+                 "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err
+    assert f"cannot write to the cache folder {blocker / 'cache'}" in err
+    assert "--cache-dir" in err and server.url("/weights.pt") in err
+    assert server.state.requests == []
+
+
+def test_read_only_cache_folder_is_reported(server, tmp_path):
+    """A real read-only folder: a read-only tmpfs where mounting is allowed (root; root ignores
+    permission bits), a folder without write permission otherwise, else /proc."""
+    entry(server)
+    cache = tmp_path / "ro-cache"
+    cache.mkdir()
+    root = os.geteuid() == 0
+    mount = ["mount", "-t", "tmpfs", "-o", "ro,size=64k", "tmpfs", str(cache)]
+    mounted = root and subprocess.run(mount, capture_output=True).returncode == 0
+    if not root:
+        cache.chmod(0o500)
+    elif not mounted:
+        cache = Path("/proc/denseclip-cache")  # the kernel refuses new folders there
+    try:
+        with pytest.raises(hub.DownloadError, match="cannot write to the cache folder"):
+            hub.download("test-weights", cache=cache, progress=False)
+    finally:
+        if mounted:
+            subprocess.run(["umount", str(cache)], check=True)
+    assert server.state.requests == []
