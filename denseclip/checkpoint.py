@@ -25,9 +25,11 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from .torchscript import TorchScriptUnreadable, read_torchscript_weights
 from .utils import resize_grid, unwrap_model
 
 FORMAT = "denseclip"
+ENV_ALLOW_TORCHSCRIPT = "DENSECLIP_ALLOW_TORCHSCRIPT"
 
 
 class CheckpointError(ValueError):
@@ -105,22 +107,29 @@ def _is_torchscript(path: Path) -> bool:
         return any(n.split("/", 1)[-1] == "constants.pkl" for n in zf.namelist())
 
 
-def read_checkpoint(path: str | Path, weights_only: bool = True) -> Any:
+def torchscript_allowed(allow_torchscript: bool | None = None) -> bool:
+    """Whether TorchScript archives may be opened with ``torch.jit.load``: the explicit
+    argument, else ``DENSECLIP_ALLOW_TORCHSCRIPT=1`` in the environment."""
+    if allow_torchscript is not None:
+        return allow_torchscript
+    return os.environ.get(ENV_ALLOW_TORCHSCRIPT, "").strip().lower() in ("1", "true", "yes")
+
+
+def read_checkpoint(path: str | Path, weights_only: bool = True,
+                    allow_torchscript: bool | None = None) -> Any:
     """Load a checkpoint file's object safely: pickles with ``weights_only``; a TorchScript
-    archive (OpenAI's CLIP releases) is opened with ``torch.jit.load`` and reduced to its
-    state dict. Raises ``FileNotFoundError`` / :class:`CheckpointError` with the path."""
+    archive (OpenAI's CLIP releases) is reduced to its state dict by a reader that runs none
+    of the archive's code (:mod:`denseclip.torchscript`). ``torch.jit.load``, which compiles
+    and runs the archive's scripted code, is used only with ``allow_torchscript=True`` or
+    ``DENSECLIP_ALLOW_TORCHSCRIPT=1``. Raises ``FileNotFoundError`` /
+    :class:`CheckpointError` with the path."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
     if _is_torchscript(path):
-        try:
-            with warnings.catch_warnings():  # TorchScript is deprecated, yet CLIP ships it
-                warnings.simplefilter("ignore", FutureWarning)
-                return torch.jit.load(str(path), map_location="cpu").state_dict()
-        except Exception as e:  # noqa: BLE001 - any failure means "not a usable archive"
-            raise CheckpointError(f"{path}: cannot read TorchScript archive: {e}") from None
+        return _read_torchscript(path, torchscript_allowed(allow_torchscript))
     with open(path, "rb") as f:
         magic = f.read(2)
     if magic[:2] != b"PK" and magic[:1] != b"\x80":  # torch.save: a zip, or a pickle
@@ -136,6 +145,24 @@ def read_checkpoint(path: str | Path, weights_only: bool = True) -> Any:
                 f"if you trust the file, load it with weights_only=False"
             ) from None
         raise CheckpointError(f"{path} is not a PyTorch checkpoint: {msg}") from None
+
+
+def _read_torchscript(path: Path, allowed: bool) -> dict[str, torch.Tensor]:
+    if allowed:
+        try:
+            with warnings.catch_warnings():  # TorchScript is deprecated, yet CLIP ships it
+                warnings.simplefilter("ignore", FutureWarning)
+                return torch.jit.load(str(path), map_location="cpu").state_dict()
+        except Exception as e:  # noqa: BLE001 - any failure means "not a usable archive"
+            raise CheckpointError(f"{path}: cannot read TorchScript archive: {e}") from None
+    try:
+        return read_torchscript_weights(path)
+    except (TorchScriptUnreadable, zipfile.BadZipFile, OSError) as e:
+        raise CheckpointError(
+            f"{path}: TorchScript archive whose weights cannot be read without running its "
+            f"code ({e}); loading TorchScript runs code stored in the file, so it is off by "
+            f"default: if you trust the file, set {ENV_ALLOW_TORCHSCRIPT}=1 (or pass "
+            f"allow_torchscript=True)") from None
 
 
 def _read_safetensors(path: Path) -> dict[str, torch.Tensor]:
@@ -268,7 +295,7 @@ def convert_state_dict(sd: dict[str, torch.Tensor], fmt: str,
 
 
 def load_checkpoint(model: nn.Module, path: str | Path, weights_only: bool = True,
-                    strict: bool = True) -> LoadReport:
+                    strict: bool = True, allow_torchscript: bool | None = None) -> LoadReport:
     """Load weights from ``path`` into ``model`` and report what happened.
 
     Accepted: this package's checkpoints (``{"format": "denseclip", "model": ...}``), a
@@ -280,11 +307,13 @@ def load_checkpoint(model: nn.Module, path: str | Path, weights_only: bool = Tru
     With ``strict`` (default), a model key that receives nothing and is not a parameter the
     format cannot carry, or a file key that has no place in the model, raises
     :class:`CheckpointError` listing the keys; shapes that cannot be reconciled raise naming
-    the key and both shapes.
+    the key and both shapes. A TorchScript archive is read without running its code
+    unless ``allow_torchscript`` (or ``DENSECLIP_ALLOW_TORCHSCRIPT=1``) permits
+    ``torch.jit.load`` (:func:`read_checkpoint`).
     """
     path = Path(path)
-    return load_checkpoint_object(model, read_checkpoint(path, weights_only=weights_only),
-                                  path, strict)
+    obj = read_checkpoint(path, weights_only=weights_only, allow_torchscript=allow_torchscript)
+    return load_checkpoint_object(model, obj, path, strict)
 
 
 def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
@@ -375,7 +404,8 @@ def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
 TEXT_PREFIX = "guidance.text_encoder."
 
 
-def load_text_weights(model: nn.Module, path: str | Path) -> LoadReport:
+def load_text_weights(model: nn.Module, path: str | Path,
+                      allow_torchscript: bool | None = None) -> LoadReport:
     """Load only CLIP's text side (text transformer, token and position embeddings, final
     norm and projection) from an OpenAI CLIP release or an OpenCLIP state dict, into the
     text encoder of ``model``'s guidance: for backbones that are not CLIP's own (ImageNet
@@ -384,7 +414,7 @@ def load_text_weights(model: nn.Module, path: str | Path) -> LoadReport:
     Every text-encoder parameter must be in the file; a projection width that differs
     from the model's ``model.backbone.embed_dim`` raises naming both."""
     path = Path(path)
-    fmt, sd = detect_format(read_checkpoint(path), path)
+    fmt, sd = detect_format(read_checkpoint(path, allow_torchscript=allow_torchscript), path)
     if fmt != "openai":
         raise CheckpointError(f"{path}: text weights come from an OpenAI CLIP release (or an "
                               f"OpenCLIP state dict with its key names); this is a {fmt} "
