@@ -361,13 +361,27 @@ def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
     return report
 
 
+def _check_finite(key: str, value: torch.Tensor, path: Path) -> None:
+    """Refuse ``value`` when it holds NaN or Inf: such weights give silently wrong outputs
+    (a diverged run, a corrupted file). One ``isfinite`` reduction per floating tensor."""
+    if value.is_meta or not (value.is_floating_point() or value.is_complex()) \
+            or torch.isfinite(value).all():
+        return
+    nan = int(torch.isnan(value).sum())
+    inf = int(torch.isinf(value).sum())
+    raise CheckpointError(f"{path}: {key} holds non-finite values ({nan} NaN, {inf} Inf of "
+                          f"{value.numel()}); the weights are corrupt, e.g. saved from a "
+                          f"diverged run")
+
+
 def _load_fitted(model: nn.Module, renamed: dict[str, torch.Tensor],
                  model_sd: dict[str, torch.Tensor], path: Path, report: LoadReport) -> None:
     """Load ``renamed`` (model keys → file tensors) into ``model``, each tensor fitted to
     the model's shape (:func:`_reconcile`) and dtype; ``report`` records what was loaded
-    and resized."""
+    and resized. A NaN or Inf in any tensor refuses the whole file, before anything loads."""
     final = {}
     for key, value in renamed.items():
+        _check_finite(key, value, path)
         target = model_sd[key]
         try:
             fitted = _reconcile(key, value, target)

@@ -10,13 +10,17 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
+import denseclip
 from denseclip.checkpoint import (
     ENV_ALLOW_TORCHSCRIPT,
     CheckpointError,
     load_checkpoint,
+    load_text_weights,
     read_checkpoint,
+    save_checkpoint,
 )
 from denseclip.torchscript import TorchScriptUnreadable, read_torchscript_weights
 from tests.helpers.clip import FakeOpenAICLIP
@@ -161,3 +165,50 @@ def test_truncated_storage_record_is_refused(tmp_path):
             dst.writestr(info, data[:4] if info.filename.endswith("/data/0") else data)
     with pytest.raises(TorchScriptUnreadable, match="data/0 holds 4 bytes"):
         read_torchscript_weights(patched)
+
+
+def tiny(name: str = "tiny_denseclip_res") -> nn.Module:
+    torch.manual_seed(0)
+    return denseclip.build_model(denseclip.load_config(name)).eval()
+
+
+def test_nan_weights_are_refused_naming_file_and_key(tmp_path):
+    source = tiny()
+    with torch.no_grad():
+        source.head.conv_seg.weight[0, :3] = float("nan")
+        source.head.conv_seg.bias[1] = float("inf")
+    save_checkpoint(tmp_path / "diverged.pth", source)
+    target = tiny()
+    before = {k: v.clone() for k, v in target.state_dict().items()}
+    with pytest.raises(CheckpointError) as err:
+        load_checkpoint(target, tmp_path / "diverged.pth")
+    message = str(err.value)
+    assert "diverged.pth" in message and "head.conv_seg.weight" in message
+    assert "3 NaN, 0 Inf" in message and "\n" not in message
+    for key, value in target.state_dict().items():  # nothing was loaded
+        assert torch.equal(value, before[key]), key
+    # The same weights, finite, load.
+    with torch.no_grad():
+        source.head.conv_seg.weight.nan_to_num_(0.0)
+        source.head.conv_seg.bias.nan_to_num_(0.0, posinf=0.0)
+    save_checkpoint(tmp_path / "fixed.pth", source)
+    assert len(load_checkpoint(target, tmp_path / "fixed.pth").loaded) == len(before)
+
+
+def test_inf_in_safetensors_and_torchscript_clip_is_refused(tmp_path):
+    sd = tiny().state_dict()
+    sd["neck.fpn_convs.0.weight"] = sd["neck.fpn_convs.0.weight"].clone()
+    sd["neck.fpn_convs.0.weight"].view(-1)[:2] = float("-inf")
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp_path / "m.safetensors"))
+    with pytest.raises(CheckpointError, match=r"m\.safetensors: "
+                                              r"neck\.fpn_convs\.0\.weight .*0 NaN, 2 Inf"):
+        load_checkpoint(tiny(), tmp_path / "m.safetensors")
+    clip = FakeOpenAICLIP(vit=False).eval().half()
+    with torch.no_grad():
+        clip.transformer.resblocks[0].attn.out_proj.weight[0, 0] = float("nan")
+    path = jit_save(clip, tmp_path / "RN-nan.pt", torch.randn(1, 3).half())
+    with pytest.raises(CheckpointError, match=r"RN-nan\.pt: guidance\.text_encoder\.transformer"
+                                              r"\.resblocks\.0\.attn\.out_proj\.weight .*1 NaN"):
+        load_checkpoint(tiny(), path)
+    with pytest.raises(CheckpointError, match="1 NaN"):
+        load_text_weights(tiny("tiny_denseclip_r18-in1k"), path)
