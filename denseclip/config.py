@@ -6,11 +6,17 @@ everything else replaced). Overrides are ``section.key=value`` strings whose val
 parsed as YAML (``optim.lr=2e-4``, ``data.crop_size=[256,256]``). Unknown keys are errors
 that list the valid ones. Choice fields are typed ``Literal[...]``; a value outside the
 choices is an error when the config loads, naming the key, the value and the allowed values.
+Numeric fields declare their range with :func:`bounded` (e.g. ``batch_size >= 1``,
+probabilities in [0, 1], ``eval_interval >= 0`` where 0 turns validation off); a value out of
+range is refused when the config loads, naming the key, the value, the range and where the
+value came from (the file, or the override that set it): ``override data.batch_size=0 (on
+tiny.yaml): data.batch_size=0: must be >= 1``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -43,7 +49,74 @@ Activation = Literal["quick_gelu", "gelu"]
 
 
 class ConfigError(ValueError):
-    """A configuration file, preset name or override is invalid."""
+    """A configuration file, preset name or override is invalid. ``key`` is the dotted key
+    of the offending value, where one is to blame."""
+
+    def __init__(self, message: str, key: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The allowed range of a numeric field (of each item, for a list), declared with
+    :func:`bounded` and checked when a config loads. Every float must also be finite."""
+
+    ge: float | None = None
+    gt: float | None = None
+    le: float | None = None
+    lt: float | None = None
+    length: int | None = None  # lists: exactly this many items
+    nonempty: bool = False  # lists: at least one item
+    ascending: bool = False  # lists: items in non-decreasing order
+
+    def describe(self) -> str:
+        """The range in words, e.g. ``>= 1`` or ``in [0, 1)``."""
+        low = (f"[{_number(self.ge)}" if self.ge is not None
+               else f"({_number(self.gt)}" if self.gt is not None else None)
+        high = (f"{_number(self.le)}]" if self.le is not None
+                else f"{_number(self.lt)})" if self.lt is not None else None)
+        if low and high:
+            return f"in {low}, {high}"
+        if low:
+            return f"{'>=' if self.ge is not None else '>'} {low[1:]}"
+        if high:
+            return f"{'<=' if self.le is not None else '<'} {high[:-1]}"
+        return "finite"
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` is out of range, or None when it is allowed."""
+        if value is None:
+            return None
+        items = value if isinstance(value, list) else [value]
+        each = "each item " if isinstance(value, list) else ""
+        if isinstance(value, list):
+            if self.length is not None and len(value) != self.length:
+                return f"must have {self.length} items"
+            if self.nonempty and not value:
+                return "must not be empty"
+            if self.ascending and any(a > b for a, b in zip(value, value[1:], strict=False)):
+                return "must be in ascending order"
+        for v in items:
+            if isinstance(v, float) and not math.isfinite(v):
+                return f"{each}must be finite"
+            if ((self.ge is not None and v < self.ge) or (self.gt is not None and v <= self.gt)
+                    or (self.le is not None and v > self.le)
+                    or (self.lt is not None and v >= self.lt)):
+                return f"{each}must be {self.describe()}"
+        return None
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
+
+
+def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MISSING,
+            **bounds: Any) -> Any:
+    """A dataclass field with a default (or ``factory``) and its allowed range
+    (:class:`Bounds` keywords: ``ge``, ``gt``, ``le``, ``lt``, ``length``, ...)."""
+    return field(default=default, default_factory=factory,
+                 metadata={"bounds": Bounds(**bounds)})
 
 
 @dataclass
@@ -61,24 +134,25 @@ class BackboneConfig:
     kwargs: dict[str, Any] = field(default_factory=dict)
     # timm only: features_only ``out_indices``; empty picks the last feature map at each of
     # the strides 4, 8, 16 and 32 from the model's feature_info.
-    feature_indices: list[int] = field(default_factory=list)
+    feature_indices: list[int] = bounded(factory=list, ge=0)
     # ResNet: blocks per stage and stem width. ViT: ``layers[0]`` is the depth.
-    layers: list[int] = field(default_factory=lambda: [3, 4, 6, 3])
-    width: int = 64  # ResNet base width, or ViT token width
+    layers: list[int] = bounded(factory=lambda: [3, 4, 6, 3], ge=1, nonempty=True)
+    width: int = bounded(64, ge=1)  # ResNet base width, or ViT token width
     # attention-pool heads (ResNet, torchvision, timm) or transformer heads (ViT)
-    heads: int = 32
+    heads: int = bounded(32, ge=1)
     # CLIP embedding dim D of the global/dense embeddings: the text encoder's output width
     # (1024 for RN50's text tower, 512 for RN101's and ViT-B/16's)
-    embed_dim: int = 1024
-    input_resolution: int = 512  # the stored position-embedding grid is resolution/stride
+    embed_dim: int = bounded(1024, ge=1)
+    # the stored position-embedding grid is resolution/stride
+    input_resolution: int = bounded(512, ge=1)
     # Also return (global, dense) embeddings (attention pool, or ViT ln_post + proj).
     embeddings: bool = True
     # How the spatial position embedding meets a run-time grid of another size:
     # "interpolate" (segmentation) or "crop" to the top-left cells (official detection).
     pos_embed: PosEmbed = "interpolate"
-    patch_size: int = 16  # ViT only
-    out_indices: list[int] = field(default_factory=lambda: [3, 5, 7, 11])  # ViT only
-    drop_path_rate: float = 0.0  # ViT only
+    patch_size: int = bounded(16, ge=1)  # ViT only
+    out_indices: list[int] = bounded(factory=lambda: [3, 5, 7, 11], ge=0)  # ViT only
+    drop_path_rate: float = bounded(0.0, ge=0, lt=1)  # ViT only
     # ViT only: the official blocks run sequence-first and timm's drop_path draws its mask
     # over dim 0, dropping a residual branch per *token position* for the whole batch
     # ("token", official); "sample" drops it per image (the usual stochastic depth).
@@ -95,12 +169,13 @@ class BackboneConfig:
 class TextConfig:
     """The CLIP text transformer with learnable context vectors (DESIGN §3)."""
 
-    context_length: int = 13  # total sequence: n_ctx contexts + SOT/name/EOT positions
-    n_ctx: int = 8
-    width: int = 512
-    layers: int = 12
-    heads: int = 8
-    vocab_size: int = 49408
+    # total sequence: n_ctx contexts + SOT/name/EOT positions
+    context_length: int = bounded(13, ge=1)
+    n_ctx: int = bounded(8, ge=0)
+    width: int = bounded(512, ge=1)
+    layers: int = bounded(12, ge=1)
+    heads: int = bounded(8, ge=1)
+    vocab_size: int = bounded(49408, ge=1)
     act: Activation = "quick_gelu"  # as model.backbone.act, for the text tower
 
 
@@ -111,37 +186,38 @@ class GuidanceConfig:
     enabled: bool = True  # False builds the plain CLIP baseline (no text at all)
     # "post" (official) or "pre" (paper §3.3, image-conditioned contexts)
     prompting: Prompting = "post"
-    decoder_width: int = 256
-    decoder_heads: int = 4
-    decoder_layers: int = 3
-    decoder_dropout: float = 0.1
-    gamma_init: float = 1e-4
-    tau: float = 0.07
-    score_level: int = 3  # backbone level that receives the score map (3 = x4; 2 for ViT)
-    aux_loss_weight: float = 0.4  # identity-head loss on score/tau
+    decoder_width: int = bounded(256, ge=1)
+    decoder_heads: int = bounded(4, ge=1)
+    decoder_layers: int = bounded(3, ge=0)
+    decoder_dropout: float = bounded(0.1, ge=0, lt=1)
+    gamma_init: float = bounded(1e-4)
+    tau: float = bounded(0.07, gt=0)
+    # backbone level that receives the score map (3 = x4; 2 for ViT)
+    score_level: int = bounded(3, ge=0, le=3)
+    aux_loss_weight: float = bounded(0.4, ge=0)  # identity-head loss on score/tau
 
 
 @dataclass
 class DetectionConfig:
     """Detector settings (RetinaNet / Mask R-CNN on torchvision, DESIGN §5–6)."""
 
-    min_size: int = 800  # input scale (1333, 800), keep ratio
-    max_size: int = 1333
-    size_divisor: int = 32  # batches are padded to a multiple of this
+    min_size: int = bounded(800, ge=1)  # input scale (1333, 800), keep ratio
+    max_size: int = bounded(1333, ge=1)
+    size_divisor: int = bounded(32, ge=1)  # batches are padded to a multiple of this
     seg_loss: bool = True  # auxiliary box-mask loss on the score map (DenseCLIP only)
-    seg_loss_weight: float = 1.0
+    seg_loss_weight: float = bounded(1.0, ge=0)
     # Official recipe: RetinaNet's classification bias keeps PyTorch's default init
     # (False); True applies the usual focal-loss prior (torchvision's default).
     focal_prior_init: bool = False
     # Official recipe: every BatchNorm of the CLIP ResNet trains (batch statistics).
     train_bn: bool = True
-    score_thresh: float = 0.05
-    detections_per_img: int = 100
+    score_thresh: float = bounded(0.05, ge=0, le=1)
+    detections_per_img: int = bounded(100, ge=1)
     # Mask R-CNN only: RPN proposals kept per image before/after NMS as (training, test),
     # and RoIs sampled per image for the box head in training (mmdet 2.17's settings).
-    rpn_pre_nms_top_n: list[int] = field(default_factory=lambda: [2000, 1000])
-    rpn_post_nms_top_n: list[int] = field(default_factory=lambda: [1000, 1000])
-    box_batch_size_per_image: int = 512
+    rpn_pre_nms_top_n: list[int] = bounded(factory=lambda: [2000, 1000], ge=1, length=2)
+    rpn_post_nms_top_n: list[int] = bounded(factory=lambda: [1000, 1000], ge=1, length=2)
+    box_batch_size_per_image: int = bounded(512, ge=1)
 
 
 @dataclass
@@ -156,10 +232,10 @@ class ModelConfig:
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     text: TextConfig = field(default_factory=TextConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
-    neck_channels: int = 256
-    head_channels: int = 256
-    head_dropout: float = 0.1
-    ignore_index: int = 255
+    neck_channels: int = bounded(256, ge=1)
+    head_channels: int = bounded(256, ge=1)
+    head_dropout: float = bounded(0.1, ge=0, lt=1)
+    ignore_index: int = bounded(255, ge=0, le=255)  # label PNGs hold 0..255
     # Cross-entropy mean over "all" pixels, ignored ones included (mmseg 0.19, official),
     # or over "valid" pixels only.
     loss_average: LossAverage = "all"
@@ -179,17 +255,18 @@ class DataConfig:
     reduce_zero_label: bool = True  # label 0 -> ignore, 1..K -> 0..K-1
     img_suffix: str = ".jpg"
     seg_suffix: str = ".png"
-    scale: list[int] = field(default_factory=lambda: [2048, 512])  # (long, short) bound
-    ratio_range: list[float] = field(default_factory=lambda: [0.5, 2.0])
-    crop_size: list[int] = field(default_factory=lambda: [512, 512])  # (H, W)
-    cat_max_ratio: float = 0.75
-    flip_prob: float = 0.5
+    scale: list[int] = bounded(factory=lambda: [2048, 512], ge=1, length=2)  # (long, short) bound
+    ratio_range: list[float] = bounded(factory=lambda: [0.5, 2.0], gt=0, length=2,
+                                       ascending=True)
+    crop_size: list[int] = bounded(factory=lambda: [512, 512], ge=1, length=2)  # (H, W)
+    cat_max_ratio: float = bounded(0.75, gt=0, le=1)
+    flip_prob: float = bounded(0.5, ge=0, le=1)
     photometric: bool = True
-    test_scale: list[int] = field(default_factory=lambda: [2048, 512])
-    mean: list[float] = field(default_factory=lambda: list(CLIP_MEAN))  # 0..1 units
-    std: list[float] = field(default_factory=lambda: list(CLIP_STD))
-    batch_size: int = 4  # per process
-    num_workers: int = 4
+    test_scale: list[int] = bounded(factory=lambda: [2048, 512], ge=1, length=2)
+    mean: list[float] = bounded(factory=lambda: list(CLIP_MEAN), ge=0, le=1, length=3)  # 0..1 units
+    std: list[float] = bounded(factory=lambda: list(CLIP_STD), gt=0, le=1, length=3)
+    batch_size: int = bounded(4, ge=1)  # per process
+    num_workers: int = bounded(4, ge=0)
     # Detection training: batches hold only landscape or only portrait images (mmdet's
     # group sampler, seeded per epoch); false draws plain shuffled passes.
     group_by_aspect_ratio: bool = True
@@ -199,17 +276,17 @@ class DataConfig:
 class KeyMultipliers:
     """Learning-rate and weight-decay multipliers of one ``optim.custom_keys`` entry."""
 
-    lr_mult: float = 1.0
-    decay_mult: float = 1.0
+    lr_mult: float = bounded(1.0, ge=0)
+    decay_mult: float = bounded(1.0, ge=0)
 
 
 @dataclass
 class OptimConfig:
     """AdamW and mmcv's parameter-wise settings (DESIGN §7, §9)."""
 
-    lr: float = 1e-4
-    weight_decay: float = 1e-4
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    lr: float = bounded(1e-4, gt=0)
+    weight_decay: float = bounded(1e-4, ge=0)
+    betas: list[float] = bounded(factory=lambda: [0.9, 0.999], ge=0, lt=1, length=2)
     # mmcv's ``paramwise_cfg.custom_keys``: a parameter takes the multipliers of the first
     # key, longest first (alphabetical among equal lengths), that is a substring of its
     # *official* name (this package's name mapped back through the release's rename
@@ -220,8 +297,8 @@ class OptimConfig:
     # poly min_lr (1e-6) trains it slightly and its gradients count in gradient clipping.
     # True freezes it (requires_grad_(False)): no drift, and faster.
     freeze_text_encoder: bool = False
-    grad_clip: float | None = None  # max gradient norm, or None
-    accumulate: int = 1  # gradient-accumulation steps per optimiser step
+    grad_clip: float | None = bounded(None, gt=0)  # max gradient norm, or None
+    accumulate: int = bounded(1, ge=1)  # gradient-accumulation steps per optimiser step
 
 
 @dataclass
@@ -229,25 +306,26 @@ class ScheduleConfig:
     policy: LrPolicy = "poly"  # "poly" (segmentation) or "step" (detection)
     # Epoch-based runs (max_epochs > 0) convert epochs to iterations from the dataset size;
     # ``steps`` are epochs at which a step policy multiplies the lr by ``step_gamma``.
-    max_epochs: int = 0
-    steps: list[int] = field(default_factory=list)
-    step_gamma: float = 0.1
-    max_iters: int = 80000
-    warmup_iters: int = 1500
-    warmup_ratio: float = 1e-6
-    power: float = 0.9
-    min_lr: float = 1e-6
-    checkpoint_interval: int = 8000
-    eval_interval: int = 8000
-    log_interval: int = 50
+    max_epochs: int = bounded(0, ge=0)  # 0: iteration-based (max_iters)
+    steps: list[int] = bounded(factory=list, ge=1, ascending=True)
+    step_gamma: float = bounded(0.1, gt=0)
+    max_iters: int = bounded(80000, ge=1)
+    warmup_iters: int = bounded(1500, ge=0)  # 0: no warm-up
+    warmup_ratio: float = bounded(1e-6, ge=0, le=1)
+    power: float = bounded(0.9, ge=0)
+    min_lr: float = bounded(1e-6, ge=0)
+    checkpoint_interval: int = bounded(8000, ge=1)  # and at the end
+    eval_interval: int = bounded(8000, ge=0)  # 0: no validation during training
+    log_interval: int = bounded(50, ge=1)
 
 
 @dataclass
 class EvalConfig:
     mode: EvalMode = "slide"  # "slide" or "whole"
-    crop_size: list[int] = field(default_factory=lambda: [512, 512])
-    stride: list[int] = field(default_factory=lambda: [341, 341])
-    aug_ratios: list[float] = field(default_factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75])
+    crop_size: list[int] = bounded(factory=lambda: [512, 512], ge=1, length=2)
+    stride: list[int] = bounded(factory=lambda: [341, 341], ge=1, length=2)
+    aug_ratios: list[float] = bounded(factory=lambda: [0.5, 0.75, 1.0, 1.25, 1.5, 1.75], gt=0,
+                                      nonempty=True)
     aug_flip: bool = True
 
 
@@ -259,7 +337,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
-    seed: int = 0
+    seed: int = bounded(0, ge=0, le=2**32 - 1)
     amp: AmpMode = "none"  # training autocast: "none", "bf16" or "fp16" (+ loss scaling)
     # Inference precision (predict, demo, the Predictor): "auto" is the fastest one the
     # hardware runs natively (see denseclip.runtime); `denseclip test` uses fp32 unless
@@ -398,8 +476,27 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         raise ConfigError(
             f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}"
         )
-    kwargs = {k: _coerce(v, hints[k], f"{where}.{k}" if where else k) for k, v in data.items()}
-    return cls(**kwargs)
+    kwargs = {}
+    for k, v in data.items():
+        key = f"{where}.{k}" if where else k
+        try:
+            kwargs[k] = _coerce(v, hints[k], key)
+        except ConfigError as e:
+            raise ConfigError(str(e), e.key or key) from None
+    obj = cls(**kwargs)
+    for f in dataclasses.fields(cls):  # defaults too: an override may not touch them
+        bounds = f.metadata.get("bounds")
+        value = getattr(obj, f.name)
+        problem = bounds.problem(value) if bounds is not None else None
+        if problem:
+            key = f"{where}.{f.name}" if where else f.name
+            raise ConfigError(f"{key}={_show(value)}: {problem}", key)
+    return obj
+
+
+def _show(value: Any) -> str:
+    """A value as a user writes it in an override (``[0, 0]``, ``0.5``, ``nan``)."""
+    return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:
@@ -424,7 +521,7 @@ def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
     try:
         return _build(Config, data, "")
     except ConfigError as e:
-        raise ConfigError(f"{source}: {e}") from None
+        raise ConfigError(f"{source}: {e}", e.key) from None
 
 
 def load_config(name_or_path: str | Path, overrides: typing.Iterable[str] = ()) -> Config:
@@ -433,15 +530,30 @@ def load_config(name_or_path: str | Path, overrides: typing.Iterable[str] = ()) 
     path = _resolve_path(name_or_path)
     data = _load_raw(path)
     data.setdefault("name", path.stem)
+    overrides = list(overrides)
     for override in overrides:
         _apply_override(data, override)
-    cfg = config_from_dict(data, str(path))
+    try:
+        cfg = _build(Config, data, "")
+    except ConfigError as e:
+        raise ConfigError(f"{_source(path, overrides, e.key)}: {e}", e.key) from None
     # a class file named relative to a config file (a saved model's classes.txt) is found
     # next to it when the working directory has none
     classes = Path(cfg.model.classes)
     if not classes.is_absolute() and not classes.exists() and (path.parent / classes).is_file():
         cfg.model.classes = str(path.parent / classes)
     return cfg
+
+
+def _source(path: Path, overrides: list[str], key: str | None) -> str:
+    """Where a bad value came from: the last override that set ``key`` (or a section or
+    item of it), else the config file."""
+    for override in reversed(overrides):
+        name = override.partition("=")[0].strip()
+        if key is not None and (key == name or key.startswith((f"{name}.", f"{name}["))
+                                or name.startswith(f"{key}.")):
+            return f"override {override} (on {path})"
+    return str(path)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

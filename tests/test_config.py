@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Literal
+from typing import Any, Literal
 
 import pytest
 
@@ -281,3 +281,97 @@ def test_clip_normalisation_defaults():
     assert data.mean == list(CLIP_MEAN) and data.std == list(CLIP_STD)
     assert CLIP_MEAN == (0.48145466, 0.4578275, 0.40821073)
     assert CLIP_STD == (0.26862954, 0.26130258, 0.27577711)
+
+
+# ---------------------------------------------------------------------------- value ranges
+def numeric_fields(cls: type = Config, prefix: str = "") -> typing.Iterator[tuple[str, Any]]:
+    """(dotted key, field) of every int/float field (lists and optionals included)."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if typing.get_origin(tp) is dict:  # optim.custom_keys
+            tp = typing.get_args(tp)[1]
+        if dataclasses.is_dataclass(tp):
+            yield from numeric_fields(tp, f"{prefix}{f.name}.")
+            continue
+        args = set(typing.get_args(tp)) | {tp}
+        if args & {int, float, list[int], list[float]}:
+            yield f"{prefix}{f.name}", f
+
+
+def test_every_numeric_field_declares_its_range():
+    undeclared = [key for key, f in numeric_fields() if "bounds" not in f.metadata]
+    assert undeclared == []
+    assert len(list(numeric_fields())) > 60
+
+
+def test_defaults_are_within_their_ranges():
+    config_from_dict({})  # raises if a default were out of its own range
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.batch_size=0", "data.batch_size=0: must be >= 1"),
+    ("schedule.checkpoint_interval=0", "schedule.checkpoint_interval=0: must be >= 1"),
+    ("schedule.log_interval=0", "schedule.log_interval=0: must be >= 1"),
+    ("schedule.max_iters=-5", "schedule.max_iters=-5: must be >= 1"),
+    ("data.scale=[0,0]", "data.scale=[0, 0]: each item must be >= 1"),
+    ("data.scale=[512]", "data.scale=[512]: must have 2 items"),
+    ("data.crop_size=[0,64]", "data.crop_size=[0, 64]: each item must be >= 1"),
+    ("data.ratio_range=[2.0,0.5]", "data.ratio_range=[2.0, 0.5]: must be in ascending order"),
+    ("data.ratio_range=[0,2]", "data.ratio_range=[0.0, 2.0]: each item must be > 0"),
+    ("data.flip_prob=1.5", "data.flip_prob=1.5: must be in [0, 1]"),
+    ("data.std=[0.2,0,0.2]", "data.std=[0.2, 0.0, 0.2]: each item must be in (0, 1]"),
+    ("optim.lr=0", "optim.lr=0.0: must be > 0"),
+    ("optim.lr=.nan", "optim.lr=.nan: must be finite"),
+    ("optim.betas=[0.9,1.0]", "optim.betas=[0.9, 1.0]: each item must be in [0, 1)"),
+    ("optim.grad_clip=-1", "optim.grad_clip=-1.0: must be > 0"),
+    ("optim.accumulate=0", "optim.accumulate=0: must be >= 1"),
+    ("optim.custom_keys={backbone: {lr_mult: -0.1}}",
+     "optim.custom_keys.backbone.lr_mult=-0.1: must be >= 0"),
+    ("model.head_dropout=1", "model.head_dropout=1.0: must be in [0, 1)"),
+    ("model.guidance.tau=0", "model.guidance.tau=0.0: must be > 0"),
+    ("model.guidance.score_level=4", "model.guidance.score_level=4: must be in [0, 3]"),
+    ("model.detection.score_thresh=2", "model.detection.score_thresh=2.0: must be in [0, 1]"),
+    ("evaluation.stride=[0,0]", "evaluation.stride=[0, 0]: each item must be >= 1"),
+    ("evaluation.aug_ratios=[]", "evaluation.aug_ratios=[]: must not be empty"),
+    ("schedule.warmup_ratio=2", "schedule.warmup_ratio=2.0: must be in [0, 1]"),
+    ("seed=-1", "seed=-1: must be in [0, 4294967295]"),
+])
+def test_out_of_range_override_names_key_value_range_and_source(override, message):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny_denseclip_res", [override])
+    text = str(err.value)
+    assert text.startswith(f"override {override} (on ") and "tiny_denseclip_res.yaml" in text
+    assert text.endswith(message) and "\n" not in text
+    assert err.value.key == message.split("=")[0]
+
+
+@pytest.mark.parametrize("override", ["schedule.eval_interval=0", "schedule.warmup_iters=0",
+                                      "schedule.max_epochs=0", "data.num_workers=0",
+                                      "optim.grad_clip=null", "data.flip_prob=0",
+                                      "data.ratio_range=[1,1]", "model.guidance.decoder_layers=0"])
+def test_documented_zero_and_edge_values_stay_allowed(override):
+    load_config("tiny_denseclip_res", [override])
+
+
+def test_out_of_range_value_in_a_file_names_the_file(tmp_path):
+    path = tmp_path / "mine.yaml"
+    path.write_text("_base_: tiny_denseclip_res\ndata:\n  batch_size: 0\n")
+    with pytest.raises(ConfigError, match=r"mine\.yaml: data\.batch_size=0: must be >= 1$"):
+        load_config(path, ["data.crop_size=[32,32]"])  # an unrelated override is not blamed
+    with pytest.raises(ConfigError, match=r"^saved: schedule\.log_interval=0: must be >= 1$"):
+        config_from_dict({"schedule": {"log_interval": 0}}, "saved")
+
+
+def test_type_error_in_an_override_names_the_override():
+    with pytest.raises(ConfigError, match=r"^override amp=fp64 \(on .*\): amp: 'fp64' is not"):
+        load_config("tiny_denseclip_res", ["amp=fp64"])
+
+
+def test_cli_reports_an_out_of_range_override_in_one_line(capsys):
+    from denseclip.cli import main
+
+    assert main(["flops", "tiny_clip_res", "data.batch_size=0"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.endswith("data.batch_size=0: must be >= 1") and "override" in err
+    assert "\n" not in err and "Traceback" not in err
