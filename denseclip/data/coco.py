@@ -40,11 +40,18 @@ What is kept (mmdet's ``CocoDataset`` rules, with torchvision's image filter):
 * for training, images are dropped unless some annotation (crowd ones included) has a box
   larger than 1 px both ways (torchvision's reference rule); evaluation keeps every image.
 
+Ids: a repeated image or category id is an error (pycocotools keeps only one entry per id,
+so evaluation would silently score other ground truth, and no renumbering can know which
+entry results refer to). A repeated or missing annotation id is repaired: later repeats get
+fresh ids above the largest one, with a :class:`DatasetWarning` that counts them (nothing
+outside the file refers to annotation ids).
+
 Errors (:class:`~denseclip.data.io.DatasetError`, naming the file and the
 annotation id): a file that is not JSON or lacks COCO's ``images``/``annotations``/
-``categories`` lists, an annotation whose ``category_id`` is not among the categories or
-whose ``image_id`` is not among the images, a malformed box, an RLE whose size is not the
-image's, and an image on disk whose size differs from its JSON entry.
+``categories`` lists, a repeated image or category id, an annotation whose
+``category_id`` is not among the categories or whose ``image_id`` is not among the images,
+a malformed box, an RLE whose size is not the image's, and an image on disk whose size
+differs from its JSON entry.
 
 An index may be ``(index, seed)``: the random flip then draws from torch's generator seeded
 with ``seed`` (the caller's state is restored), as for the segmentation datasets.
@@ -108,7 +115,51 @@ def read_coco_json(path: str | Path) -> dict[str, Any]:
     if missing:
         raise DatasetError(f"{path} is not a COCO annotation file: no {', '.join(missing)} "
                            "list (expected images, annotations and categories)")
+    _check_ids(data, path)
     return data
+
+
+def _repeated(values: list[Any]) -> list[Any]:
+    seen: set[Any] = set()
+    repeated: list[Any] = []
+    for v in values:
+        if v in seen and v not in repeated:
+            repeated.append(v)
+        seen.add(v)
+    return repeated
+
+
+def _check_ids(data: dict[str, Any], path: Path) -> None:
+    """Refuse repeated image or category ids; renumber repeated (or missing) annotation
+    ids, with a :class:`DatasetWarning`. pycocotools indexes images, categories and
+    annotations by id, so a repeat silently replaces one entry with another and COCO
+    evaluation scores the wrong ground truth. An image or category id is what results and
+    labels refer to, so no repair can be right; an annotation id is referred to by nothing
+    outside the file, so giving each annotation its own id loses nothing."""
+    for key, what in (("images", "image"), ("categories", "category")):
+        ids = [e.get("id") for e in data[key] if isinstance(e, dict)]
+        repeated = _repeated(ids)
+        if repeated:
+            raise DatasetError(f"{path}: {what} ids must be unique; repeated: "
+                               f"{_ids_text(repeated)}")
+    anns = [a for a in data["annotations"] if isinstance(a, dict)]
+    used = [a["id"] for a in anns if isinstance(a.get("id"), int)
+            and not isinstance(a["id"], bool)]
+    seen: set[Any] = set()
+    renumbered: list[Any] = []
+    next_id = max(used, default=0) + 1
+    for ann in anns:
+        aid = ann.get("id")
+        if aid is None or isinstance(aid, (bool, dict, list)) or aid in seen:
+            renumbered.append(aid)
+            ann["id"] = next_id
+            next_id += 1
+        seen.add(ann["id"])
+    if renumbered:
+        warnings.warn(f"{path}: renumbered {len(renumbered)} annotation(s) whose id repeated an "
+                      f"earlier annotation's (or was missing) to {next_id - len(renumbered)}.."
+                      f"{next_id - 1}, so that COCO evaluation sees every one; ids were "
+                      f"{_ids_text(renumbered)}", DatasetWarning, stacklevel=3)
 
 
 def _number(x: Any) -> bool:

@@ -15,6 +15,7 @@ import contextlib
 import io
 import json
 import math
+from collections import Counter
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -98,6 +99,24 @@ def detections_to_coco(detections: Sequence[dict[str, torch.Tensor]], image_ids:
     return bbox_results, segm_results
 
 
+def _check_unique_ids(coco_gt) -> None:
+    """pycocotools indexes the ground truth by id: a repeated image or annotation id makes
+    one entry stand in for another and the AP silently wrong. Ground truth read by
+    :class:`~denseclip.data.coco.CocoDetection` is already checked (annotation ids
+    renumbered); this refuses a ``COCO`` object built elsewhere from such a file."""
+    dataset = getattr(coco_gt, "dataset", None) or {}
+    for key, index in (("images", coco_gt.imgs), ("annotations", coco_gt.anns)):
+        entries = dataset.get(key, [])
+        if len(index) != len(entries):
+            counts = Counter(e.get("id") for e in entries)
+            repeated = [i for i, n in counts.items() if n > 1][:5]
+            raise ValueError(f"the ground truth repeats {key[:-1]} ids ({len(entries)} "
+                             f"{key}, {len(index)} distinct ids; e.g. {repeated}): COCO "
+                             f"evaluation would score the wrong ground truth; load the file "
+                             f"with denseclip.data.coco.CocoDetection, which renumbers "
+                             f"repeated annotation ids")
+
+
 def coco_evaluate(coco_gt, results: list[dict[str, Any]], iou_type: str,
                   image_ids: Sequence[int] | None = None) -> dict[str, Any]:
     """Run ``COCOeval`` (``iou_type`` "bbox" or "segm") over ``image_ids`` (default: every
@@ -108,6 +127,7 @@ def coco_evaluate(coco_gt, results: list[dict[str, Any]], iou_type: str,
     COCOeval = require("pycocotools.cocoeval", "COCO evaluation").COCOeval  # noqa: N806
     if iou_type not in ("bbox", "segm"):
         raise ValueError(f"iou_type must be 'bbox' or 'segm', got {iou_type!r}")
+    _check_unique_ids(coco_gt)
     if not results:
         ids = coco_gt.getImgIds() if image_ids is None else [int(i) for i in image_ids]
         per_category = [

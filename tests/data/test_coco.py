@@ -254,3 +254,31 @@ def test_image_size_must_match_the_json(coco_root):
     with pytest.raises(DatasetError, match="is 40x50 .* says 96x128"):
         ds[0]
     assert np.asarray(ds.load_image(1)).shape == (112, 96, 3)
+
+
+def test_repeated_image_or_category_ids_are_refused(coco_root, coco_json):
+    path = coco_root / "annotations" / "instances_train.json"
+    images = coco_json["images"]
+    rewrite(coco_root, {**coco_json, "images": images + [{**images[1], "file_name": "x.png"}]})
+    with pytest.raises(DatasetError, match=rf"{path}: image ids must be unique; repeated: 20$"):
+        dataset(coco_root)
+    cats = coco_json["categories"]
+    rewrite(coco_root, {**coco_json, "categories": cats + [{"id": 7, "name": "blob"}]})
+    with pytest.raises(DatasetError, match=r"category ids must be unique; repeated: 7$"):
+        dataset(coco_root)
+
+
+def test_repeated_and_missing_annotation_ids_are_renumbered_with_a_warning(coco_root,
+                                                                           coco_json):
+    ann(coco_json, 105)["id"] = 102  # image 40's second object takes image 20's first id
+    del ann(coco_json, 104)["id"]
+    rewrite(coco_root, coco_json)
+    with pytest.warns(DatasetWarning, match=r"renumbered 2 annotation\(s\) .* to 901\.\.902.*"
+                                            r"ids were None, 102"):
+        ds = dataset(coco_root)
+    # Every annotation is in the ground truth under its own id, the first 102 kept.
+    anns = ds.coco.dataset["annotations"]
+    assert len(ds.coco.anns) == len(anns) == 7
+    assert ds.coco.anns[102]["image_id"] == 20
+    assert sorted(a["id"] for a in anns if a["image_id"] == 40) == [901, 902]
+    assert len(ds[ds.ids.index(40)]["target"]["boxes"]) == 2

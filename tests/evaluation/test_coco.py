@@ -14,7 +14,7 @@ from torch import nn
 
 import denseclip
 from denseclip.config import DataConfig
-from denseclip.data.coco import CocoDetection, build_coco_dataset
+from denseclip.data.coco import CocoDetection, DatasetWarning, build_coco_dataset
 from denseclip.engine.dist import DistEnv
 from denseclip.evaluation import coco as coco_eval
 from denseclip.evaluation.coco import (
@@ -166,3 +166,43 @@ def test_a_real_detector_evaluates(shared_coco, tmp_path):
         for name in METRIC_NAMES[:3]:
             assert 0.0 <= metrics[f"{prefix}_{name}"] <= 100.0
     assert (tmp_path / "segm.json").is_file()
+
+
+@pytest.mark.filterwarnings("ignore:.*copy keyword:DeprecationWarning")  # pycocotools, NumPy 2
+def test_repeated_annotation_ids_are_repaired_and_the_ap_is_right(shared_coco, tmp_path):
+    """pycocotools indexes annotations by id: with image 40's second object under image
+    20's first id, its own evaluation of perfect detections scores below 100. Read through
+    CocoDetection, the id is renumbered (with a warning) and the same detections score 100."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from tests.helpers.coco import write_coco
+
+    data = write_coco(tmp_path)
+    second_of_40 = [a for a in data["annotations"] if a["image_id"] == 40][1]
+    second_of_40["id"] = next(a["id"] for a in data["annotations"] if a["image_id"] == 20)
+    path = tmp_path / "annotations" / "instances_train.json"
+    path.write_text(json.dumps(data))
+
+    with pytest.warns(DatasetWarning, match=r"renumbered 1 annotation\(s\)"):
+        ds = test_dataset(tmp_path, masks=False)
+    bbox, _ = detections_to_coco([perfect_boxes(ds, i) for i in range(len(ds))], ds.ids,
+                                 ds.cat_ids)
+    assert len(bbox) == 6
+    assert coco_evaluate(ds.coco, bbox, "bbox")["AP"] == pytest.approx(100.0)
+
+    with contextlib.redirect_stdout(io.StringIO()):
+        raw = COCO(str(path))  # pycocotools on the file as it is
+        evaluator = COCOeval(raw, raw.loadRes([dict(r) for r in bbox]), "bbox")
+        evaluator.evaluate()
+        evaluator.accumulate()
+        evaluator.summarize()
+    assert evaluator.stats[0] * 100 < 90.0
+    with pytest.raises(ValueError, match=r"repeats annotation ids \(7 annotations, 6 distinct"):
+        coco_evaluate(raw, bbox, "bbox")  # our evaluation refuses such a ground truth
+
+
+def perfect_boxes(ds: CocoDetection, index: int) -> dict[str, torch.Tensor]:
+    t = ds[index]["target"]
+    n = len(t["labels"])
+    return {"boxes": t["boxes"], "labels": t["labels"], "scores": torch.linspace(1.0, 0.5, n)}
