@@ -270,6 +270,9 @@ class DataConfig:
     # Detection training: batches hold only landscape or only portrait images (mmdet's
     # group sampler, seeded per epoch); false draws plain shuffled passes.
     group_by_aspect_ratio: bool = True
+    # Images and label maps whose header declares more pixels (width x height) are refused
+    # before decoding; None: $DENSECLIP_MAX_IMAGE_PIXELS, else 89_478_485 (Pillow's limit).
+    max_image_pixels: int | None = None
 
 
 @dataclass

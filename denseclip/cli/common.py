@@ -41,7 +41,31 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def load_cli_config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, [*args.overrides, *max_pixels_overrides(args)])
+
+
+def _positive_int(text: str) -> int:
+    value = int(text.replace("_", ""))
+    if value < 1:
+        raise ValueError(text)
+    return value
+
+
+_positive_int.__name__ = "positive whole number"  # what argparse's error message says
+
+
+def add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
+    """``--max-image-pixels N``: the ``data.max_image_pixels`` override."""
+    parser.add_argument("--max-image-pixels", type=_positive_int, metavar="N",
+                        help="refuse images (and label maps) with more pixels, width x height, "
+                             "before decoding them (default: data.max_image_pixels, else "
+                             "$DENSECLIP_MAX_IMAGE_PIXELS, else 89478485)")
+
+
+def max_pixels_overrides(args: argparse.Namespace) -> list[str]:
+    """The config override of ``--max-image-pixels``, if given."""
+    value = getattr(args, "max_image_pixels", None)
+    return [] if value is None else [f"data.max_image_pixels={value}"]
 
 
 def add_class_arguments(parser: argparse.ArgumentParser, help_names: str) -> None:

@@ -15,7 +15,13 @@ from ..checkpoint import CheckpointError
 from ..config import load_config
 from ..inference import PredictionError, collect_inputs, write_detection, write_segmentation
 from ..models.detection import DETECTION_TASKS
-from .common import add_class_arguments, add_precision_argument, predictor_from_args
+from .common import (
+    add_class_arguments,
+    add_max_pixels_argument,
+    add_precision_argument,
+    max_pixels_overrides,
+    predictor_from_args,
+)
 
 HELP = "segment or detect images: overlays, label maps, heatmaps, JSON"
 
@@ -44,6 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_precision_argument(parser)
     parser.add_argument("--score-thr", type=float, default=0.3,
                         help="detection: draw and list detections scoring at least this")
+    add_max_pixels_argument(parser)
     parser.set_defaults(overrides=[])
 
 
@@ -66,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         return _error("no input images given")
     if args.batch_size < 1:
         return _error(f"--batch-size must be positive, got {args.batch_size}")
+    overrides += max_pixels_overrides(args)
     cfg = load_config(args.config, overrides)  # ConfigError → exit status 2 in the CLI
     try:
         predictor = predictor_from_args(args, cfg, "predict", device=args.device,

@@ -14,6 +14,7 @@ from ..engine.trainer import test, train
 from ..runtime import PRECISIONS
 from .common import (
     add_config_arguments,
+    add_max_pixels_argument,
     add_precision_argument,
     load_cli_config,
     resolve_checkpoint,
@@ -72,6 +73,7 @@ def add_test_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-precision", metavar="PRECISION", choices=PRECISIONS,
                         help="evaluate again in this precision and print how far it moves "
                              "each metric")
+    add_max_pixels_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 

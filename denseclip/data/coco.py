@@ -70,14 +70,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
 from denseclip.config import DataConfig
 from denseclip.data.image_ops import imresize
-from denseclip.data.io import DatasetError
+from denseclip.data.io import DatasetError, open_image
 from denseclip.data.transforms import KeepRatioResize, apply_seeded
 from denseclip.optional import require
 
@@ -229,13 +228,17 @@ class CocoDetection(Dataset):
             with masks), e.g. :func:`build_coco_train_transforms`; None keeps the original.
         filter_empty: override the training image filter.
         keep_ground_truth: keep the raw JSON for :attr:`coco` (default: not ``train``).
+        max_image_pixels: images with more pixels are refused undecoded; None: the default
+            limit (:func:`~denseclip.data.io.max_image_pixels`).
     """
 
     def __init__(self, img_dir: str | Path, ann_file: str | Path, *, train: bool = False,
                  with_masks: bool = False,
                  transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
-                 filter_empty: bool | None = None, keep_ground_truth: bool | None = None):
+                 filter_empty: bool | None = None, keep_ground_truth: bool | None = None,
+                 max_image_pixels: int | None = None):
         self.img_dir = Path(img_dir)
+        self.max_image_pixels = max_image_pixels
         self.ann_file = Path(ann_file)
         self.train = train
         self.with_masks = with_masks
@@ -400,10 +403,10 @@ class CocoDetection(Dataset):
         info = self.images[self.ids[index]]
         path = self.image_path(index)
         try:
-            with Image.open(path) as img:
+            with open_image(path, self.max_image_pixels) as img:  # size checked, undecoded
                 array = np.array(img.convert("RGB"), dtype=np.uint8)
-        except FileNotFoundError:
-            raise FileNotFoundError(f"image file {path} does not exist") from None
+        except (FileNotFoundError, DatasetError):
+            raise
         except (OSError, SyntaxError, ValueError) as e:
             raise DatasetError(f"cannot read image {path}: {e}") from e
         if array.shape[:2] != (info["height"], info["width"]):
@@ -486,7 +489,8 @@ def build_coco_dataset(cfg: DataConfig, split: str, train: bool, *, with_masks: 
         transforms = build_coco_test_transforms(cfg.test_scale if test_scale is None
                                                 else test_scale)
     dataset = CocoDetection(root / split, root / "annotations" / f"instances_{split}.json",
-                            train=train, with_masks=with_masks, transforms=transforms)
+                            train=train, with_masks=with_masks, transforms=transforms,
+                            max_image_pixels=cfg.max_image_pixels)
     if class_names is not None and not _same_names(dataset.class_names, class_names):
         raise DatasetError(
             f"{dataset.ann_file}: its {dataset.num_classes} categories "

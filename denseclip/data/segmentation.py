@@ -115,6 +115,9 @@ class SegmentationDataset(Dataset):
             3×H×W) or arrays (image H×W×3), e.g. :func:`build_train_transforms`; None
             leaves the image unnormalised (float32 3×H×W, 0..255).
         test_mode: also return ``ori_target``.
+        max_image_pixels: images and label maps with more pixels are refused undecoded
+            (:class:`~denseclip.data.io.ImageTooLargeError`); None: the default limit
+            (:func:`~denseclip.data.io.max_image_pixels`).
 
     Raises ``FileNotFoundError`` for a missing directory and :class:`DatasetError` for an
     empty image directory or an image without its label map (both at construction).
@@ -132,6 +135,7 @@ class SegmentationDataset(Dataset):
         seg_suffix: str = ".png",
         transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         test_mode: bool = False,
+        max_image_pixels: int | None = None,
     ):
         self.img_dir = Path(img_dir)
         self.ann_dir = Path(ann_dir)
@@ -144,6 +148,7 @@ class SegmentationDataset(Dataset):
         self.seg_suffix = seg_suffix
         self.transforms = transforms
         self.test_mode = test_mode
+        self.max_image_pixels = max_image_pixels
         for kind, directory in (("image", self.img_dir), ("label", self.ann_dir)):
             if not directory.is_dir():
                 raise FileNotFoundError(f"{kind} directory {directory} does not exist")
@@ -248,8 +253,8 @@ class SegmentationDataset(Dataset):
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         """The decoded image (H, W, 3 uint8) and its encoded target (H, W int64), checked."""
         img_path, ann_path = self.image_path(index), self.label_path(index)
-        image = load_image(img_path)
-        raw = load_label_map(ann_path)
+        image = load_image(img_path, self.max_image_pixels)
+        raw = load_label_map(ann_path, self.max_image_pixels)
         if image.shape[:2] != raw.shape[:2]:
             (ih, iw), (lh, lw) = image.shape[:2], raw.shape[:2]
             raise DatasetError(
@@ -320,6 +325,7 @@ class ADE20KDataset(SegmentationDataset):
         seg_suffix: str = ".png",
         transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         test_mode: bool = False,
+        max_image_pixels: int | None = None,
     ):
         root = Path(root)
         if not root.is_dir():
@@ -338,6 +344,7 @@ class ADE20KDataset(SegmentationDataset):
             seg_suffix=seg_suffix,
             transforms=transforms,
             test_mode=test_mode,
+            max_image_pixels=max_image_pixels,
         )
 
 
@@ -398,6 +405,7 @@ def build_segmentation_dataset(
         seg_suffix=cfg.seg_suffix,
         transforms=transforms,
         test_mode=not train,
+        max_image_pixels=cfg.max_image_pixels,
     )
     if cfg.dataset == "ade20k":
         return ADE20KDataset(root, split, class_names=class_names, **common)

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from ..data.io import load_image, pil_to_rgb
+from ..data.io import check_image_size, load_image, pil_to_rgb
 from .results import PredictionError
 
 __all__ = ["IMAGE_SUFFIXES", "collect_inputs", "to_rgb"]
@@ -19,16 +19,20 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".jfif", ".png", ".bmp", ".gif", ".tif", ".ti
                   ".ppm", ".pgm", ".pbm", ".pnm"}
 
 
-def to_rgb(image: Any) -> np.ndarray:
+def to_rgb(image: Any, max_pixels: int | None = None) -> np.ndarray:
     """An ``H × W × 3`` uint8 RGB array from a path, a PIL image or a uint8 array.
 
     Files are decoded by :func:`denseclip.data.io.load_image` (grayscale, palette, RGBA,
     16-bit and EXIF orientation handled); PIL images get the same treatment; arrays may be
-    ``H × W`` (grey), ``H × W × 3`` (RGB) or ``H × W × 4`` (RGBA, alpha dropped).
+    ``H × W`` (grey), ``H × W × 3`` (RGB) or ``H × W × 4`` (RGBA, alpha dropped). Files
+    and PIL images (which may not be decoded yet) larger than ``max_pixels`` (see
+    :func:`denseclip.data.io.max_image_pixels`) are refused before decoding.
     """
     if isinstance(image, (str, Path)):
-        return load_image(image)
+        return load_image(image, max_pixels)
     if isinstance(image, Image.Image):
+        check_image_size(*image.size, getattr(image, "filename", "") or "the image",
+                         max_pixels)
         return pil_to_rgb(image)
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:

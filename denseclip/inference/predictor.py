@@ -173,7 +173,7 @@ class Predictor:
     def prepare(self, image: Any) -> Prepared:
         """Decode and preprocess one image (raises :class:`PredictionError` for images the
         network cannot take)."""
-        rgb = to_rgb(image)
+        rgb = to_rgb(image, self.cfg.data.max_image_pixels)
         H, W = rgb.shape[:2]
         if H == 0 or W == 0:
             raise PredictionError(f"the image is empty ({H}x{W} pixels)")
