@@ -12,7 +12,12 @@ names; the answer is the same page with the overlays inline (PNG data URLs):
   the detected classes; they take no class names.
 
 The server is meant for your own machine (default ``127.0.0.1``); it handles one
-prediction at a time.
+prediction at a time. Against misbehaving clients: every socket read times out
+(``request_timeout``, so a connection that stops sending is dropped), at most
+``max_connections`` connections are served at once (more get ``503`` at once), the
+``Content-Length`` is checked before the body is read (``400`` if it is not a number,
+``413`` above ``MAX_UPLOAD_BYTES``), and an upload's size in pixels is checked from its
+header before it is decoded (:func:`denseclip.data.io.max_image_pixels`).
 """
 
 from __future__ import annotations
@@ -20,7 +25,10 @@ from __future__ import annotations
 import base64
 import html
 import io
+import re
+import socket
 import threading
+import time
 from email.parser import BytesParser
 from email.policy import HTTP
 from http import HTTPStatus
@@ -30,13 +38,17 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .data.io import decode_image
-from .inference import DetectionPrediction, PredictionError, Predictor, to_rgb
+from .data.io import READABLE_FORMATS, DatasetError, UnknownImageFormatError, decode_image
+from .inference import DetectionPrediction, PredictionError, Predictor
 from .inference.render import format_share, palette, render_detections, render_overlay
 
 __all__ = ["DemoServer", "make_server", "render_page"]
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
+REQUEST_TIMEOUT = 20.0  # seconds a socket read may wait for the client
+MAX_CONNECTIONS = 8  # connections served at once; more are answered 503
+_REFUSAL_LINGER = 1.0  # seconds a refused connection may take to read its 503
+_FORMATS_TEXT = ", ".join("WebP" if f == "WEBP" else f for f in READABLE_FORMATS)
 
 _STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2rem auto; max-width: 1100px;
@@ -178,16 +190,32 @@ def _parse_multipart(content_type: str, body: bytes) -> dict[str, tuple[str | No
 
 
 class DemoServer(ThreadingHTTPServer):
-    """The demo's HTTP server; ``server_address`` holds the bound host and port."""
+    """The demo's HTTP server; ``server_address`` holds the bound host and port.
+
+    ``request_timeout``: seconds any socket read waits for the client before the
+    connection is dropped; ``max_connections``: connections served at once (each further
+    one is answered ``503`` and closed); ``max_pixels``: the upload size limit (default:
+    the predictor's ``data.max_image_pixels``, see :func:`~denseclip.data.io.max_image_pixels`).
+    """
 
     daemon_threads = True
+    request_queue_size = 64  # listen backlog: excess connections are accepted and refused
 
     def __init__(self, address: tuple[str, int], predictor: Predictor, max_side: int = 1024,
-                 quiet: bool = False) -> None:
+                 quiet: bool = False, *, request_timeout: float = REQUEST_TIMEOUT,
+                 max_connections: int = MAX_CONNECTIONS, max_pixels: int | None = None) -> None:
+        if request_timeout <= 0 or max_connections < 1:
+            raise ValueError(f"the demo needs a positive timeout and connection count, got "
+                             f"{request_timeout} s and {max_connections}")
         self.predictor = predictor
         self.max_side = max_side
         self.quiet = quiet
+        self.request_timeout = float(request_timeout)
+        self.max_connections = int(max_connections)
+        self.max_pixels = predictor.cfg.data.max_image_pixels if max_pixels is None else max_pixels
         self.lock = threading.Lock()  # one prediction at a time: the model is shared
+        self._active = 0
+        self._changed = threading.Condition()
         super().__init__(address, _Handler)
 
     @property
@@ -195,10 +223,68 @@ class DemoServer(ThreadingHTTPServer):
         host, port = self.server_address[:2]
         return f"http://{host}:{port}/"
 
+    @property
+    def active_connections(self) -> int:
+        """Connections being served now (refused ones not counted)."""
+        with self._changed:
+            return self._active
+
+    def wait_for_connections(self, count: int, timeout: float) -> bool:
+        """Wait until exactly ``count`` connections are being served; False on timeout."""
+        with self._changed:
+            return self._changed.wait_for(lambda: self._active == count, timeout)
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        """Serve the connection if a slot is free, else answer 503 (in its own thread)."""
+        with self._changed:
+            admitted = self._active < self.max_connections
+            if admitted:
+                self._active += 1
+                self._changed.notify_all()
+        if not admitted:
+            self._refuse(request)
+            return
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            with self._changed:
+                self._active -= 1
+                self._changed.notify_all()
+
+    def _refuse(self, request: socket.socket) -> None:
+        body = b"the demo is busy (too many connections); try again in a moment\n"
+        head = ("HTTP/1.0 503 Service Unavailable\r\nContent-Type: text/plain; charset=utf-8"
+                f"\r\nContent-Length: {len(body)}\r\nRetry-After: 1\r\n"
+                "Connection: close\r\n\r\n").encode("ascii")
+        deadline = time.monotonic() + min(_REFUSAL_LINGER, self.request_timeout)
+        try:
+            request.settimeout(min(_REFUSAL_LINGER, self.request_timeout))
+            request.sendall(head + body)
+            request.shutdown(socket.SHUT_WR)
+            # Read what the client sent until it closes (briefly): closing a socket with
+            # unread data resets the connection, which can discard the 503 in transit.
+            while time.monotonic() < deadline and request.recv(65536):
+                pass
+        except OSError:
+            pass
+        finally:
+            self.close_request(request)
+
 
 class _Handler(BaseHTTPRequestHandler):
     server: DemoServer
     server_version = "DenseCLIPDemo/0.1"
+
+    def setup(self) -> None:
+        self.timeout = self.server.request_timeout  # every read on the socket
+        super().setup()
+
+    def handle(self) -> None:
+        try:
+            super().handle()
+        except (ConnectionError, TimeoutError) as e:  # the client went away or stalled
+            self.close_connection = True
+            self.log_message("connection dropped: %s", e)
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - base signature
         if not self.server.quiet:
@@ -227,37 +313,66 @@ class _Handler(BaseHTTPRequestHandler):
         if self.path.split("?", 1)[0] != "/predict":
             self._send(HTTPStatus.NOT_FOUND, "not found\n", "text/plain; charset=utf-8")
             return
-        length = int(self.headers.get("Content-Length") or 0)
-        if length <= 0 or length > MAX_UPLOAD_BYTES:
-            error = ("the upload is empty" if length <= 0 else
-                     f"the upload is larger than {MAX_UPLOAD_BYTES // 2**20} MiB")
+        text = (self.headers.get("Content-Length") or "").strip()
+        status, error = HTTPStatus.BAD_REQUEST, None
+        if not text:
+            status, error = HTTPStatus.LENGTH_REQUIRED, "the request has no Content-Length"
+        elif not re.fullmatch(r"[0-9]{1,20}", text):
+            error = f"the Content-Length {text[:40]!r} is not a number of bytes"
+        elif int(text) == 0:
+            error = "the upload is empty"
+        elif int(text) > MAX_UPLOAD_BYTES:
+            status = HTTPStatus.REQUEST_ENTITY_TOO_LARGE
+            error = f"the upload is larger than {MAX_UPLOAD_BYTES // 2**20} MiB"
+        if error is not None:  # answered before reading the body, which is not read at all
             self.close_connection = True
-            self._send(HTTPStatus.BAD_REQUEST, render_page(predictor, error=error))
+            self._send(status, render_page(predictor, error=error))
             return
-        body = self.rfile.read(length)
+        body = self._read_body(int(text))
+        if body is None:
+            return
         classes = ""
         try:
             fields = _parse_multipart(self.headers.get("Content-Type", ""), body)
             classes = fields.get("classes", (None, b""))[1].decode("utf-8").strip()
-            upload = fields.get("image", (None, b""))[1]
+            filename, upload = fields.get("image", (None, b""))
             if not upload:
                 raise PredictionError("choose an image file to upload")
-            page = self._predict(upload, classes)
+            page = self._predict(upload, classes, filename)
         except (PredictionError, ValueError, OSError) as e:
             self._send(HTTPStatus.BAD_REQUEST, render_page(predictor, classes, error=str(e)))
             return
         self._send(HTTPStatus.OK, page)
 
-    def _predict(self, upload: bytes, classes: str) -> str:
+    def _read_body(self, length: int) -> bytes | None:
+        """The request body, or None (answered 408/400, or the client left) when it does
+        not arrive in full: each read waits at most the server's ``request_timeout``."""
+        try:
+            body = self.rfile.read(length)
+        except TimeoutError:
+            self.close_connection = True
+            self.log_message("upload timed out after %s s without data",
+                             self.server.request_timeout)
+            self._send(HTTPStatus.REQUEST_TIMEOUT, "the upload timed out\n",
+                       "text/plain; charset=utf-8")
+            return None
+        if len(body) < length:
+            self.close_connection = True
+            self._send(HTTPStatus.BAD_REQUEST, "the upload ended early\n",
+                       "text/plain; charset=utf-8")
+            return None
+        return body
+
+    def _predict(self, upload: bytes, classes: str, filename: str | None = None) -> str:
         server = self.server
-        rgb = decode_image(upload)  # as a file is decoded (OpenCV, like mmcv)
-        if rgb is None:  # a format OpenCV cannot read, or not an image: Pillow says which
-            try:
-                with Image.open(io.BytesIO(upload)) as img:
-                    img.load()
-                    rgb = to_rgb(img)
-            except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-                raise PredictionError(f"cannot read the upload as an image: {e}") from None
+        name = _display_name(filename)
+        try:  # as a file is decoded (OpenCV, like mmcv), its size checked from the header
+            rgb = decode_image(upload, server.max_pixels, name)
+        except UnknownImageFormatError:
+            raise PredictionError(
+                f"{name}: not an image this server can read ({_FORMATS_TEXT})") from None
+        except DatasetError as e:  # too large, or a broken file (Pillow says what is wrong)
+            raise PredictionError(str(e)) from None
         note = None
         H, W = rgb.shape[:2]
         if max(H, W) > server.max_side:
@@ -273,8 +388,20 @@ class _Handler(BaseHTTPRequestHandler):
         return render_page(predictor, classes, result, rgb, note=note)
 
 
+def _display_name(filename: str | None) -> str:
+    """The upload's file name as messages show it: its last part, printable, short."""
+    name = re.split(r"[\\/]", filename or "")[-1]
+    name = "".join(c for c in name if c.isprintable())[:80]
+    return name or "the upload"
+
+
 def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860,
-                max_side: int = 1024, quiet: bool = False) -> DemoServer:
+                max_side: int = 1024, quiet: bool = False, *,
+                request_timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
+                max_pixels: int | None = None) -> DemoServer:
     """Bind the demo server (``port=0`` picks a free port); call ``serve_forever()`` on it
-    (e.g. in a thread) and ``shutdown()`` + ``server_close()`` to stop it."""
-    return DemoServer((host, port), predictor, max_side=max_side, quiet=quiet)
+    (e.g. in a thread) and ``shutdown()`` + ``server_close()`` to stop it. See
+    :class:`DemoServer` for the limits."""
+    return DemoServer((host, port), predictor, max_side=max_side, quiet=quiet,
+                      request_timeout=request_timeout, max_connections=max_connections,
+                      max_pixels=max_pixels)

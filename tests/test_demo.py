@@ -13,6 +13,7 @@ import contextlib
 import io
 import re
 import shutil
+import socket
 import threading
 import urllib.error
 import urllib.request
@@ -29,6 +30,7 @@ import denseclip
 from denseclip.cli import demo
 from denseclip.demo import make_server
 from denseclip.inference import Predictor
+from tests.helpers.bombs import png_bomb_bytes
 from tests.helpers.images import random_image
 
 CHROMIUM = "/usr/bin/chromium"
@@ -38,13 +40,14 @@ CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic"
 
 
 @contextlib.contextmanager
-def serving(preset: str):
-    """The demo server for a tiny random model of ``preset`` on a free port, in a thread."""
+def serving(preset: str, **options):
+    """The demo server for a tiny random model of ``preset`` on a free port, in a thread;
+    ``options``: :func:`make_server`'s limits."""
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         predictor = Predictor(preset)
-    srv = make_server(predictor, "127.0.0.1", 0, quiet=True)
+    srv = make_server(predictor, "127.0.0.1", 0, quiet=True, **options)
     thread = threading.Thread(target=srv.serve_forever, daemon=True)
     thread.start()
     try:
@@ -104,7 +107,8 @@ def test_page_and_prediction_over_http(server):
 
 def test_bad_uploads_get_a_message(server):
     status, page = post(server.url, b"definitely not an image", "cat")
-    assert status == 400 and "cannot read the upload as an image" in page
+    assert status == 400 and ("upload.png: not an image this server can read (JPEG, PNG, "
+                              "WebP, BMP, TIFF") in page and "BytesIO" not in page
     status, page = post(server.url, png_bytes(), "cat, a remarkably verbose description")
     assert status == 400 and "at most 3" in page and "id='error'" in page
     status, page = post(server.url, png_bytes(3, 300), "")
@@ -166,3 +170,87 @@ def test_detection_preset_serves_detections():
         result = srv.predictor.predict(random_image(100, 140))
         assert shown == int((result.scores >= 0.3).sum())
         assert page.count("<li>") == len(set(result.labels[result.scores >= 0.3].tolist()))
+
+
+def test_an_oversized_upload_is_refused_undecoded(server):
+    status, page = post(server.url, png_bomb_bytes(), "cat")
+    assert status == 400 and "id='error'" in page
+    assert ("upload.png: 20000x20000 image (400.0 M pixels) exceeds the limit of 89.5 M "
+            "pixels (--max-image-pixels") in page
+    status, page = post(server.url, png_bytes(), "cat")  # the server carries on
+    assert status == 200
+
+
+# ------------------------------------------------------------ misbehaving clients
+def connect(srv, data: bytes = b"", timeout: float = 30.0) -> socket.socket:
+    """A raw connection to ``srv`` that has sent ``data``; reads wait at most ``timeout``."""
+    sock = socket.create_connection(srv.server_address[:2], timeout=timeout)
+    if data:
+        sock.sendall(data)
+    return sock
+
+
+def read_all(sock: socket.socket) -> bytes:
+    """Everything the server sends until it closes the connection (a reset counts as a
+    close); raises TimeoutError if the server keeps it open past the socket's timeout."""
+    chunks = []
+    with sock:
+        while True:
+            try:
+                chunk = sock.recv(65536)
+            except ConnectionResetError:
+                break
+            if not chunk:
+                break
+            chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def headers(length: str | None) -> bytes:
+    lines = ["POST /predict HTTP/1.1", "Host: 127.0.0.1",
+             "Content-Type: multipart/form-data; boundary=x"]
+    if length is not None:
+        lines.append(f"Content-Length: {length}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode()
+
+
+def test_content_length_is_checked_before_reading(server, capsys):
+    for length, status in (("abc", b"400"), ("-5", b"400"), ("1e3", b"400"), (None, b"411"),
+                           (str(10**12), b"413"), ("0", b"400")):
+        # no body is sent: each answer comes without waiting for one
+        answer = read_all(connect(server, headers(length)))
+        assert answer.startswith(b"HTTP/1.0 " + status), (length, answer[:80])
+    assert b"is not a number of bytes" in read_all(connect(server, headers("abc")))
+    assert "Traceback" not in capsys.readouterr().err
+
+
+def test_stalled_connections_are_dropped_after_the_timeout():
+    with serving("tiny_denseclip_res", request_timeout=0.5, max_connections=4) as srv:
+        silent = connect(srv)
+        partial = connect(srv, b"POST /predict HTTP/1.1\r\nContent-Len")
+        no_body = connect(srv, headers("1000"))
+        # each read below would time out (30 s) if the server kept the connection open
+        assert read_all(silent) == b"" and read_all(partial) == b""
+        assert read_all(no_body).startswith(b"HTTP/1.0 408")
+        assert srv.wait_for_connections(0, timeout=30)
+        status, page = post(srv.url, png_bytes(), "cat")
+        assert status == 200 and "id='overlay'" in page
+
+
+def test_excess_connections_get_503_at_once_and_service_resumes():
+    with serving("tiny_denseclip_res", request_timeout=60, max_connections=2) as srv:
+        slow = [connect(srv, b"POST /predict HTTP/1.1\r\n") for _ in range(2)]
+        assert srv.wait_for_connections(2, timeout=30)
+        flood = [connect(srv, headers("1000"), timeout=20) for _ in range(20)]
+        # answered while the slow ones still hold their slots (20 s < their 60 s)
+        answers = [read_all(sock) for sock in flood]
+        assert all(a.startswith(b"HTTP/1.0 503") for a in answers), answers[0][:80]
+        assert srv.active_connections == 2
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(srv.url + "health", timeout=20)
+        assert refused.value.code == 503 and b"busy" in refused.value.read()
+        for sock in slow:  # the slow clients leave: their slots are free again
+            sock.close()
+        assert srv.wait_for_connections(0, timeout=30)
+        status, page = post(srv.url, png_bytes(), "cat")
+        assert status == 200 and "id='overlay'" in page

@@ -8,9 +8,14 @@ import sys
 
 from ..checkpoint import CheckpointError
 from ..config import load_config
-from ..demo import make_server
+from ..demo import MAX_CONNECTIONS, REQUEST_TIMEOUT, make_server
 from ..inference import PredictionError
-from .common import add_precision_argument, predictor_from_args
+from .common import (
+    add_max_pixels_argument,
+    add_precision_argument,
+    max_pixels_overrides,
+    predictor_from_args,
+)
 
 HELP = "serve a local web page to try a model on your own images"
 
@@ -28,14 +33,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add_precision_argument(parser)
     parser.add_argument("--max-side", type=int, default=1024,
                         help="uploads larger than this (pixels, longer side) are reduced")
+    add_max_pixels_argument(parser)
+    parser.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, metavar="SECONDS",
+                        help="drop a connection whose client sends nothing for this long "
+                             f"(default {REQUEST_TIMEOUT:g})")
+    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
+                        help="connections served at once; more are answered 503 "
+                             f"(default {MAX_CONNECTIONS})")
 
 
 def run(args: argparse.Namespace) -> int:
     """``denseclip demo``: serve until interrupted (Ctrl-C); 2 if the model cannot load."""
-    cfg = load_config(args.config, args.overrides)
+    if args.timeout <= 0 or args.max_connections < 1:
+        print(f"denseclip demo: error: --timeout and --max-connections must be positive, got "
+              f"{args.timeout:g} and {args.max_connections}", file=sys.stderr)
+        return 2
+    cfg = load_config(args.config, [*args.overrides, *max_pixels_overrides(args)])
     try:
         predictor = predictor_from_args(args, cfg, "demo", device=args.device)
-        server = make_server(predictor, args.host, args.port, args.max_side)
+        server = make_server(predictor, args.host, args.port, args.max_side,
+                             request_timeout=args.timeout, max_connections=args.max_connections)
     except (CheckpointError, FileNotFoundError, PredictionError, OSError) as e:
         print(f"denseclip demo: error: {e}", file=sys.stderr)
         return 2
