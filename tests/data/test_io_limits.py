@@ -156,7 +156,7 @@ def test_predict_reports_refused_images_and_writes_the_others(tmp_path, capsys):
 
 
 # Run in a fresh interpreter: every reader meets the bomb, and the peak resident memory
-# must not grow by anything like the decoded image (1.2 GB); a 6000x6000 image decoded
+# must not grow by anything like the decoded image (1.2 GB); an 8000x8000 image decoded
 # for real afterwards shows that the measurement sees a decode.
 _MEMORY_SCRIPT = r"""
 import io, json, resource, sys, threading, urllib.error, urllib.request, warnings
@@ -180,7 +180,7 @@ with warnings.catch_warnings():
     predictor = Predictor("tiny_denseclip_res")
 server = make_server(predictor, "127.0.0.1", 0, quiet=True)
 threading.Thread(target=server.serve_forever, daemon=True).start()
-control = png_bomb_bytes(6000, 6000)
+control = png_bomb_bytes(8000, 8000)
 peak = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB
 start = peak()
 refused = []
@@ -202,7 +202,7 @@ except urllib.error.HTTPError as e:
     page, code = e.read().decode(), e.code
 server.shutdown()
 refusing = peak() - start
-decode_image(control, max_pixels=36_000_000)
+decode_image(control, max_pixels=64_000_000)
 print(json.dumps({"refused": refused, "status": status, "code": code, "page": page,
                   "refusing_mib": refusing, "decoding_mib": peak() - start - refusing}))
 """
@@ -222,4 +222,18 @@ def test_refusing_a_bomb_costs_no_memory_anywhere(tmp_path):
     assert result["code"] == 400 and "photo.png: 20000x20000 image (400.0 M pixels)" in (
         result["page"])
     assert result["refusing_mib"] < 100, result  # decoding the bomb would take ~1150 MiB
-    assert result["decoding_mib"] > 150, result  # 6000x6000 decoded: RGB + BGR, ~200 MiB
+    assert result["decoding_mib"] > 150, result  # 8000x8000 decoded: RGB + BGR, ~370 MiB
+
+
+def test_the_option_sets_the_config_key_on_test_and_demo(capsys):
+    from denseclip.cli import build_parser
+    from denseclip.cli import demo as demo_cli
+    from denseclip.cli.common import load_cli_config
+
+    args = build_parser().parse_args(["test", "tiny_denseclip_res", "w.pth",
+                                      "--max-image-pixels", "1_000"])
+    assert load_cli_config(args).data.max_image_pixels == 1000
+    args = build_parser().parse_args(["test", "tiny_denseclip_res", "w.pth"])
+    assert load_cli_config(args).data.max_image_pixels is None  # the default limit
+    args = build_parser().parse_args(["demo", "tiny_denseclip_res", "none", "--timeout", "0"])
+    assert demo_cli.run(args) == 2 and "--timeout" in capsys.readouterr().err
