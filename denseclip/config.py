@@ -272,7 +272,7 @@ class DataConfig:
     group_by_aspect_ratio: bool = True
     # Images and label maps whose header declares more pixels (width x height) are refused
     # before decoding; None: $DENSECLIP_MAX_IMAGE_PIXELS, else 89_478_485 (Pillow's limit).
-    max_image_pixels: int | None = None
+    max_image_pixels: int | None = bounded(None, ge=1)
 
 
 @dataclass

@@ -375,3 +375,11 @@ def test_cli_reports_an_out_of_range_override_in_one_line(capsys):
     err = capsys.readouterr().err.strip()
     assert err.endswith("data.batch_size=0: must be >= 1") and "override" in err
     assert "\n" not in err and "Traceback" not in err
+
+
+def test_max_image_pixels_is_none_or_positive():
+    assert denseclip.load_config("tiny_denseclip_res").data.max_image_pixels is None
+    assert denseclip.load_config("tiny_denseclip_res",
+                                 ["data.max_image_pixels=1000"]).data.max_image_pixels == 1000
+    with pytest.raises(ConfigError, match=r"data.max_image_pixels=0: must be >= 1"):
+        denseclip.load_config("tiny_denseclip_res", ["data.max_image_pixels=0"])
