@@ -10,6 +10,7 @@ key that has no home is an error.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import tempfile
@@ -395,23 +396,93 @@ def _load_fitted(model: nn.Module, renamed: dict[str, torch.Tensor],
 
 
 # ---------------------------------------------------------------------------- writing
+# errno values that mean "the disk (or this process's file-size limit) is full"
+_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
+# The temporary files of :func:`atomic_write`: ``.<name>.<8 random characters>.tmp``.
+TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
+
+
+class DiskFullError(RuntimeError):
+    """Writing a file failed for lack of space (``ENOSPC``/``EDQUOT``) or because the file
+    reached the process's size limit (``EFBIG``); the file it would have replaced is intact."""
+
+
+class _RecordingWriter:
+    """A binary file that remembers the ``OSError`` of a failed ``write``: ``torch.save``
+    replaces it with an unhelpful ``enforce fail ... unexpected pos``."""
+
+    def __init__(self, file) -> None:
+        self.file = file
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.file.flush()
+
+
+def _nbytes(obj: Any) -> int:
+    """Bytes of the tensors in a nested payload (what a checkpoint of it needs, roughly)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_nbytes(v) for v in obj)
+    return 0
+
+
+def atomic_write(path: str | Path, write, size_hint: int = 0, by_name: bool = False) -> Path:
+    """Write ``path`` through a temporary ``.<name>.XXXXXXXX.tmp`` in its directory, flushed
+    to disk, then renamed over ``path``: a reader sees the old file or the new one, never
+    half of one. ``write`` receives a binary file open on the temporary (or, ``by_name``,
+    its path). On any failure the temporary is removed; a full disk raises
+    :class:`DiskFullError` naming ``path`` and ``size_hint`` (bytes needed, if known)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    writer = None
+    try:
+        if by_name:
+            os.close(fd)
+            write(Path(tmp))
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+        else:
+            with os.fdopen(fd, "wb") as f:
+                writer = _RecordingWriter(f)
+                write(writer)
+                f.flush()
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException as e:
+        Path(tmp).unlink(missing_ok=True)
+        cause = e if isinstance(e, OSError) else getattr(writer, "error", None)
+        if isinstance(cause, OSError) and cause.errno in _FULL:
+            raise DiskFullError(_full_message(path, size_hint, cause.errno)) from None
+        raise
+    return path
+
+
+def _full_message(path: Path, size_hint: int, code: int) -> str:
+    needed = f" ({max(1, round(size_hint / 2**20))} MB needed)" if size_hint else ""
+    limit = "; the file-size limit (ulimit -f) was reached" if code == errno.EFBIG else ""
+    return (f"no space left on device writing {path}{needed}{limit}; the existing files are "
+            f"untouched")
+
+
 def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
-    """Write ``{"format": "denseclip", "model": state_dict, **extra}`` atomically: to a
-    temporary file in the same directory, flushed to disk, then renamed over ``path``."""
+    """Write ``{"format": "denseclip", "model": state_dict, **extra}`` atomically
+    (:func:`atomic_write`: a temporary file in the same directory, flushed to disk, then
+    renamed over ``path``); a full disk raises :class:`DiskFullError`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "model": unwrap_model(model).state_dict(), **extra}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return atomic_write(path, lambda f: torch.save(payload, f), _nbytes(payload))
 
 
 # ---------------------------------------------------------------------------- text tower only

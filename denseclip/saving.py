@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
+from .checkpoint import atomic_write
 from .classes import BUNDLED, load_class_names
 from .config import Config, save_config
 from .utils import unwrap_model
@@ -34,15 +33,9 @@ LICENCE = ("MIT for the code (denseclip). The weights carry the terms of the wei
 
 
 def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same directory, then rename it over ``path``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """``write(tmp_path)`` on a temporary file in the same directory, then rename it over
+    ``path`` (:func:`~denseclip.checkpoint.atomic_write`, with its full-disk message)."""
+    atomic_write(path, write, by_name=True)
 
 
 def _read_metrics(metrics: Mapping[str, Any] | str | Path | None) -> dict[str, float]:
