@@ -320,6 +320,9 @@ class ScheduleConfig:
     checkpoint_interval: int = bounded(8000, ge=1)  # and at the end
     eval_interval: int = bounded(8000, ge=0)  # 0: no validation during training
     log_interval: int = bounded(50, ge=1)
+    # Keep only the newest N ``iter_*.pth`` of the work dir (0: keep all); ``best.pth`` and
+    # ``latest.pth`` are never deleted. May change on resume.
+    keep_checkpoints: int = bounded(0, ge=0)
 
 
 @dataclass

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 from ..config import load_config
 from ..data.synthetic import make_synthetic_dataset
 from ..engine.dist import DistEnv, cleanup, init_distributed
+from ..engine.guard import TrainingStopped
 from ..engine.trainer import test, train
 from ..runtime import PRECISIONS
 from .common import (
@@ -21,15 +23,22 @@ from .common import (
 )
 
 TRAIN_HELP = "train a model (single process, or many under torchrun)"
+TRAIN_EPILOG = ("SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop training after the current iteration "
+                "with a checkpoint; the exit status is then 128 + the signal's number (143, "
+                "130, 138) and --resume continues exactly where it stopped. A work dir takes "
+                "one training at a time.")
 TEST_HELP = "evaluate a checkpoint on the validation split"
 QUICKSTART_HELP = "generate synthetic data, train a tiny DenseCLIP on CPU, evaluate"
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = TRAIN_EPILOG
     add_config_arguments(parser)
     parser.add_argument("--work-dir", help="checkpoints and logs (default: work_dirs/<config>)")
     parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in the work dir")
+                        help="continue from the newest checkpoint in the work dir; overrides "
+                             "may change only the schedule's length and intervals, "
+                             "evaluation, logging and data.num_workers")
     parser.add_argument("--load-from", metavar="CKPT",
                         help="initialise weights only: OpenAI CLIP (RN50.pt, or the name "
                              "RN50), an ImageNet torchvision/timm state dict, a release or "
@@ -52,6 +61,10 @@ def run_train(args: argparse.Namespace) -> int:
     try:
         metrics = train(cfg, work_dir, resume=args.resume, load_from=load_from, env=env,
                         progress=not args.no_progress, text_weights=text_weights)
+    except TrainingStopped as e:
+        if env.is_main:
+            print(f"denseclip train: {e}", file=sys.stderr)
+        return e.exit_code
     finally:
         cleanup()
     if metrics and env.is_main:

@@ -6,6 +6,11 @@ Order of one step: draw a batch → forward under autocast → (non-finite check
 optimiser step → scheduler step. Checkpoints are written atomically every
 ``schedule.checkpoint_interval`` iterations and at the end; ``resume`` continues from the
 newest one in the work dir with the same data stream, RNG states and optimiser state.
+
+The guards of :mod:`.guard` surround a run: one training per work dir (a lock), stale
+temporaries of interrupted writes removed, a graceful stop with a checkpoint on SIGTERM /
+SIGINT / SIGUSR1, ``schedule.keep_checkpoints`` retention, and only harmless settings
+changed on resume.
 """
 
 from __future__ import annotations
@@ -14,9 +19,8 @@ import json
 import logging
 import math
 import random
-import re
 import time
-from contextlib import nullcontext
+from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -35,17 +39,23 @@ from ..checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from ..config import Config, config_from_dict, save_config
+from ..config import Config, ConfigError, config_from_dict, save_config
 from ..data.samplers import build_train_loader
 from ..models import build_model
 from ..runtime import prepare_model, run_mode
 from ..utils import unwrap_model
 from .dist import DistEnv, barrier, init_distributed
+from .guard import (
+    CKPT_PATTERN,
+    GracefulStop,
+    TrainingStopped,
+    lock_work_dir,
+    prune_checkpoints,
+    remove_stale_temporaries,
+    resume_config,
+)
 from .optim import build_optimizer, build_scheduler, freeze_text_encoder
 from .tasks import make_task
-
-CKPT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
-
 
 _log = logging.getLogger(__name__)
 
@@ -143,23 +153,48 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     accepts (OpenAI CLIP, ImageNet torchvision/timm state dicts, releases, ours);
     ``text_weights`` then loads only the text tower from an OpenAI CLIP file
     (:func:`load_text_weights`), for backbones that are not CLIP's. Neither applies when
-    resuming, whose checkpoint holds every weight."""
+    resuming, whose checkpoint holds every weight; a resumed run may change only the
+    settings of :data:`~.guard.RESUMABLE` (``cfg`` against the checkpoint's config).
+
+    Only one training runs in a work dir at a time (``WorkDirBusyError`` otherwise).
+    SIGTERM, SIGINT and SIGUSR1 stop the run after the current iteration with a checkpoint
+    and raise :class:`~.guard.TrainingStopped`; the previous handlers are restored after."""
     env = env or init_distributed()
     work_dir = Path(work_dir)
+    if cfg.schedule.max_epochs <= 0 and cfg.schedule.max_iters < 1:
+        raise ConfigError(f"schedule.max_iters must be at least 1, got "
+                          f"{cfg.schedule.max_iters}")
     if env.is_main:
         work_dir.mkdir(parents=True, exist_ok=True)
     barrier()
+    with ExitStack() as stack:
+        stack.enter_context(lock_work_dir(work_dir, env))
+        if env.is_main:
+            removed = remove_stale_temporaries(work_dir)
+            if removed:
+                _log.info("removed %d temporary file(s) of interrupted checkpoint writes: %s",
+                          len(removed), ", ".join(p.name for p in removed))
+        stop = stack.enter_context(GracefulStop(announce=env.is_main))
+        return _train(cfg, work_dir, resume, load_from, env, progress, text_weights, stop)
 
+
+def _train(cfg: Config, work_dir: Path, resume: bool, load_from: str | None, env: DistEnv,
+           progress: bool, text_weights: str | None, stop: GracefulStop) -> dict[str, Any]:
+    log = _log.info if env.is_main else (lambda *a, **k: None)
     start_ckpt = newest_checkpoint(work_dir) if resume else None
+    if resume and start_ckpt is None:
+        log(f"no checkpoint to resume from in {work_dir}: starting at iteration 0")
     state: dict[str, Any] = {}
     if start_ckpt is not None:
         state = read_checkpoint(start_ckpt)
         if "config" in state:
-            cfg = config_from_dict(state["config"], str(start_ckpt))
+            saved = config_from_dict(state["config"], str(start_ckpt))
+            cfg, applied = resume_config(saved, cfg, str(start_ckpt))
+            if applied:
+                log("resuming with changed settings: " + ", ".join(applied))
 
     seed_everything(cfg.seed + env.rank)
     model = build_model(cfg).train()  # a model that cannot train says so before any data
-    log = _log.info if env.is_main else (lambda *a, **k: None)
     text_loaded = False
     if load_from and start_ckpt is None:
         report = load_checkpoint(model, load_from)
@@ -181,6 +216,16 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     ipe = iterations_per_epoch(len(train_set), cfg, env.world_size, group_flags)
     if cfg.schedule.max_epochs > 0:
         cfg.schedule.max_iters = cfg.schedule.max_epochs * ipe
+    if start_ckpt is not None:
+        done, max_iters = int(state["iteration"]), cfg.schedule.max_iters
+        if done > max_iters:
+            raise ConfigError(f"{start_ckpt} is at iteration {done}, beyond schedule.max_iters "
+                              f"{max_iters}: resume with schedule.max_iters >= {done}")
+        if done == max_iters:
+            log(f"{start_ckpt} is at iteration {done} = schedule.max_iters: training is "
+                f"already complete, nothing to do (set a larger schedule.max_iters to train "
+                f"longer)")
+            return {}
 
     prepare_model(model.to(env.device), cfg.kernels)
     if env.distributed and env.device.type == "cuda":  # SyncBatchNorm needs CUDA
@@ -266,6 +311,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
                 scaler.update()
             scheduler.step()
             step = it + 1
+            saved = None
             bar.update(1)
             if step % cfg.schedule.log_interval == 0 or step == max_iters:
                 now = time.perf_counter()
@@ -275,11 +321,13 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
                 tick = now
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
                 logger.log(step, "train", values)
-            if step % cfg.schedule.checkpoint_interval == 0 or step == max_iters:
-                _save(work_dir / f"iter_{step}.pth", model, optimizer, scheduler, scaler,
-                      step, cfg, env, meta)
-            if val_set is not None and (step % cfg.schedule.eval_interval == 0
-                                        or step == max_iters):
+            # every rank polls at the same points, so that all stop at the same step
+            signum = stop.poll(env)
+            if signum or step % cfg.schedule.checkpoint_interval == 0 or step == max_iters:
+                saved = _save(work_dir / f"iter_{step}.pth", model, optimizer, scheduler,
+                              scaler, step, cfg, env, meta)
+            if not signum and val_set is not None and (step % cfg.schedule.eval_interval == 0
+                                                       or step == max_iters):
                 with run_mode("fp32", cfg.kernels, env.device):  # comparable across runs
                     last_metrics = task.evaluate(model, val_set, env, progress=progress)
                 summary = {k: last_metrics[k] for k in task.summary_keys}
@@ -287,6 +335,12 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
                                                        summary.items()))
                 logger.log(step, "val", summary)
                 model.train()
+                signum = stop.poll(env)  # a signal during a long evaluation
+            if signum:
+                if saved is None:
+                    saved = _save(work_dir / f"iter_{step}.pth", model, optimizer, scheduler,
+                                  scaler, step, cfg, env, meta)
+                raise TrainingStopped(signum, saved, step)
     finally:
         bar.close()
         logger.close()
@@ -303,8 +357,9 @@ def _train_loader(cfg: Config, dataset, env: DistEnv, start_iter: int, collate,
 
 
 def _save(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: Config,
-          env: DistEnv, meta: dict[str, Any]) -> None:
-    """Gather every rank's RNG state, then write the checkpoint from the main process."""
+          env: DistEnv, meta: dict[str, Any]) -> Path:
+    """Gather every rank's RNG state, then write the checkpoint from the main process and
+    apply ``schedule.keep_checkpoints``; returns ``path``."""
     states = [rng_state()]
     if env.distributed:
         states = [None] * env.world_size
@@ -313,7 +368,9 @@ def _save(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: Confi
         save_checkpoint(path, unwrap_model(model), optimizer=optimizer.state_dict(),
                         scheduler=scheduler.state_dict(), scaler=scaler.state_dict(),
                         iteration=step, rng=states, config=cfg.to_dict(), **meta)
+        prune_checkpoints(path.parent, cfg.schedule.keep_checkpoints)
     barrier()
+    return path
 
 
 def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,

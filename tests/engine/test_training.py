@@ -1,4 +1,4 @@
-"""Training engine end to end through the real CLI: resume after kill -9, non-finite
+"""Training engine end to end through the real CLI: resume after kill -9 or SIGTERM, non-finite
 losses, torchrun with two processes (gloo), evaluation sharding and the learning-rate
 schedule."""
 
@@ -24,6 +24,7 @@ from denseclip.data import make_synthetic_dataset
 from denseclip.engine import trainer
 from denseclip.engine.dist import DistEnv
 from denseclip.engine.optim import build_optimizer, build_scheduler, param_groups, poly_lr
+from denseclip.engine.trainer import newest_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -48,18 +49,51 @@ def model_state(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path)["model"]
 
 
-def test_kill_9_then_resume_ends_with_the_same_weights(tmp_path, data_root):
-    common = overrides(data_root, "schedule.max_iters=8", "schedule.checkpoint_interval=2",
+def train_losses(work: Path) -> dict[int, dict[str, float]]:
+    """Each iteration's logged training values, without the timing."""
+    lines = [json.loads(x) for x in (work / "metrics.jsonl").read_text().splitlines()]
+    return {x["iter"]: {k: v for k, v in x.items() if k != "sec_per_iter"} for x in lines}
+
+
+def wait_for_iteration(work: Path, proc: subprocess.Popen, iteration: int) -> None:
+    """Block until the training in ``proc`` has logged ``iteration`` (log_interval=1)."""
+    deadline = time.monotonic() + 240
+    while not ((work / "metrics.jsonl").exists() and
+               max(train_losses(work), default=0) >= iteration):
+        assert proc.poll() is None, "training ended before it could be stopped"
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+def test_kill_9_or_sigterm_then_resume_ends_with_the_same_weights(tmp_path, data_root):
+    common = overrides(data_root, "schedule.max_iters=12", "schedule.checkpoint_interval=4",
                        "schedule.eval_interval=0")
     ref = cli("train", "tiny_denseclip_res", "--work-dir", str(tmp_path / "ref"),
               "--no-progress", *common)
     assert ref.returncode == 0, ref.stderr
+    expected = model_state(tmp_path / "ref/iter_12.pth")
 
+    def popen(work: Path, **kw) -> subprocess.Popen:
+        return subprocess.Popen(
+            [sys.executable, "-m", "denseclip", "train", "tiny_denseclip_res", "--work-dir",
+             str(work), "--no-progress", *common], env=ENV, stdout=subprocess.DEVNULL, **kw)
+
+    def resume_and_compare(work: Path) -> None:
+        resumed = cli("train", "tiny_denseclip_res", "--work-dir", str(work), "--resume",
+                      "--no-progress", *common)
+        assert resumed.returncode == 0, resumed.stderr
+        assert "resumed from" in resumed.stdout
+        final = model_state(work / "iter_12.pth")
+        assert final.keys() == expected.keys()
+        for key in expected:
+            assert torch.equal(final[key], expected[key]), key
+        # The optimiser state continued too.
+        state = read_checkpoint(work / "iter_12.pth")
+        assert state["iteration"] == 12 and state["scheduler"]["last_epoch"] == 12
+
+    # kill -9: nothing can be saved; the last periodic checkpoint is the way back
     work = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "denseclip", "train", "tiny_denseclip_res", "--work-dir",
-         str(work), "--no-progress", *common],
-        env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = popen(work, stderr=subprocess.DEVNULL)
     deadline = time.monotonic() + 240
     while not (work / "iter_4.pth").exists():  # wait for the event, then kill
         assert proc.poll() is None, "training ended before it could be killed"
@@ -68,20 +102,31 @@ def test_kill_9_then_resume_ends_with_the_same_weights(tmp_path, data_root):
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL
-    assert not (work / "iter_8.pth").exists()
+    assert not (work / "iter_12.pth").exists()
     assert not list(work.glob(".*.tmp"))  # no half-written checkpoint left visible
+    resume_and_compare(work)
 
-    resumed = cli("train", "tiny_denseclip_res", "--work-dir", str(work), "--resume",
-                  "--no-progress", *common)
-    assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
-    final, expected = model_state(work / "iter_8.pth"), model_state(tmp_path / "ref/iter_8.pth")
-    assert final.keys() == expected.keys()
-    for key in expected:
-        assert torch.equal(final[key], expected[key]), key
-    # The optimiser state continued too.
-    state = read_checkpoint(work / "iter_8.pth")
-    assert state["iteration"] == 8 and state["scheduler"]["last_epoch"] == 8
+    # SIGTERM: the current iteration ends, a checkpoint of it is written, exit 143
+    work = tmp_path / "stopped"
+    proc = popen(work, stderr=subprocess.PIPE, text=True)
+    wait_for_iteration(work, proc, 2)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err
+    stopped_at = max(train_losses(work))
+    assert 2 <= stopped_at < 12, "the signal arrived after the run ended"
+    ckpt = work / f"iter_{stopped_at}.pth"
+    assert f"stopped by SIGTERM after iteration {stopped_at}: checkpoint {ckpt}" in err
+    assert read_checkpoint(ckpt)["iteration"] == stopped_at
+    assert newest_checkpoint(work) == ckpt
+    # an interrupted write's temporary is cleaned up on the next start; others are not ours
+    (work / ".iter_16.pth.x1y2z3_4.tmp").write_bytes(b"half a checkpoint")
+    (work / "notes.tmp").write_text("mine")
+    resume_and_compare(work)
+    assert not (work / ".iter_16.pth.x1y2z3_4.tmp").exists() and (work / "notes.tmp").exists()
+    # every iteration logged once, with the uninterrupted run's values
+    assert train_losses(work) == train_losses(tmp_path / "ref")
 
 
 def test_non_finite_loss_stops_with_a_message_and_keeps_the_last_checkpoint(tmp_path,
