@@ -461,11 +461,19 @@ def atomic_write(path: str | Path, write, size_hint: int = 0, by_name: bool = Fa
         os.replace(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        cause = e if isinstance(e, OSError) else getattr(writer, "error", None)
-        if isinstance(cause, OSError) and cause.errno in _FULL:
-            raise DiskFullError(_full_message(path, size_hint, cause.errno)) from None
+        code = _errno_of(e if isinstance(e, OSError) else getattr(writer, "error", None) or e)
+        if code in _FULL:
+            raise DiskFullError(_full_message(path, size_hint, code)) from None
         raise
     return path
+
+
+def _errno_of(error: BaseException) -> int | None:
+    """An OSError's errno, or the one a Rust writer (safetensors) names as "(os error N)"."""
+    if isinstance(error, OSError):
+        return error.errno
+    m = re.search(r"\(os error (\d+)\)", str(error))
+    return int(m[1]) if m else None
 
 
 def _full_message(path: Path, size_hint: int, code: int) -> str:

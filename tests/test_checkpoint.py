@@ -194,3 +194,84 @@ def test_files_that_are_not_checkpoints(tmp_path):
         pickle.dump({"model": NotAWeight()}, f)
     with pytest.raises(CheckpointError, match="weights_only=False"):
         denseclip.load_checkpoint(model, tmp_path / "object.pth")
+
+
+# ---------------------------------------------------------------------------- a full disk
+# Saves a checkpoint, then one too large for the disk; prints the error, what the file
+# holds afterwards and the directory's contents (a private tmpfs is not visible outside).
+FULL_DISK_SCRIPT = """
+import os, sys
+from torch import nn
+from denseclip.checkpoint import DiskFullError, read_checkpoint, save_checkpoint
+path = sys.argv[1]
+save_checkpoint(path, nn.Linear(4, 4), iteration=1)
+try:
+    save_checkpoint(path, nn.Linear(1024, 1024), iteration=2)  # 4 MB
+except DiskFullError as e:
+    print(e)
+print(read_checkpoint(path)["iteration"])
+print(sorted(os.listdir(os.path.dirname(path))))
+"""
+
+
+def _check_full_disk_run(run, path: Path) -> str:
+    assert run.returncode == 0, run.stderr
+    message, iteration, files = run.stdout.strip().splitlines()
+    assert message.startswith(f"no space left on device writing {path} (4 MB needed")
+    assert iteration == "1"  # the previous checkpoint is intact
+    assert files == "['ckpt.pth']"  # and no temporary is left behind
+    return message
+
+
+def test_a_file_size_limit_while_saving_is_reported_as_a_full_disk(tmp_path):
+    import resource
+    import signal
+    import subprocess
+    import sys
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # writes past the limit fail: EFBIG
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+
+    path = tmp_path / "ckpt.pth"
+    run = subprocess.run([sys.executable, "-c", FULL_DISK_SCRIPT, str(path)],
+                         capture_output=True, text=True, timeout=120, preexec_fn=limit)
+    assert "file-size limit" in _check_full_disk_run(run, path)
+
+
+def test_a_full_filesystem_while_saving_is_reported(tmp_path):
+    """ENOSPC for real: a 1 MB tmpfs mounted in a private user and mount namespace."""
+    import shutil
+    import subprocess
+    import sys
+
+    if shutil.which("unshare") is None or subprocess.run(
+            ["unshare", "-rm", "true"], capture_output=True).returncode != 0:
+        pytest.skip("unprivileged mount namespaces are not available here")
+    mnt = tmp_path / "mnt"
+    mnt.mkdir()
+    run = subprocess.run(
+        ["unshare", "-rm", "sh", "-c", 'mount -t tmpfs -o size=1m tmpfs "$1" && exec "$2" -c '
+         '"$3" "$1/ckpt.pth"', "sh", str(mnt), sys.executable, FULL_DISK_SCRIPT],
+        capture_output=True, text=True, timeout=120)
+    if "mount" in run.stderr and run.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {run.stderr.strip()}")
+    assert "file-size limit" not in _check_full_disk_run(run, mnt / "ckpt.pth")
+
+
+def test_save_pretrained_reports_a_full_disk_in_the_same_words(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    script = ("import sys\nimport denseclip\nmodel = denseclip.build_model("
+              "denseclip.load_config('tiny_denseclip_res'))\n"
+              "try:\n    model.save_pretrained(sys.argv[1])\n"
+              "except denseclip.checkpoint.DiskFullError as e:\n    print(e)\n")
+    out = tmp_path / "saved"
+    run = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
+                         text=True, timeout=120, preexec_fn=lambda: resource.setrlimit(
+                             resource.RLIMIT_FSIZE, (2**20, 2**20)))
+    assert run.returncode == 0, run.stderr
+    assert run.stdout.startswith(f"no space left on device writing {out / 'model.safetensors'}")
+    assert [p.name for p in out.iterdir()] == []  # no temporary left behind

@@ -118,6 +118,13 @@ def _holder(text: str) -> str:
         return "holder unknown"
 
 
+def _command() -> str:
+    """This process's command line, shortened (``python -m denseclip`` shows as denseclip)."""
+    prog = Path(sys.argv[0]) if sys.argv and sys.argv[0] else Path("python")
+    name = prog.parent.name if prog.name == "__main__.py" else prog.name
+    return " ".join([name, *sys.argv[1:]])[:300]
+
+
 @contextmanager
 def lock_work_dir(work_dir: Path, env: DistEnv) -> Iterator[None]:
     """Hold an exclusive ``flock`` on ``work_dir/.lock`` (taken by the main process, the
@@ -141,7 +148,7 @@ def lock_work_dir(work_dir: Path, env: DistEnv) -> Iterator[None]:
             handle.seek(0)
             handle.truncate()
             handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                     "command": " ".join(sys.argv)[:300]}))
+                                     "command": _command()}))
             handle.flush()
     error = broadcast_object(error) if env.distributed else error
     if error:
