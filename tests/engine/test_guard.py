@@ -173,9 +173,12 @@ def test_resume_config_derives_max_iters_from_epochs():
 
 
 def test_max_iters_below_one_is_refused(tmp_path, data_root):
+    with pytest.raises(ConfigError, match=r"schedule.max_iters=-5: must be >= 1"):
+        config(data_root, "schedule.max_iters=-5")  # when the config loads
+    cfg = config(data_root)
+    cfg.schedule.max_iters = -5  # a config changed in code after loading: train() says so
     with pytest.raises(ConfigError, match="schedule.max_iters must be at least 1, got -5"):
-        trainer.train(config(data_root, "schedule.max_iters=-5"), tmp_path / "neg",
-                      env=DistEnv(), progress=False)
+        trainer.train(cfg, tmp_path / "neg", env=DistEnv(), progress=False)
     assert not (tmp_path / "neg").exists()
 
 
