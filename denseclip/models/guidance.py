@@ -139,8 +139,10 @@ class TextGuidance(nn.Module):
     ``prompting="pre"``: a :class:`PromptGenerator` turns the visual context into
     per-image contexts for the text encoder.
 
-    The text encoder is frozen (``requires_grad_(False)``); gradients still flow through
-    it to the contexts. Its weights are CLIP's, so it is not re-initialised.
+    The text encoder's weights are CLIP's, so it is not re-initialised. It trains with the
+    rest of the model unless ``optim.freeze_text_encoder`` is set (the presets give it a
+    learning-rate multiplier of 0, as the official runs do); frozen or not, gradients flow
+    through it to the contexts.
     """
 
     def __init__(self, text_encoder: CLIPTextEncoder, class_names: Sequence[str],
