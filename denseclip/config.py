@@ -33,7 +33,6 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 # The allowed values of each choice field (checked when a config loads).
 Task = Literal["segmentation", "retinanet", "mask_rcnn"]
-BackboneType = Literal["resnet", "vit", "torchvision", "timm"]
 PosEmbed = Literal["interpolate", "crop"]
 Prompting = Literal["post", "pre"]
 LossAverage = Literal["all", "valid"]
@@ -124,10 +123,11 @@ class BackboneConfig:
     """The visual backbone: a CLIP visual tower (DESIGN §2), or an ImageNet feature pyramid
     (torchvision or timm) under a new attention pool."""
 
-    # "resnet" (CLIP ModifiedResNet), "vit" (CLIP ViT), "torchvision" (a ResNet or Swin
-    # builder of torchvision.models, named by ``name``) or "timm" (any timm model with
-    # ``features_only``, named by ``name``).
-    type: BackboneType = "resnet"
+    # A registered backbone (denseclip.models.register_backbone; checked when the model is
+    # built): "resnet" (CLIP ModifiedResNet), "vit" (CLIP ViT), "torchvision" (a ResNet or
+    # Swin builder of torchvision.models, named by ``name``), "timm" (any timm model with
+    # ``features_only``, named by ``name``), or one registered by other code.
+    type: str = "resnet"
     # torchvision / timm only: the builder's name (``resnet50``, ``swin_t``,
     # ``convnext_tiny`` ...) and keyword arguments passed to it.
     name: str = ""
@@ -233,6 +233,9 @@ class ModelConfig:
     text: TextConfig = field(default_factory=TextConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
     neck_channels: int = bounded(256, ge=1)
+    # Segmentation head: a registered name (denseclip.models.register_head; checked when
+    # the model is built), "semantic_fpn" by default. The detectors have their own heads.
+    head: str = "semantic_fpn"
     head_channels: int = bounded(256, ge=1)
     head_dropout: float = bounded(0.1, ge=0, lt=1)
     ignore_index: int = bounded(255, ge=0, le=255)  # label PNGs hold 0..255

@@ -181,7 +181,6 @@ def test_unknown_preset_is_a_config_error():
 CHOICES = {
     "model.task": ("segmentation", "retinanet", "mask_rcnn"),
     "model.loss_average": ("all", "valid"),
-    "model.backbone.type": ("resnet", "vit", "torchvision", "timm"),
     "model.backbone.pos_embed": ("interpolate", "crop"),
     "model.backbone.drop_path_mode": ("token", "sample"),
     "model.backbone.act": ("quick_gelu", "gelu"),

@@ -1,6 +1,7 @@
 """DenseCLIP models: the CLIP towers, the text guidance shared by every task (with the one
 fusion step, :meth:`GuidedModel.forward_features`), the segmentor and the detectors, and the
-builder that maps a config's task to its model."""
+builder that maps a config's task to its model. New backbones and segmentation heads are
+registered with :func:`register_backbone` and :func:`register_head` (see :mod:`.registry`)."""
 
 from .build import build_backbone, build_detector, build_guidance, build_model, build_segmentor
 from .clip_resnet import CLIPResNet
@@ -15,14 +16,23 @@ from .guidance import (
     TextGuidance,
     fuse,
 )
+from .registry import (
+    BACKBONES,
+    HEADS,
+    Backbone,
+    Registry,
+    register_backbone,
+    register_head,
+)
 from .segmentor import Segmentor
-from .text_encoder import CLIPTextEncoder, tokenize
+from .text_encoder import CLIPTextEncoder, build_text_encoder, tokenize
 from .zeroshot import PROMPT_TEMPLATES, ZeroShotSegmentor, build_zeroshot_segmentor
 
 __all__ = [
-    "CLIPMaskRCNN", "CLIPResNet", "CLIPRetinaNet", "CLIPTextEncoder", "CLIPViT",
-    "ContextDecoder", "DenseFeatures", "GuidanceOutput", "GuidedModel", "PROMPT_TEMPLATES",
-    "PromptGenerator", "Segmentor", "TextGuidance", "ZeroShotSegmentor", "build_backbone",
-    "build_detector", "build_guidance", "build_model", "build_segmentor",
-    "build_zeroshot_segmentor", "fuse", "tokenize",
+    "BACKBONES", "HEADS", "Backbone", "CLIPMaskRCNN", "CLIPResNet", "CLIPRetinaNet",
+    "CLIPTextEncoder", "CLIPViT", "ContextDecoder", "DenseFeatures", "GuidanceOutput",
+    "GuidedModel", "PROMPT_TEMPLATES", "PromptGenerator", "Registry", "Segmentor",
+    "TextGuidance", "ZeroShotSegmentor", "build_backbone", "build_detector", "build_guidance",
+    "build_model", "build_segmentor", "build_text_encoder", "build_zeroshot_segmentor", "fuse",
+    "register_backbone", "register_head", "tokenize",
 ]

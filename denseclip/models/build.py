@@ -8,56 +8,29 @@ from torch import nn
 
 from ..checkpoint import load_checkpoint
 from ..classes import load_class_names
-from ..config import CLIP_MEAN, CLIP_STD, BackboneConfig, Config, ConfigError, ModelConfig
-from .clip_resnet import CLIPResNet
-from .clip_vit import CLIPViT
+from ..config import CLIP_MEAN, CLIP_STD, Config, ConfigError, ModelConfig
+from .backbones import build_backbone
 from .detection import DETECTION_TASKS, CLIPMaskRCNN, CLIPRetinaNet
+from .fpn import FPN
 from .guidance import TextGuidance
-from .imagenet import ImageNetBackbone, TimmBody, torchvision_body
-from .segmentor import Segmentor
-from .text_encoder import CLIPTextEncoder
+from .registry import HEADS
+from .segmentor import Segmentor, fused_channels
+from .text_encoder import build_text_encoder
 from .zeroshot import build_zeroshot_segmentor
 
+__all__ = ["build_backbone", "build_detector", "build_guidance", "build_model", "build_segmentor"]
 
-def build_backbone(cfg: BackboneConfig, embeddings: bool | None = None,
-                   levels: tuple[int, ...] = (0, 1, 2, 3)) -> nn.Module:
-    """The visual backbone exposing ``out_channels`` and ``embed_dim``: a CLIP tower, or an
-    ImageNet pyramid (torchvision / timm) under a new attention pool. ``levels`` are the
-    pyramid levels the model reads (a CLIP ViT builds only those; the others compute every
-    stage on the way to the last anyway)."""
-    embeddings = cfg.embeddings if embeddings is None else embeddings
-    if cfg.type == "resnet":
-        if len(cfg.layers) != 4:
-            raise ConfigError(f"model.backbone.layers: a ResNet needs 4 stages, got {cfg.layers}")
-        return CLIPResNet(cfg.layers, cfg.width, cfg.heads, cfg.embed_dim,
-                          cfg.input_resolution, embeddings, cfg.pos_embed)
-    if cfg.type == "vit":
-        if len(cfg.layers) != 1:
-            raise ConfigError(f"model.backbone.layers: a ViT takes [depth], got {cfg.layers}")
-        return CLIPViT(cfg.width, cfg.layers[0], cfg.heads, cfg.patch_size, cfg.embed_dim,
-                       cfg.input_resolution, cfg.out_indices, cfg.drop_path_rate, embeddings,
-                       cfg.class_embedding_quirk, cfg.pos_embed, cfg.drop_path_mode, levels,
-                       cfg.act)
-    if cfg.type in ("torchvision", "timm"):
-        if not cfg.name:
-            raise ConfigError(f"model.backbone.name: a {cfg.type} backbone needs the model's "
-                              f"name (e.g. resnet50, swin_t)")
-        body = (torchvision_body(cfg.name, cfg.kwargs, levels) if cfg.type == "torchvision"
-                else TimmBody(cfg.name, cfg.kwargs, cfg.feature_indices))
-        return ImageNetBackbone(body, cfg.embed_dim, cfg.heads, cfg.input_resolution,
-                                embeddings, cfg.pos_embed)
-    raise ConfigError(f"model.backbone.type must be one of resnet, vit, torchvision, timm; "
-                      f"got {cfg.type!r}")
+DEFAULT_HEAD = ModelConfig.head  # "semantic_fpn"; the detectors have their own heads
 
 
 def build_guidance(cfg: ModelConfig, class_names: list[str]) -> TextGuidance:
     """The text encoder and guidance module for ``class_names``."""
     g, t = cfg.guidance, cfg.text
-    text_encoder = CLIPTextEncoder(t.context_length, t.vocab_size, t.width, t.layers, t.heads,
-                                   cfg.backbone.embed_dim, t.act)
-    return TextGuidance(text_encoder, class_names, cfg.backbone.embed_dim, t.n_ctx, g.prompting,
-                        g.decoder_width, g.decoder_heads, g.decoder_layers, g.decoder_dropout,
-                        g.gamma_init, g.tau)
+    return TextGuidance(build_text_encoder(t, cfg.backbone.embed_dim), class_names,
+                        embed_dim=cfg.backbone.embed_dim, n_ctx=t.n_ctx, prompting=g.prompting,
+                        decoder_width=g.decoder_width, decoder_heads=g.decoder_heads,
+                        decoder_layers=g.decoder_layers, decoder_dropout=g.decoder_dropout,
+                        gamma_init=g.gamma_init, tau=g.tau)
 
 
 def _backbone_and_guidance(cfg: ModelConfig, levels: tuple[int, ...] = (0, 1, 2, 3)
@@ -73,15 +46,23 @@ def _backbone_and_guidance(cfg: ModelConfig, levels: tuple[int, ...] = (0, 1, 2,
 
 
 def build_segmentor(cfg: ModelConfig) -> Segmentor:
-    """The Semantic FPN segmentor (DenseCLIP, or the plain CLIP baseline) of ``cfg``."""
+    """The segmentor (DenseCLIP, or the plain CLIP baseline) of ``cfg``: its backbone
+    (``model.backbone.type``), an FPN and the head ``model.head`` (Semantic FPN by default)."""
     if not 0 <= cfg.guidance.score_level < 4:
         raise ConfigError(
             f"model.guidance.score_level must be 0..3, got {cfg.guidance.score_level}"
         )
+    head_builder = HEADS.get(cfg.head)  # an unknown name fails before anything is built
     class_names, backbone, guidance = _backbone_and_guidance(cfg)
-    return Segmentor(backbone, len(class_names), guidance, cfg.guidance.score_level,
-                     cfg.neck_channels, cfg.head_channels, cfg.head_dropout, cfg.ignore_index,
-                     cfg.loss_average, cfg.guidance.aux_loss_weight, cfg.align_corners)
+    num_classes, level = len(class_names), cfg.guidance.score_level
+    neck = FPN(fused_channels(backbone, num_classes, guidance is not None, level),
+               cfg.neck_channels)
+    head = head_builder(cfg.neck_channels, cfg.head_channels, num_classes,
+                        dropout=cfg.head_dropout, align_corners=cfg.align_corners)
+    return Segmentor(backbone, num_classes, guidance=guidance, score_level=level, neck=neck,
+                     head=head, ignore_index=cfg.ignore_index, loss_average=cfg.loss_average,
+                     aux_loss_weight=cfg.guidance.aux_loss_weight,
+                     align_corners=cfg.align_corners)
 
 
 def build_detector(cfg: ModelConfig, **options: Any) -> nn.Module:
@@ -95,6 +76,9 @@ def build_detector(cfg: ModelConfig, **options: Any) -> nn.Module:
     if cfg.backbone.type == "vit" and cfg.backbone.pos_embed != "interpolate":
         raise ConfigError("a ViT detector needs model.backbone.pos_embed=interpolate: its "
                           "patch grid follows each (non-square) input size")
+    if cfg.head != DEFAULT_HEAD:
+        raise ConfigError(f"model.head: {cfg.head!r} is a segmentation head; a {cfg.task} "
+                          f"detector has its own heads (leave model.head at {DEFAULT_HEAD!r})")
     det = cfg.detection
     if det.seg_loss and not cfg.guidance.enabled:
         raise ConfigError("model.detection.seg_loss needs text guidance "

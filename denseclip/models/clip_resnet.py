@@ -106,7 +106,7 @@ class CLIPResNet(nn.Module):
         pos_embed: "interpolate" or "crop" (see :func:`spatial_pos_embed`).
     """
 
-    def __init__(self, layers: list[int], width: int = 64, heads: int = 32,
+    def __init__(self, layers: list[int], *, width: int = 64, heads: int = 32,
                  embed_dim: int = 1024, input_resolution: int = 224,
                  embeddings: bool = True, pos_embed: str = "interpolate") -> None:
         super().__init__()

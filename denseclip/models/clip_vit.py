@@ -30,7 +30,7 @@ class CLIPViT(nn.Module):
     activation (``quick_gelu`` for OpenAI's weights, ``gelu`` for most OpenCLIP ones).
     """
 
-    def __init__(self, width: int = 768, layers: int = 12, heads: int = 12,
+    def __init__(self, *, width: int = 768, layers: int = 12, heads: int = 12,
                  patch_size: int = 16, embed_dim: int = 512, input_resolution: int = 224,
                  out_indices: list[int] = (3, 5, 7, 11), drop_path_rate: float = 0.0,
                  embeddings: bool = True, class_embedding_quirk: bool = True,

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .layers import conv_bn
+from .registry import register_head
 
 
 def conv_module_init(module: nn.Module) -> None:
@@ -86,12 +87,14 @@ class ConvBNReLU(nn.Module):
         return self.relu(conv_bn(self.conv, self.bn, x))
 
 
+@register_head("semantic_fpn")
 class SemanticFPNHead(nn.Module):
     """Semantic FPN: per level, [3×3 conv, BN, ReLU, (2× bilinear upsample)] until the
     finest stride, summed, then dropout and a 1×1 classifier. Logits at stride 4. Every
-    bilinear resize uses ``align_corners`` (mmseg's decode-head setting)."""
+    bilinear resize uses ``align_corners`` (mmseg's decode-head setting). Registered as
+    the head ``semantic_fpn`` (``model.head``, the default)."""
 
-    def __init__(self, in_channels: int, channels: int, num_classes: int,
+    def __init__(self, in_channels: int, channels: int, num_classes: int, *,
                  strides: tuple[int, ...] = (4, 8, 16, 32), dropout: float = 0.1,
                  align_corners: bool = False) -> None:
         super().__init__()

@@ -81,7 +81,7 @@ class ContextDecoder(nn.Module):
     """Post-model prompting: text embeddings (B, K, D) attend to the visual context
     (B, N, D); returns the update (B, K, D) that is added with weight gamma (DESIGN §4)."""
 
-    def __init__(self, embed_dim: int, width: int = 256, heads: int = 4, layers: int = 3,
+    def __init__(self, embed_dim: int, *, width: int = 256, heads: int = 4, layers: int = 3,
                  dropout: float = 0.1) -> None:
         super().__init__()
         self.memory_proj = nn.Sequential(
@@ -104,7 +104,7 @@ class PromptGenerator(nn.Module):
     """Pre-model prompting (paper §3.3): learnable queries attend to the visual context
     (B, N, D) and become image-specific context vectors (B, n_ctx, text_width)."""
 
-    def __init__(self, embed_dim: int, text_width: int, n_ctx: int, width: int = 256,
+    def __init__(self, embed_dim: int, text_width: int, n_ctx: int, *, width: int = 256,
                  heads: int = 4, layers: int = 3, dropout: float = 0.1) -> None:
         super().__init__()
         self.queries = nn.Parameter(torch.empty(1, n_ctx, width))
@@ -143,16 +143,20 @@ class TextGuidance(nn.Module):
     rest of the model unless ``optim.freeze_text_encoder`` is set (the presets give it a
     learning-rate multiplier of 0, as the official runs do); frozen or not, gradients flow
     through it to the contexts.
+
+    ``embed_dim`` (D, the visual embeddings' width) defaults to the text encoder's; given,
+    it must equal it.
     """
 
-    def __init__(self, text_encoder: CLIPTextEncoder, class_names: Sequence[str],
-                 embed_dim: int, n_ctx: int = 8, prompting: str = "post",
+    def __init__(self, text_encoder: CLIPTextEncoder, class_names: Sequence[str], *,
+                 embed_dim: int | None = None, n_ctx: int = 8, prompting: str = "post",
                  decoder_width: int = 256, decoder_heads: int = 4, decoder_layers: int = 3,
                  decoder_dropout: float = 0.1, gamma_init: float = 1e-4,
                  tau: float = 0.07) -> None:
         super().__init__()
         if prompting not in ("post", "pre"):
             raise ValueError(f"prompting must be 'post' or 'pre', got {prompting!r}")
+        embed_dim = text_encoder.embed_dim if embed_dim is None else embed_dim
         if text_encoder.embed_dim != embed_dim:
             raise ValueError(
                 f"text embedding dim {text_encoder.embed_dim} != visual embedding dim {embed_dim}"

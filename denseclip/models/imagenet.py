@@ -263,7 +263,7 @@ class ImageNetBackbone(nn.Module):
         pos_embed: "interpolate" or "crop" (see :func:`~.layers.spatial_pos_embed`).
     """
 
-    def __init__(self, body: FeatureBody, embed_dim: int = 1024, heads: int = 32,
+    def __init__(self, body: FeatureBody, *, embed_dim: int = 1024, heads: int = 32,
                  input_resolution: int = 512, embeddings: bool = True,
                  pos_embed: str = "interpolate") -> None:
         super().__init__()

@@ -13,6 +13,7 @@ from .fpn import FPN, SemanticFPNHead
 from .guidance import DenseFeatures, GuidedModel, TextGuidance
 from .losses import cross_entropy
 from .official import OFFICIAL_SEGMENTATION_RENAMES
+from .registry import with_backbone_renames
 
 MIN_INPUT_SIZE = 32  # the coarsest backbone stride
 
@@ -40,37 +41,57 @@ def check_images(images: torch.Tensor) -> None:
         )
 
 
+def fused_channels(backbone: nn.Module, num_classes: int, guided: bool,
+                   score_level: int) -> list[int]:
+    """Channels of the backbone levels after fusion: ``backbone.out_channels``, with the
+    ``num_classes`` score maps added at ``score_level`` when ``guided``."""
+    channels = list(backbone.out_channels)
+    if guided:
+        channels[score_level] += num_classes  # C + K at the level with the score map
+    return channels
+
+
 class Segmentor(GuidedModel, nn.Module):
-    """Backbone → (text guidance: score map fused into one level) → FPN → Semantic FPN head.
+    """Backbone → (text guidance: score map fused into one level) → FPN → decode head.
 
     Eval mode: ``model(images)`` returns logits (B, K, H, W) at the input resolution.
     Training mode: ``model(images, targets)`` returns a dict of weighted losses
     (``loss_seg``, and ``loss_aux`` with text guidance) whose sum is the training loss.
     The two halves are :meth:`forward_features` (shared with the detectors) and
     :meth:`forward_head`.
+
+    ``neck`` and ``head`` are built modules (the builder takes the head from
+    :data:`~.registry.HEADS`, ``model.head``); left out, they are an :class:`FPN` of
+    ``neck_channels`` on the fused levels and a :class:`SemanticFPNHead` of
+    ``head_channels``. The head maps the neck's four levels to logits (B, K, H/4, W/4).
     """
 
     head_description = "decode head"
     official_renames = OFFICIAL_SEGMENTATION_RENAMES
 
-    def __init__(self, backbone: nn.Module, num_classes: int, guidance: TextGuidance | None = None,
-                 score_level: int = 3, neck_channels: int = 256, head_channels: int = 256,
-                 head_dropout: float = 0.1, ignore_index: int = 255, loss_average: str = "all",
+    def __init__(self, backbone: nn.Module, num_classes: int, *,
+                 guidance: TextGuidance | None = None, score_level: int = 3,
+                 neck: nn.Module | None = None, head: nn.Module | None = None,
+                 neck_channels: int = 256, head_channels: int = 256, head_dropout: float = 0.1,
+                 ignore_index: int = 255, loss_average: str = "all",
                  aux_loss_weight: float = 0.4, align_corners: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.guidance = guidance
         self.score_level = score_level
-        in_channels = list(backbone.out_channels)
-        if guidance is not None:
-            if guidance.num_classes != num_classes:
-                raise ValueError(
-                    f"{guidance.num_classes} class names for a head of {num_classes} classes"
-                )
-            in_channels[score_level] += num_classes  # C + K at the level with the score map
-        self.neck = FPN(in_channels, neck_channels)
-        self.head = SemanticFPNHead(neck_channels, head_channels, num_classes,
-                                    dropout=head_dropout, align_corners=align_corners)
+        if guidance is not None and guidance.num_classes != num_classes:
+            raise ValueError(
+                f"{guidance.num_classes} class names for a head of {num_classes} classes"
+            )
+        if neck is None:
+            neck = FPN(fused_channels(backbone, num_classes, guidance is not None, score_level),
+                       neck_channels)
+        self.neck = neck
+        if head is None:
+            head = SemanticFPNHead(neck_channels, head_channels, num_classes,
+                                   dropout=head_dropout, align_corners=align_corners)
+        self.head = head
+        self.official_renames = with_backbone_renames(backbone, self.official_renames)
         self.num_classes = num_classes
         self.ignore_index = ignore_index
         self.loss_average = loss_average

@@ -12,6 +12,7 @@ import torch
 from open_clip.tokenizer import SimpleTokenizer
 from torch import nn
 
+from ..config import TextConfig
 from ..runtime import fast_kernels
 from .layers import LayerNorm, Transformer, causal_mask
 
@@ -50,7 +51,7 @@ class CLIPTextEncoder(nn.Module):
     positions. The feature is read at the EOT position (the largest token id).
     """
 
-    def __init__(self, context_length: int = 77, vocab_size: int = 49408, width: int = 512,
+    def __init__(self, *, context_length: int = 77, vocab_size: int = 49408, width: int = 512,
                  layers: int = 12, heads: int = 8, embed_dim: int = 512,
                  act: str = "quick_gelu") -> None:
         super().__init__()
@@ -142,3 +143,11 @@ class CLIPTextEncoder(nn.Module):
             prefix, suffix = block.forward_shared_prefix(prefix, suffix, prefix_mask,
                                                          suffix_mask)
         return suffix[(eot - 1).repeat(B), torch.arange(suffix.shape[1], device=suffix.device)]
+
+
+def build_text_encoder(cfg: TextConfig, embed_dim: int) -> CLIPTextEncoder:
+    """The text tower of ``model.text`` projecting to ``embed_dim`` (the visual backbone's
+    ``embed_dim``), as the guided models and the zero-shot segmentor use it."""
+    return CLIPTextEncoder(context_length=cfg.context_length, vocab_size=cfg.vocab_size,
+                           width=cfg.width, layers=cfg.layers, heads=cfg.heads,
+                           embed_dim=embed_dim, act=cfg.act)

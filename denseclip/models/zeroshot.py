@@ -31,18 +31,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..classes import BUNDLED, as_class_dict, read_classes
-from ..config import ConfigError, ModelConfig
+from ..config import BackboneConfig, ConfigError, ModelConfig
 from ..runtime import fast_kernels, fp32_region
 from ..saving import SavePretrained
+from .backbones import build_backbone, resnet_layers, vit_depth
 from .clip_resnet import CLIPResNet
 from .clip_vit import CLIPViT
 from .guidance import DenseFeatures
+from .registry import Registry
 from .segmentor import check_images
-from .text_encoder import CLIPTextEncoder, tokenize
+from .text_encoder import CLIPTextEncoder, build_text_encoder, tokenize
 
-__all__ = ["LOGIT_SCALE", "PROMPT_TEMPLATES", "NotTrainableError", "PromptEnsemble",
-           "ZeroShotResNet", "ZeroShotSegmentor", "ZeroShotViT", "ZeroShotVocabulary",
-           "build_zeroshot_segmentor"]
+__all__ = ["LOGIT_SCALE", "PROMPT_TEMPLATES", "ZEROSHOT_BACKBONES", "NotTrainableError",
+           "PromptEnsemble", "ZeroShotResNet", "ZeroShotSegmentor", "ZeroShotViT",
+           "ZeroShotVocabulary", "build_zeroshot_segmentor"]
 
 #: The prompt ensemble: 16 of CLIP's 80 ImageNet templates (photo-style ones, with and
 #: without "the"), plus MaskCLIP's five scene templates.
@@ -99,8 +101,8 @@ class ZeroShotResNet(CLIPResNet):
     """CLIP's ModifiedResNet whose attention pool keeps only its value path:
     ``forward(images)`` → dense embeddings (B, D, H/32, W/32)."""
 
-    def __init__(self, layers: Sequence[int], width: int = 64, embed_dim: int = 1024) -> None:
-        super().__init__(list(layers), width, embed_dim=embed_dim, embeddings=False)
+    def __init__(self, layers: Sequence[int], *, width: int = 64, embed_dim: int = 1024) -> None:
+        super().__init__(list(layers), width=width, embed_dim=embed_dim, embeddings=False)
         self.attnpool = AttentionValues(width * 32, embed_dim)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -112,11 +114,12 @@ class ZeroShotViT(CLIPViT):
     """CLIP's ViT with MaskCLIP's last block (see the module documentation):
     ``forward(images)`` → dense embeddings (B, D, H/patch, W/patch). No pyramid modules."""
 
-    def __init__(self, width: int = 768, layers: int = 12, heads: int = 12,
+    def __init__(self, *, width: int = 768, layers: int = 12, heads: int = 12,
                  patch_size: int = 16, embed_dim: int = 512, input_resolution: int = 224,
                  class_embedding_quirk: bool = False, pos_embed: str = "interpolate",
                  act: str = "quick_gelu") -> None:
-        super().__init__(width, layers, heads, patch_size, embed_dim, input_resolution,
+        super().__init__(width=width, layers=layers, heads=heads, patch_size=patch_size,
+                         embed_dim=embed_dim, input_resolution=input_resolution,
                          out_indices=[layers - 1] * 4, embeddings=True,
                          class_embedding_quirk=class_embedding_quirk, pos_embed=pos_embed,
                          levels=(3,), act=act)
@@ -253,7 +256,7 @@ class ZeroShotSegmentor(SavePretrained, nn.Module):
     """
 
     def __init__(self, backbone: ZeroShotResNet | ZeroShotViT, text_encoder: CLIPTextEncoder,
-                 classes: Any, templates: Sequence[str] = PROMPT_TEMPLATES,
+                 classes: Any, *, templates: Sequence[str] = PROMPT_TEMPLATES,
                  logit_scale: float = LOGIT_SCALE, align_corners: bool = False) -> None:
         super().__init__()
         if text_encoder.embed_dim != backbone.embed_dim:
@@ -320,28 +323,42 @@ class ZeroShotSegmentor(SavePretrained, nn.Module):
         return self.forward_head(self.forward_features(images).features, images.shape[-2:])
 
 
+#: The zero-shot towers by ``model.backbone.type``: CLIP's own ResNet and ViT only, built
+#: by :func:`~.backbones.build_backbone` from this registry.
+ZEROSHOT_BACKBONES: Registry = Registry(
+    "zero-shot backbone", "model.backbone.type",
+    hint="model.zeroshot needs CLIP's own image tower, model.backbone.type resnet or vit")
+
+
+@ZEROSHOT_BACKBONES.register("resnet")
+def _zeroshot_resnet(cfg: BackboneConfig, *, embeddings: bool,
+                     levels: tuple[int, ...]) -> ZeroShotResNet:
+    return ZeroShotResNet(resnet_layers(cfg), width=cfg.width, embed_dim=cfg.embed_dim)
+
+
+@ZEROSHOT_BACKBONES.register("vit")
+def _zeroshot_vit(cfg: BackboneConfig, *, embeddings: bool,
+                  levels: tuple[int, ...]) -> ZeroShotViT:
+    return ZeroShotViT(width=cfg.width, layers=vit_depth(cfg), heads=cfg.heads,
+                       patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
+                       input_resolution=cfg.input_resolution,
+                       class_embedding_quirk=cfg.class_embedding_quirk, pos_embed=cfg.pos_embed,
+                       act=cfg.act)
+
+
 def build_zeroshot_segmentor(cfg: ModelConfig) -> ZeroShotSegmentor:
     """The zero-shot segmentor of ``cfg`` (``model.zeroshot: true``): the CLIP tower of
-    ``model.backbone`` (``resnet`` or ``vit``), the text tower of ``model.text`` and the
-    classes of ``model.classes`` (their texts, where the class file gives them)."""
+    ``model.backbone`` (``resnet`` or ``vit``, from :data:`ZEROSHOT_BACKBONES`), the text
+    tower of ``model.text`` and the classes of ``model.classes`` (their texts, where the
+    class file gives them)."""
     if cfg.task != "segmentation":
         raise ConfigError(f"model.zeroshot segments: it needs model.task: segmentation, "
                           f"got {cfg.task!r}")
-    b, t = cfg.backbone, cfg.text
-    if b.type == "resnet":
-        if len(b.layers) != 4:
-            raise ConfigError(f"model.backbone.layers: a ResNet needs 4 stages, got {b.layers}")
-        backbone: ZeroShotResNet | ZeroShotViT = ZeroShotResNet(b.layers, b.width, b.embed_dim)
-    elif b.type == "vit":
-        if len(b.layers) != 1:
-            raise ConfigError(f"model.backbone.layers: a ViT takes [depth], got {b.layers}")
-        backbone = ZeroShotViT(b.width, b.layers[0], b.heads, b.patch_size, b.embed_dim,
-                               b.input_resolution, b.class_embedding_quirk, b.pos_embed, b.act)
-    else:
-        raise ConfigError(f"model.zeroshot needs CLIP's own image tower (model.backbone.type "
-                          f"resnet or vit), got {b.type!r}")
-    text_encoder = CLIPTextEncoder(t.context_length, t.vocab_size, t.width, t.layers, t.heads,
-                                   b.embed_dim, t.act)
+    if cfg.head != ModelConfig.head:
+        raise ConfigError(f"model.head: the zero-shot segmentor has no head to choose, got "
+                          f"{cfg.head!r}")
+    backbone = build_backbone(cfg.backbone, registry=ZEROSHOT_BACKBONES)
+    text_encoder = build_text_encoder(cfg.text, cfg.backbone.embed_dim)
     classes = read_classes(BUNDLED.get(cfg.classes, cfg.classes))
     try:
         return ZeroShotSegmentor(backbone, text_encoder, classes,

@@ -17,8 +17,8 @@ NAMES = ["wall", "sky", "floor", "traffic light"]
 def make_guidance(names=NAMES, prompting: str = "post", **kwargs) -> TextGuidance:
     torch.manual_seed(0)
     encoder = CLIPTextEncoder(context_length=13, width=32, layers=2, heads=2, embed_dim=D)
-    return TextGuidance(encoder, names, D, n_ctx=8, prompting=prompting, decoder_width=32,
-                        decoder_heads=2, decoder_layers=2, **kwargs)
+    return TextGuidance(encoder, names, embed_dim=D, n_ctx=8, prompting=prompting,
+                        decoder_width=32, decoder_heads=2, decoder_layers=2, **kwargs)
 
 
 def embeddings(b: int = 2, h: int = 3, w: int = 5, seed: int = 0):
@@ -218,6 +218,6 @@ def test_set_classes_changes_the_number_of_score_maps():
 def test_guidance_checks_its_arguments():
     encoder = CLIPTextEncoder(context_length=13, width=32, layers=1, heads=2, embed_dim=D)
     with pytest.raises(ValueError, match="prompting must be"):
-        TextGuidance(encoder, NAMES, D, prompting="mid")
+        TextGuidance(encoder, NAMES, embed_dim=D, prompting="mid")
     with pytest.raises(ValueError, match="text embedding dim 16 != visual embedding dim 8"):
-        TextGuidance(encoder, NAMES, 8)
+        TextGuidance(encoder, NAMES, embed_dim=8)

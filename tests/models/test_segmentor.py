@@ -229,7 +229,8 @@ def test_unknown_preset_lists_the_available_ones():
 @pytest.mark.parametrize(
     ("override", "phrase"),
     [
-        ("model.backbone.type=convnext", "'convnext' is not one of 'resnet', 'vit'"),
+        ("model.backbone.type=convnext", "model.backbone.type: unknown backbone 'convnext'; "
+                                         "registered: resnet, vit, torchvision, timm"),
         ("model.backbone.layers=[1,1,1]", "a ResNet needs 4 stages"),
         ("model.guidance.score_level=4", "score_level must be 0..3"),
         ("model.task=detection", "'detection' is not one of 'segmentation'"),

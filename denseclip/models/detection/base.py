@@ -11,6 +11,7 @@ from torch import Tensor, nn
 from ..fpn import FPN
 from ..guidance import GuidedModel, TextGuidance
 from ..official import OFFICIAL_DETECTION_RENAMES
+from ..registry import with_backbone_renames
 from .losses import box_seg_loss
 
 __all__ = ["DETECTION_TASKS", "CLIPDetector"]
@@ -45,6 +46,7 @@ class CLIPDetector(GuidedModel):
         self.seg_loss_weight = seg_loss_weight if guidance is not None else 0.0
         self.train_bn = train_bn
         self.with_masks = with_masks
+        self.official_renames = with_backbone_renames(backbone, self.official_renames)
         if not train_bn:
             for m in backbone.modules():
                 if isinstance(m, nn.modules.batchnorm._BatchNorm):
