@@ -232,7 +232,7 @@ def test_unknown_preset_lists_the_available_ones():
         ("model.backbone.type=convnext", "model.backbone.type: unknown backbone 'convnext'; "
                                          "registered: resnet, vit, torchvision, timm"),
         ("model.backbone.layers=[1,1,1]", "a ResNet needs 4 stages"),
-        ("model.guidance.score_level=4", "score_level must be 0..3"),
+        ("model.guidance.score_level=4", r"score_level=4: must be in \[0, 3\]"),
         ("model.task=detection", "'detection' is not one of 'segmentation'"),
         ("model.guidance.prompting=middle", "'middle' is not one of 'post', 'pre'"),
     ],
