@@ -14,6 +14,7 @@ from torch import nn
 import denseclip
 from denseclip.config import ConfigError
 from denseclip.runtime import (
+    DTYPES,
     KERNELS,
     PRECISIONS,
     autocast,
@@ -205,3 +206,47 @@ def test_cpu_bf16_detection_agrees_with_proc_cpuinfo():
         assert detected == bool({"avx512_bf16", "amx_bf16"} & flags)
     elif machine in ("aarch64", "arm64"):
         assert detected == ("bf16" in flags)
+
+
+# Both answers of the detection, whatever CPU runs the suite: the tests above only see this
+# machine's answer (bf16 on AVX-512 BF16 or AMX, fp32 on AVX2-only CPUs).
+CPUINFO = {
+    "avx2 only": ("x86_64", "fpu sse4_2 avx avx2 fma", False),
+    "AVX-512 without BF16": ("x86_64", "avx2 avx512f avx512bw avx512_vnni", False),
+    "AVX-512 BF16 (Zen 4, Cooper Lake)": ("x86_64", "avx2 avx512f avx512_bf16", True),
+    "AMX (Sapphire Rapids)": ("x86_64", "avx512f avx512_bf16 amx_bf16 amx_tile amx_int8", True),
+    "AMX-BF16 alone": ("x86_64", "avx2 amx_bf16 amx_tile", True),
+    "Arm with BF16": ("aarch64", "fp asimd sve bf16 i8mm", True),
+    "Arm without": ("aarch64", "fp asimd crc32", False),
+}
+
+
+@pytest.fixture
+def fake_cpu(monkeypatch, tmp_path):
+    """Point the detection at a written /proc/cpuinfo of another machine (its cache is
+    cleared before and after, so the rest of the suite sees the real CPU again)."""
+    import denseclip.runtime as runtime
+
+    def use(machine: str, flags: str) -> None:
+        path = tmp_path / "cpuinfo"
+        key = "flags" if machine == "x86_64" else "Features"
+        path.write_text(f"processor\t: 0\n{key}\t\t: {flags}\n\nprocessor\t: 1\n"
+                        f"{key}\t\t: {flags}\n")
+        monkeypatch.setattr(runtime.platform, "machine", lambda: machine)
+        monkeypatch.setattr(runtime, "Path", lambda _: path)
+        runtime.cpu_has_native_bf16.cache_clear()
+
+    yield use
+    runtime.cpu_has_native_bf16.cache_clear()
+
+
+@pytest.mark.parametrize("cpu", list(CPUINFO))
+def test_auto_resolves_from_the_cpu_flags_of_other_machines(fake_cpu, cpu):
+    machine, flags, native = CPUINFO[cpu]
+    fake_cpu(machine, flags)
+    assert cpu_has_native_bf16() is native
+    expected = "bf16" if native else "fp32"
+    assert resolve_precision("auto", "cpu") == expected
+    with run_mode("auto", "fast", "cpu") as resolved:
+        assert resolved == expected
+        assert _matmul_dtype() == DTYPES[expected]
