@@ -83,6 +83,7 @@ def test_official_release_file_loads_with_identical_outputs(tmp_path, name):
     assert report.format == "official"
     assert report.new == [] and report.ignored == []
     x = torch.randn(1, 3, 64, 64)
+    # Exact: the same weights through the same operations, on one machine.
     torch.testing.assert_close(target(x), source(x), rtol=0, atol=0)
 
 
@@ -99,6 +100,7 @@ def test_own_checkpoint_and_plain_state_dict_round_trip(tmp_path, name):
             p.data.zero_()
         report = denseclip.load_checkpoint(target, tmp_path / file)
         assert report.format == fmt
+        # Exact: the same weights through the same operations, on one machine.
         torch.testing.assert_close(target(x), expected, rtol=0, atol=0)
     assert report.extra == {} and denseclip.load_checkpoint(
         build(name), tmp_path / "ours.pth").extra == {"iteration": 7}

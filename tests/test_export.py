@@ -18,6 +18,11 @@ from denseclip.export import ExportError, SegmentorForExport, export_onnx, expor
 from denseclip.inference import Predictor
 
 NAMES = ["cat", "dog", "grass"]
+# ONNX Runtime and PyTorch are two implementations (other convolution algorithms, other
+# summation orders), so they agree only up to rounding, on any CPU: the tiny models' logits
+# are O(1) and differ by <= 1.3e-5 (AVX-512 and AVX2 kernels; printed below). 1e-3 is far
+# above that on any CPU and far below a wrong graph (a missing layer or a wrong constant
+# moves logits by O(0.1)).
 TOLERANCE = 1e-3
 
 
@@ -59,6 +64,8 @@ def test_onnx_matches_pytorch_at_two_sizes(preset, tmp_path):
         assert open_scores.shape == (shape[0], 3, *shape[2:])
         diffs.append(float(np.abs(logits - reference.numpy()).max()))
         diffs.append(float(np.abs(open_scores - window[:, 150:].numpy()).max()))
+        # Exact: window() runs the segmentor's own forward_features + forward_head, the same
+        # fp32 operations on the same tensors, so any CPU gives both the same bits.
         np.testing.assert_allclose(window[:, :150].numpy(), reference.numpy(), rtol=0, atol=0)
     print(f"\n{preset}: ONNX vs PyTorch max |diff| (logits, open scores) per size: {diffs}")
     assert max(diffs) <= TOLERANCE
@@ -96,6 +103,8 @@ def test_wrapper_equals_the_segmentor():
     wrapper = SegmentorForExport(predictor.model)
     x = torch.randn(2, 3, 64, 96)
     with torch.no_grad():
+        # Exact: the wrapper calls the same forward_features/forward_head with text features
+        # from the same encoder call, so the operations (and bits) are the segmentor's.
         torch.testing.assert_close(wrapper(x), predictor.model(x), rtol=0, atol=0)
 
 

@@ -49,7 +49,7 @@ def test_round_trip_with_model_card_and_own_classes(tmp_path, monkeypatch):
     loaded = denseclip.from_pretrained(out)
     assert not loaded.training and loaded.class_names == ["road", "sky", "tree"]
     x = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
+    with torch.no_grad():  # exact: same weights, same operations, one machine
         torch.testing.assert_close(loaded(x), model(x), rtol=0, atol=0)
 
 

@@ -85,6 +85,9 @@ def test_kill_9_or_sigterm_then_resume_ends_with_the_same_weights(tmp_path, data
         assert "resumed from" in resumed.stdout
         final = model_state(work / "iter_12.pth")
         assert final.keys() == expected.keys()
+        # Bit for bit: both runs are the same computation on the same machine, kernels and
+        # thread count (ENV), so a resume must not change a single weight. Not a cross-machine
+        # claim: another CPU's kernels give other (equally valid) weights.
         for key in expected:
             assert torch.equal(final[key], expected[key]), key
         # The optimiser state continued too.

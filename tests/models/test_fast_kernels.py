@@ -18,7 +18,9 @@ from denseclip.models.layers import attention, causal_mask, conv_bn
 from denseclip.models.losses import cross_entropy
 from denseclip.runtime import fast_kernels, reference_kernels
 
-# fp32: the fused kernel and the explicit products differ only in summation order.
+# fp32: the fused kernel and the explicit products differ only in summation order, so never
+# bit for bit; the worst difference is under a tenth of this bound with the AVX-512, AVX2
+# and SSE4.1 kernels (ATEN_CPU_CAPABILITY / ONEDNN_MAX_CPU_ISA), O(1) for a wrong softmax.
 RTOL, ATOL = 2e-6, 1e-6
 
 
