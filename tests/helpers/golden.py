@@ -14,6 +14,7 @@ deliberately, when a change is *meant* to alter outputs::
 from __future__ import annotations
 
 import hashlib
+import os
 import platform
 from pathlib import Path
 
@@ -62,17 +63,25 @@ def cpu_description(cpuinfo: str | None = None) -> str:
                      "+".join(f for f in KERNEL_FLAGS if f in flags) or "-"])
 
 
+# Environment variables that make the same machine run other kernels (oneDNN's and MKL's
+# instruction-set caps, ATen's dispatch level, MKL's reproducibility mode).
+KERNEL_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", "DNNL_MAX_CPU_ISA",
+              "MKL_ENABLE_INSTRUCTIONS", "MKL_CBWR")
+
+
 def platform_key(cpuinfo: str | None = None) -> str:
     """Where bit-identical outputs are promised: the same torch build (its oneDNN and MKL),
-    OpenCV build, kernel level, and CPU model with the features that pick kernels. Two CPUs
+    OpenCV build, kernel level, CPU model with the features that pick kernels, and any
+    environment variable of :data:`KERNEL_ENV` that is set. Two CPUs
     that both run ATen's AVX512 kernels (an AMD EPYC and an Intel Xeon with AMX) still round
     differently in oneDNN/MKL, so the vector level alone is not enough. ``cpuinfo`` stands in
     for ``/proc/cpuinfo`` (tests)."""
     import cv2
 
+    env = " ".join(f"{k}={os.environ[k]}" for k in KERNEL_ENV if os.environ.get(k))
     return "|".join([torch.__version__, f"cv2 {cv2.__version__}", f"numpy {np.__version__}",
                      torch.backends.cpu.get_cpu_capability(), platform.machine(),
-                     cpu_description(cpuinfo)])
+                     cpu_description(cpuinfo)] + ([env] if env else []))
 
 
 def _model(preset: str, overrides: list[str]):
