@@ -10,9 +10,9 @@ README's "Code map" says where each concept lives.
 from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, available_presets, load_config
 from .inference import Predictor
-from .models import build_model
 from .pretrained import from_pretrained
 from .saving import save_pretrained
+from .tasks import build_model
 
 __version__ = "0.1.0"
 

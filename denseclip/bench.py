@@ -73,8 +73,8 @@ from .data.segmentation import ADE20KDataset
 from .data.transforms import build_train_transforms
 from .engine.optim import build_optimizer
 from .evaluation.inference import mode_logits, slide_windows
-from .models.build import build_model
 from .runtime import prepare_model, resolve_precision, run_mode
+from .tasks import build_model
 from .utils import keep_ratio_size
 
 __all__ = ["ADE20K_IMAGE", "MIN_SIZE", "BenchOptions", "RSSSampler", "check_options",

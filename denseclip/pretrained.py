@@ -11,8 +11,8 @@ from torch import nn
 from .checkpoint import load_checkpoint
 from .config import load_config
 from .hub import get_entry, known_names, resolve_weights
-from .models import build_model
 from .saving import CONFIG_NAME, WEIGHTS_NAME
+from .tasks import build_model
 
 
 def from_pretrained(name_or_dir: str | Path, *, progress: bool = True) -> nn.Module:

@@ -11,8 +11,8 @@ from ..checkpoint import CheckpointError, load_checkpoint
 from ..config import Config, load_config
 from ..export import ExportError, export_precision, export_predictor
 from ..inference import PredictionError
-from ..models import build_model
 from ..saving import save_pretrained
+from ..tasks import build_model
 from .common import (
     add_class_arguments,
     add_precision_argument,

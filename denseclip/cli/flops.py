@@ -7,7 +7,7 @@ import json
 
 from ..config import ConfigError, available_presets
 from ..flops import DETECTION_INPUT_SIZE, complexity, format_report
-from ..models.build import build_model
+from ..tasks import build_model
 from .common import add_config_arguments, load_cli_config
 
 HELP = "count parameters and multiply-adds (GMACs) of a config's model"

@@ -14,7 +14,6 @@ from tqdm import tqdm
 from ..checkpoint import CheckpointError
 from ..config import load_config
 from ..inference import PredictionError, collect_inputs, write_detection, write_segmentation
-from ..models.detection import DETECTION_TASKS
 from .common import (
     add_class_arguments,
     add_max_pixels_argument,
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"denseclip predict: skipped {skipped} non-image file(s) in folders",
               file=sys.stderr)
 
-    detection = predictor.task in DETECTION_TASKS
+    detection = predictor._detects
     want_probs = args.heatmaps and not predictor.open_class_names and not detection
     stems: set[str] = set()
     written = 0

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from ..config import load_config
 from ..data.synthetic import make_synthetic_dataset
-from ..engine.dist import DistEnv, cleanup, init_distributed
+from ..dist import DistEnv, cleanup, init_distributed
 from ..engine.guard import TrainingStopped
 from ..engine.trainer import test, train
 from ..runtime import PRECISIONS

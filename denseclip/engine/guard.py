@@ -20,7 +20,7 @@ from typing import Any
 
 from ..checkpoint import TEMP_PATTERN
 from ..config import Config, ConfigError, config_from_dict
-from .dist import DistEnv, all_reduce_max, broadcast_object
+from ..dist import DistEnv, all_reduce_max, broadcast_object
 
 try:
     import fcntl

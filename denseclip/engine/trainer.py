@@ -41,10 +41,10 @@ from ..checkpoint import (
 )
 from ..config import Config, ConfigError, config_from_dict, save_config
 from ..data.samplers import build_train_loader
-from ..models import build_model
+from ..dist import DistEnv, barrier, init_distributed
 from ..runtime import prepare_model, run_mode
+from ..tasks import build_model, get_task
 from ..utils import unwrap_model
-from .dist import DistEnv, barrier, init_distributed
 from .guard import (
     CKPT_PATTERN,
     GracefulStop,
@@ -55,7 +55,6 @@ from .guard import (
     resume_config,
 )
 from .optim import build_optimizer, build_scheduler, freeze_text_encoder
-from .tasks import make_task
 
 _log = logging.getLogger(__name__)
 
@@ -209,7 +208,7 @@ def _train(cfg: Config, work_dir: Path, resume: bool, load_from: str | None, env
         _log.warning("the text encoder is left at random initialisation: load CLIP's text "
                      "tower with --text-weights (e.g. RN50.pt)")
 
-    task = make_task(cfg, model)
+    task = get_task(cfg)
     train_set = task.dataset(cfg.data.train_split, train=True)
     val_set = task.dataset(cfg.data.val_split, train=False) if cfg.schedule.eval_interval else None
     group_flags = task.group_flags(train_set)
@@ -262,7 +261,7 @@ def _train(cfg: Config, work_dir: Path, resume: bool, load_from: str | None, env
     log(f"training {cfg.name}: {len(train_set)} images, {ipe} iterations per epoch, "
         f"effective batch {effective} = {cfg.data.batch_size} per process x {env.world_size} "
         f"process(es) x {accumulate} accumulation step(s) (the official recipe uses "
-        f"{32 if task.name == 'segmentation' else 16})")
+        f"{task.official_batch_size})")
     meta = task.checkpoint_meta(train_set)
 
     logger = MetricLogger(work_dir, env.is_main)
@@ -394,7 +393,7 @@ def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
     if env.is_main:
         _log.info("%s", report)
     prepare_model(model.to(env.device), cfg.kernels).eval()
-    task = make_task(cfg, model)
+    task = get_task(cfg)
     dataset = task.dataset(cfg.data.val_split, train=False)
     with run_mode(precision, cfg.kernels, env.device) as resolved:
         metrics = task.evaluate(model, dataset, env, aug_test=aug_test, out_dir=out_dir,

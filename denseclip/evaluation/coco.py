@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from ..data.coco import collate_detection
 from ..data.samplers import ShardedSampler
-from ..engine.dist import DistEnv, broadcast_object
+from ..dist import DistEnv, broadcast_object
 from ..optional import require
 from ..utils import unwrap_model
 

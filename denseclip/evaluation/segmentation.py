@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from ..config import Config
 from ..data.samplers import build_test_loader
-from ..engine.dist import DistEnv
+from ..dist import DistEnv
 from ..utils import unwrap_model
 from .inference import aug_inference, inference
 from .metrics import SegmentationMetric

@@ -19,11 +19,10 @@ from ..config import Config, load_config
 from ..data.image_ops import imrescale
 from ..data.transforms import build_test_transforms
 from ..evaluation.inference import mode_logits
-from ..models.build import build_model
-from ..models.detection import DETECTION_TASKS
 from ..models.guidance import TextGuidance
 from ..models.segmentor import MIN_INPUT_SIZE
 from ..runtime import prepare_model, resolve_precision, run_mode
+from ..tasks import DetectionTask, build_model, get_task
 from ..utils import keep_ratio_size, resize
 from .inputs import to_rgb
 from .open_vocab import OpenVocabulary
@@ -99,6 +98,7 @@ class Predictor:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cfg = cfg
         self.task = cfg.model.task
+        self._detects = isinstance(get_task(cfg), DetectionTask)
         self.device = torch.device(device)
         self.precision = resolve_precision(precision or cfg.precision, self.device)
         self.model = prepare_model(model.to(self.device), cfg.kernels).eval()
@@ -177,7 +177,7 @@ class Predictor:
         H, W = rgb.shape[:2]
         if H == 0 or W == 0:
             raise PredictionError(f"the image is empty ({H}x{W} pixels)")
-        if self.task in DETECTION_TASKS:
+        if self._detects:
             det = self.cfg.model.detection
             self._check_size(H, W, (det.max_size, det.min_size))
             # mmdet's test Resize: the uint8 image through OpenCV (mmcv.imrescale)
@@ -219,7 +219,7 @@ class Predictor:
             return self._predict_prepared(items, return_probs)
 
     def _predict_prepared(self, items: Sequence[Prepared], return_probs: bool) -> list:
-        if self.task in DETECTION_TASKS:
+        if self._detects:
             return self._detect(items)
         results: list[SegmentationPrediction | None] = [None] * len(items)
         groups: dict[tuple[int, int], list[int]] = defaultdict(list)

@@ -1,4 +1,6 @@
-"""Build models from a :class:`~denseclip.config.Config`; derived sizes are computed here."""
+"""Build the models of each task from a :class:`~denseclip.config.ModelConfig`; derived sizes
+are computed here. Which builder a config needs is its task's choice
+(:func:`denseclip.tasks.build_model`)."""
 
 from __future__ import annotations
 
@@ -6,19 +8,17 @@ from typing import Any
 
 from torch import nn
 
-from ..checkpoint import load_checkpoint
 from ..classes import load_class_names
-from ..config import CLIP_MEAN, CLIP_STD, Config, ConfigError, ModelConfig
+from ..config import CLIP_MEAN, CLIP_STD, ConfigError, ModelConfig
 from .backbones import build_backbone
-from .detection import DETECTION_TASKS, CLIPMaskRCNN, CLIPRetinaNet
+from .detection import DETECTORS
 from .fpn import FPN
 from .guidance import TextGuidance
 from .registry import HEADS
 from .segmentor import Segmentor, fused_channels
 from .text_encoder import build_text_encoder
-from .zeroshot import build_zeroshot_segmentor
 
-__all__ = ["build_backbone", "build_detector", "build_guidance", "build_model", "build_segmentor"]
+__all__ = ["build_backbone", "build_detector", "build_guidance", "build_segmentor"]
 
 DEFAULT_HEAD = ModelConfig.head  # "semantic_fpn"; the detectors have their own heads
 
@@ -66,13 +66,15 @@ def build_segmentor(cfg: ModelConfig) -> Segmentor:
 
 
 def build_detector(cfg: ModelConfig, **options: Any) -> nn.Module:
-    """The ``cfg.task`` detector (``retinanet`` or ``mask_rcnn``) for ``cfg.classes``.
+    """The detector of ``cfg.task`` (``retinanet`` or ``mask_rcnn``, see
+    :data:`~.detection.DETECTORS`) for ``cfg.classes``.
 
     ``options`` override keyword arguments of the detector classes (e.g. Mask R-CNN's
     ``rpn_batch_size_per_image``). The Mask R-CNN box-head width is 4 × ``cfg.head_channels``
     (1024 for the presets' 256)."""
-    if cfg.task not in DETECTION_TASKS:
-        raise ConfigError(f"model.task must be one of {DETECTION_TASKS}, got {cfg.task!r}")
+    detector = DETECTORS.get(cfg.task)
+    if detector is None:
+        raise ConfigError(f"model.task must be one of {tuple(DETECTORS)}, got {cfg.task!r}")
     if cfg.backbone.type == "vit" and cfg.backbone.pos_embed != "interpolate":
         raise ConfigError("a ViT detector needs model.backbone.pos_embed=interpolate: its "
                           "patch grid follows each (non-square) input size")
@@ -83,50 +85,20 @@ def build_detector(cfg: ModelConfig, **options: Any) -> nn.Module:
     if det.seg_loss and not cfg.guidance.enabled:
         raise ConfigError("model.detection.seg_loss needs text guidance "
                           "(model.guidance.enabled: true); turn it off for CLIP baselines")
-    detector = CLIPRetinaNet if cfg.task == "retinanet" else CLIPMaskRCNN
     class_names, backbone, guidance = _backbone_and_guidance(cfg, detector.IN_LEVELS)
-    common: dict[str, Any] = dict(
+    kwargs: dict[str, Any] = dict(
         score_level=cfg.guidance.score_level, neck_channels=cfg.neck_channels,
         min_size=det.min_size, max_size=det.max_size, size_divisor=det.size_divisor,
         score_thresh=det.score_thresh, detections_per_img=det.detections_per_img,
         seg_loss_weight=det.seg_loss_weight if det.seg_loss else 0.0, train_bn=det.train_bn,
     )
-    common.update(image_mean=CLIP_MEAN, image_std=CLIP_STD)  # build_model passes data.mean
-    common.update(options)
+    kwargs.update(image_mean=CLIP_MEAN, image_std=CLIP_STD)  # build_model passes data.mean
+    kwargs.update(detector.config_options(cfg))
+    kwargs.update(options)
     try:
-        if cfg.task == "retinanet":
-            if cfg.head_channels != cfg.neck_channels:
-                raise ConfigError("RetinaNet head convs keep the FPN width: set "
-                                  "model.head_channels equal to model.neck_channels")
-            return CLIPRetinaNet(backbone, len(class_names), guidance,
-                                 focal_prior_init=det.focal_prior_init, **common)
-        for name in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
-            value = getattr(det, name)
-            if len(value) != 2:
-                raise ConfigError(f"model.detection.{name} must be [training, test], got {value}")
-            common.setdefault(name, tuple(value))
-        common.setdefault("box_batch_size_per_image", det.box_batch_size_per_image)
-        common.setdefault("representation_size", 4 * cfg.head_channels)
-        return CLIPMaskRCNN(backbone, len(class_names), guidance,
-                            head_channels=cfg.head_channels, **common)
+        return detector(backbone, len(class_names), guidance, **kwargs)
     except ValueError as e:
         if isinstance(e, ConfigError):
             raise
         raise ConfigError(f"model: {e}") from None
 
-
-def build_model(cfg: Config) -> nn.Module:
-    """Build the model described by ``cfg.model`` (and load ``model.pretrained`` if set)."""
-    # model.task is one of the choices of config.Task (checked when the config loads)
-    if cfg.model.zeroshot:
-        model = build_zeroshot_segmentor(cfg.model)
-    elif cfg.model.task == "segmentation":
-        model = build_segmentor(cfg.model)
-    else:
-        # the detector normalises its uint8 input itself, with the data config's statistics
-        model = build_detector(cfg.model, image_mean=tuple(cfg.data.mean),
-                               image_std=tuple(cfg.data.std))
-    if cfg.model.pretrained:
-        load_checkpoint(model, cfg.model.pretrained)
-    model.config = cfg  # what save_pretrained writes next to the weights
-    return model

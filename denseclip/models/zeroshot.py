@@ -351,9 +351,6 @@ def build_zeroshot_segmentor(cfg: ModelConfig) -> ZeroShotSegmentor:
     ``model.backbone`` (``resnet`` or ``vit``, from :data:`ZEROSHOT_BACKBONES`), the text
     tower of ``model.text`` and the classes of ``model.classes`` (their texts, where the
     class file gives them)."""
-    if cfg.task != "segmentation":
-        raise ConfigError(f"model.zeroshot segments: it needs model.task: segmentation, "
-                          f"got {cfg.task!r}")
     if cfg.head != ModelConfig.head:
         raise ConfigError(f"model.head: the zero-shot segmentor has no head to choose, got "
                           f"{cfg.head!r}")

@@ -12,8 +12,8 @@ import pytest
 import denseclip
 from denseclip.cli import main
 from denseclip.data import make_synthetic_dataset
+from denseclip.dist import DistEnv
 from denseclip.engine import trainer
-from denseclip.engine.dist import DistEnv
 from denseclip.engine.trainer import MetricLogger
 from denseclip.evaluation.plots import metric_series, read_metrics_log
 from tests.helpers.pictures import assert_picture

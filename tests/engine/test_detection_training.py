@@ -9,7 +9,6 @@ import subprocess
 import sys
 from itertools import islice
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 from pycocotools.coco import COCO
@@ -17,9 +16,9 @@ from pycocotools.coco import COCO
 from denseclip.checkpoint import read_checkpoint
 from denseclip.config import load_config
 from denseclip.data.samplers import GroupedInfiniteSampler, InfiniteSampler
-from denseclip.engine.dist import DistEnv
-from denseclip.engine.tasks import make_task
+from denseclip.dist import DistEnv
 from denseclip.engine.trainer import _train_loader
+from denseclip.tasks import get_task
 from tests.helpers.coco import CAT_IDS, CLASS_NAMES, write_coco
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -90,7 +89,7 @@ def test_detection_training_groups_batches_by_aspect_ratio(coco_dir):
               f"model.classes={coco_dir}/classes.txt"]
     cfg = load_config("tiny_retinanet_denseclip", common)
     assert cfg.data.group_by_aspect_ratio  # on by default, as mmdet
-    task = make_task(cfg, model=None)
+    task = get_task(cfg)
     train_set = task.dataset("train", train=True)
     flags = task.group_flags(train_set)
     assert flags == train_set.aspect_ratio_flags == [1, 0, 1]
@@ -101,7 +100,7 @@ def test_detection_training_groups_batches_by_aspect_ratio(coco_dir):
         ratios = {int(img.shape[-1] > img.shape[-2]) for img in batch["image"]}
         assert len(ratios) == 1  # landscape and portrait never share a batch
     off = load_config("tiny_retinanet_denseclip", [*common, "data.group_by_aspect_ratio=false"])
-    off_task = make_task(off, model=None)
+    off_task = get_task(off)
     assert off_task.group_flags(train_set) is None
     plain = _train_loader(off, train_set, DistEnv(), 0, task.collate, None).sampler.sampler
     assert isinstance(plain, InfiniteSampler)
@@ -109,5 +108,5 @@ def test_detection_training_groups_batches_by_aspect_ratio(coco_dir):
     val = task.dataset("val", train=False)
     item = val[0]
     assert item["ori_size"] == (96, 128) and item["image"].shape[-2:] == (120, 160)
-    seg = make_task(load_config("tiny_denseclip_res"), model=SimpleNamespace(num_classes=150))
+    seg = get_task(load_config("tiny_denseclip_res"))
     assert seg.group_flags(train_set) is None

@@ -19,8 +19,8 @@ import denseclip
 from denseclip.checkpoint import read_checkpoint
 from denseclip.config import ConfigError
 from denseclip.data import make_synthetic_dataset
+from denseclip.dist import DistEnv
 from denseclip.engine import trainer
-from denseclip.engine.dist import DistEnv
 from denseclip.engine.guard import (
     GracefulStop,
     WorkDirBusyError,
@@ -69,7 +69,7 @@ def test_a_second_training_in_the_same_work_dir_is_refused(tmp_path, data_root):
 def test_the_lock_dies_with_its_holder(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys; from pathlib import Path; "
-         "from denseclip.engine.dist import DistEnv; "
+         "from denseclip.dist import DistEnv; "
          "from denseclip.engine.guard import lock_work_dir\n"
          "with lock_work_dir(Path(sys.argv[1]), DistEnv()):\n"
          "    print('locked', flush=True); sys.stdin.read()", str(tmp_path)],

@@ -21,10 +21,10 @@ from denseclip.engine.optim import (
     param_groups,
     poly_lr,
 )
-from denseclip.engine.tasks import DetectionTask, SegmentationTask
 from denseclip.engine.trainer import iterations_per_epoch
 from denseclip.models.layers import DropPath
 from denseclip.models.official import invert_renames
+from denseclip.tasks import DetectionTask, SegmentationTask
 
 OFFICIAL_KEYS = Path(__file__).parents[1] / "fixtures" / "official_keys"
 PRESETS = sorted(p.stem for p in OFFICIAL_KEYS.glob("*.txt"))

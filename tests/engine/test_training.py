@@ -21,8 +21,8 @@ import denseclip
 from denseclip.checkpoint import read_checkpoint
 from denseclip.config import ScheduleConfig
 from denseclip.data import make_synthetic_dataset
+from denseclip.dist import DistEnv
 from denseclip.engine import trainer
-from denseclip.engine.dist import DistEnv
 from denseclip.engine.optim import build_optimizer, build_scheduler, param_groups, poly_lr
 from denseclip.engine.trainer import newest_checkpoint
 

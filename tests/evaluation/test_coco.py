@@ -15,7 +15,7 @@ from torch import nn
 import denseclip
 from denseclip.config import DataConfig
 from denseclip.data.coco import CocoDetection, DatasetWarning, build_coco_dataset
-from denseclip.engine.dist import DistEnv
+from denseclip.dist import DistEnv
 from denseclip.evaluation import coco as coco_eval
 from denseclip.evaluation.coco import (
     METRIC_NAMES,

@@ -13,14 +13,14 @@ import torch
 from pycocotools.cocoeval import COCOeval
 
 import denseclip
-from denseclip.engine.dist import DistEnv
-from denseclip.engine.tasks import DetectionTask
+from denseclip.dist import DistEnv
 from denseclip.evaluation.coco import (
     coco_evaluate,
     detections_to_coco,
     format_per_category_table,
     write_per_category_ap,
 )
+from denseclip.tasks import DetectionTask
 from tests.evaluation.test_coco import Replay, perfect, test_dataset
 from tests.helpers.coco import rewrite
 
@@ -116,7 +116,7 @@ def test_denseclip_test_prints_and_writes_the_per_category_table(shared_coco, tm
     cfg = denseclip.load_config("tiny_mask_rcnn_denseclip", [
         f"model.classes={shared_coco / 'classes.txt'}", f"data.root={shared_coco}",
         "data.val_split=train", "data.num_workers=0"])
-    task = DetectionTask(cfg, torch.nn.Identity())
+    task = DetectionTask(cfg)
     ds = test_dataset(shared_coco)
     metrics = task.evaluate(Replay(ds, range(len(ds))), ds, DistEnv(), out_dir=tmp_path,
                             progress=False)

@@ -17,9 +17,8 @@ import denseclip
 from denseclip.checkpoint import save_checkpoint
 from denseclip.classes import load_class_names
 from denseclip.data import build_segmentation_dataset, make_synthetic_dataset
+from denseclip.dist import DistEnv
 from denseclip.engine import trainer
-from denseclip.engine.dist import DistEnv
-from denseclip.engine.tasks import SegmentationTask
 from denseclip.evaluation.metrics import SegmentationMetric
 from denseclip.evaluation.plots import (
     most_confused_classes,
@@ -27,6 +26,7 @@ from denseclip.evaluation.plots import (
     plot_per_class_iou,
 )
 from denseclip.evaluation.segmentation import evaluate
+from denseclip.tasks import SegmentationTask
 from tests.helpers.images import write_pair
 from tests.helpers.pictures import assert_picture
 
@@ -83,7 +83,7 @@ def test_confusion_matrix_npy_equals_a_hand_worked_example(colour_scenes, tmp_pa
     assert [row["IoU"] for row in metrics["per_class"]] == pytest.approx(EXPECTED_IOU)
     assert "confusion" not in json.loads((out / "metrics.json").read_text())
 
-    figures = SegmentationTask(cfg, ColourModel()).write_figures(metrics, out)
+    figures = SegmentationTask(cfg).write_figures(metrics, out)
     assert figures == [out / "plots/confusion_matrix.png", out / "plots/per_class_iou.png"]
     for path in figures:
         assert_picture(path)
@@ -122,7 +122,7 @@ def test_without_matplotlib_the_data_files_are_written_and_install_is_named(
     out = tmp_path / "out"
     metrics = evaluate(ColourModel(), dataset, cfg, out_dir=out, progress=False)
     with caplog.at_level(logging.WARNING, logger="denseclip"):
-        assert SegmentationTask(cfg, ColourModel()).write_figures(metrics, out) == []
+        assert SegmentationTask(cfg).write_figures(metrics, out) == []
     assert "pip install 'denseclip[plot]'" in caplog.text
     np.testing.assert_array_equal(np.load(out / "confusion_matrix.npy"), EXPECTED)
     assert (out / "metrics.json").is_file() and not (out / "plots").exists()
@@ -135,7 +135,7 @@ def test_nothing_to_draw_is_a_warning_not_a_failed_test(colour_scenes, tmp_path,
     nothing = {"confusion": np.zeros((3, 3), np.int64),
                "per_class": [{"name": c, "IoU": float("nan")} for c in COLOURS]}
     with caplog.at_level(logging.WARNING, logger="denseclip"):
-        assert SegmentationTask(cfg, ColourModel()).write_figures(nothing, tmp_path) == []
+        assert SegmentationTask(cfg).write_figures(nothing, tmp_path) == []
     assert "no class has an IoU" in caplog.text
     assert not (tmp_path / "plots").exists()
 

@@ -14,11 +14,12 @@ resizes them keep-ratio to (max_size, min_size) unless they already have that si
 pads the batch to a multiple of 32. Targets hold ``boxes`` (float N×4, x1y1x2y2 in input
 pixels), ``labels`` (int64 class indices 0..K-1, the position in ``model.classes``; no
 background index) and, for Mask R-CNN, ``masks`` (uint8 N×H×W). Output labels use the
-same 0..K-1 indices. The builder is :func:`denseclip.models.build.build_detector`.
+same 0..K-1 indices. The builder is :func:`denseclip.models.build.build_detector`;
+:data:`DETECTORS` maps ``model.task`` to the class.
 """
 
 from .anchors import GridAnchorGenerator, retinanet_anchor_generator, rpn_anchor_generator
-from .base import DETECTION_TASKS, CLIPDetector
+from .base import CLIPDetector
 from .losses import box_seg_loss
 from .mask_rcnn import CLIPMaskRCNN
 from .matcher import MaxIoUMatcher
@@ -28,12 +29,15 @@ from .retinanet import CLIPRetinaNet
 from .roi_heads import BoxPredictor, MaskPredictor
 from .transform import DetectionTransform, paste_masks, scale_factors
 
+# model.task → its detector class
+DETECTORS = {cls.TASK: cls for cls in (CLIPRetinaNet, CLIPMaskRCNN)}
+
 __all__ = [
     "BoxPredictor",
     "CLIPDetector",
     "CLIPMaskRCNN",
     "CLIPRetinaNet",
-    "DETECTION_TASKS",
+    "DETECTORS",
     "DetectionTransform",
     "GridAnchorGenerator",
     "MaskPredictor",

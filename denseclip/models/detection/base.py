@@ -14,9 +14,7 @@ from ..official import OFFICIAL_DETECTION_RENAMES
 from ..registry import with_backbone_renames
 from .losses import box_seg_loss
 
-__all__ = ["DETECTION_TASKS", "CLIPDetector"]
-
-DETECTION_TASKS = ("retinanet", "mask_rcnn")
+__all__ = ["CLIPDetector"]
 
 
 def _default_init(module: nn.Module) -> None:

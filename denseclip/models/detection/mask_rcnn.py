@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections import OrderedDict
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -14,6 +15,7 @@ from torchvision.models.detection.mask_rcnn import MaskRCNNHeads
 from torchvision.models.detection.rpn import RPNHead
 from torchvision.ops import roi_align
 
+from ...config import ConfigError, ModelConfig
 from ..fpn import FPN, conv_module_init
 from ..guidance import TextGuidance
 from .anchors import rpn_anchor_generator
@@ -32,6 +34,24 @@ class CLIPMaskRCNN(CLIPDetector, GeneralizedRCNN):
     ``guidance`` is given. See docs/detection.md for the recipe."""
 
     IN_LEVELS = (0, 1, 2, 3)  # the backbone levels the FPN reads: strides 4 to 32
+    TASK = "mask_rcnn"  # the model.task it serves
+    WITH_MASKS = True
+
+    @staticmethod
+    def config_options(cfg: ModelConfig) -> dict[str, Any]:
+        """Keyword arguments of this detector that ``cfg`` sets (besides the shared ones); the
+        box-head width is 4 × ``model.head_channels``."""
+        det = cfg.detection
+        options: dict[str, Any] = {}
+        for name in ("rpn_pre_nms_top_n", "rpn_post_nms_top_n"):
+            value = getattr(det, name)
+            if len(value) != 2:
+                raise ConfigError(f"model.detection.{name} must be [training, test], got {value}")
+            options[name] = tuple(value)
+        options.update(box_batch_size_per_image=det.box_batch_size_per_image,
+                       representation_size=4 * cfg.head_channels,
+                       head_channels=cfg.head_channels)
+        return options
 
     def __init__(self, backbone: nn.Module, num_classes: int,
                  guidance: TextGuidance | None = None, *, score_level: int = 3,

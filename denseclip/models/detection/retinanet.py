@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +13,7 @@ from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import boxes as box_ops
 from torchvision.ops import sigmoid_focal_loss
 
+from ...config import ConfigError, ModelConfig
 from ..fpn import FPN, conv_module_init
 from ..guidance import TextGuidance
 from .anchors import retinanet_anchor_generator
@@ -28,6 +30,16 @@ class CLIPRetinaNet(CLIPDetector, RetinaNet):
     on C5 when ``guidance`` is given. See docs/detection.md for the recipe."""
 
     IN_LEVELS = (1, 2, 3)  # the backbone levels the FPN reads: strides 8, 16, 32
+    TASK = "retinanet"  # the model.task it serves
+    WITH_MASKS = False
+
+    @staticmethod
+    def config_options(cfg: ModelConfig) -> dict[str, Any]:
+        """Keyword arguments of this detector that ``cfg`` sets (besides the shared ones)."""
+        if cfg.head_channels != cfg.neck_channels:
+            raise ConfigError("RetinaNet head convs keep the FPN width: set "
+                              "model.head_channels equal to model.neck_channels")
+        return {"focal_prior_init": cfg.detection.focal_prior_init}
 
     def __init__(self, backbone: nn.Module, num_classes: int,
                  guidance: TextGuidance | None = None, *, score_level: int = 3,

@@ -1,0 +1,73 @@
+"""The interface every task implements: one object per config that owns what differs
+between tasks, so that the engine, evaluation, predictor and tools never compare task
+names."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from ..config import Config
+from ..dist import DistEnv
+
+
+class Task:
+    """What differs between tasks, for one config.
+
+    Class attributes: ``name``; ``official_batch_size``, the global batch of the official
+    recipe (images per optimiser step over all GPUs); ``main_metric``, the metric that picks
+    the best checkpoint (higher is better); ``summary_keys``, the headline metrics logged
+    after each evaluation."""
+
+    name: ClassVar[str]
+    official_batch_size: ClassVar[int]
+    main_metric: ClassVar[str]
+    summary_keys: tuple[str, ...]
+
+    def __init__(self, cfg: Config) -> None:
+        self.cfg = cfg
+
+    # ------------------------------------------------------------------ model
+    def build_model(self) -> nn.Module:
+        """The task's model for ``cfg`` with freshly initialised weights."""
+        raise NotImplementedError
+
+    @staticmethod
+    def convert_sync_batchnorm(model: nn.Module) -> nn.Module:
+        """The model with BatchNorm turned into SyncBatchNorm where the official recipe does."""
+        raise NotImplementedError
+
+    # ------------------------------------------------------------------ data and training
+    def dataset(self, split: str, train: bool):
+        """The ``split`` of ``cfg.data`` with the training or the test pipeline."""
+        raise NotImplementedError
+
+    def group_flags(self, dataset) -> list[int] | None:
+        """Group ids for the training sampler (None: plain shuffling)."""
+        return None
+
+    @property
+    def collate(self):
+        """The collate function of the training loader."""
+        raise NotImplementedError
+
+    def to_device(self, batch: dict[str, Any], device: torch.device):
+        """``(inputs, targets)`` of a collated batch on ``device``."""
+        raise NotImplementedError
+
+    def checkpoint_meta(self, dataset) -> dict[str, Any]:
+        """What a checkpoint records about the training data (class names, ids)."""
+        return {"classes": list(dataset.class_names)}
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, model: nn.Module, dataset, env: DistEnv, aug_test: bool = False,
+                 out_dir: str | Path | None = None, progress: bool = True) -> dict[str, Any]:
+        """Metrics of ``model`` on ``dataset`` (with the summary keys and a ``table``)."""
+        raise NotImplementedError
+
+    def write_figures(self, metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
+        """Figures of :meth:`evaluate`'s metrics in ``out_dir``; their paths."""
+        return []
