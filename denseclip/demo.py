@@ -40,7 +40,7 @@ from PIL import Image
 
 from .data.io import READABLE_FORMATS, DatasetError, UnknownImageFormatError, decode_image
 from .inference import DetectionPrediction, PredictionError, Predictor
-from .inference.render import format_share, palette, render_detections, render_overlay
+from .tasks.render import format_share, palette, render_detections, render_overlay
 
 __all__ = ["DemoServer", "make_server", "render_page"]
 

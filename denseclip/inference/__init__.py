@@ -1,9 +1,10 @@
 """Inference for people: :class:`Predictor` turns images into numpy predictions; the
 writers turn them into overlays, label maps, heatmaps and JSON (``denseclip predict``).
 
-Modules: :mod:`.predictor` (the predictor), :mod:`.results` (what it returns),
-:mod:`.open_vocab` (score maps of class names you type), :mod:`.inputs` (images and file
-lists), :mod:`.render` (pictures), :mod:`.writers` (files).
+Modules: :mod:`.predictor` (the predictor), :mod:`.open_vocab` (score maps of class names
+you type), :mod:`.inputs` (images and file lists). What it returns and how results become
+pictures and files belong to the tasks: :mod:`denseclip.tasks.results`,
+:mod:`denseclip.tasks.render`, :mod:`denseclip.tasks.writers` (re-exported here).
 
 Two segmentations, and what to expect from each
 -----------------------------------------------
@@ -37,11 +38,12 @@ in the official presets a class text may use at most 3 BPE tokens (``text.contex
 text.n_ctx - 2``); longer texts are an error naming the class and the limit.
 """
 
+from ..tasks.render import render_detections, render_overlay
+from ..tasks.results import DetectionPrediction, PredictionError, Prepared, SegmentationPrediction
+from ..tasks.writers import write_detection, write_segmentation
 from .inputs import IMAGE_SUFFIXES, collect_inputs, to_rgb
 from .open_vocab import OpenVocabulary, read_open_classes
 from .predictor import Predictor
-from .results import DetectionPrediction, PredictionError, Prepared, SegmentationPrediction
-from .writers import write_detection, write_segmentation
 
 __all__ = [
     "IMAGE_SUFFIXES",
@@ -53,6 +55,8 @@ __all__ = [
     "SegmentationPrediction",
     "collect_inputs",
     "read_open_classes",
+    "render_detections",
+    "render_overlay",
     "to_rgb",
     "write_detection",
     "write_segmentation",

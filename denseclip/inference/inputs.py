@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from ..data.io import check_image_size, load_image, pil_to_rgb
-from .results import PredictionError
+from ..tasks.results import PredictionError
 
 __all__ = ["IMAGE_SUFFIXES", "collect_inputs", "to_rgb"]
 

@@ -17,7 +17,7 @@ from ..classes import ClassListError, as_class_dict, read_classes
 from ..models.guidance import DenseFeatures, TextGuidance
 from ..models.segmentor import Segmentor
 from ..models.text_encoder import tokenize
-from .results import PredictionError
+from ..tasks.results import PredictionError
 
 __all__ = ["OpenVocabulary", "read_open_classes"]
 

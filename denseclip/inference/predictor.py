@@ -23,10 +23,10 @@ from ..models.guidance import TextGuidance
 from ..models.segmentor import MIN_INPUT_SIZE
 from ..runtime import prepare_model, resolve_precision, run_mode
 from ..tasks import DetectionTask, build_model, get_task
+from ..tasks.results import DetectionPrediction, PredictionError, Prepared, SegmentationPrediction
 from ..utils import keep_ratio_size, resize
 from .inputs import to_rgb
 from .open_vocab import OpenVocabulary
-from .results import DetectionPrediction, PredictionError, Prepared, SegmentationPrediction
 
 __all__ = ["Predictor"]
 

@@ -15,7 +15,7 @@ from denseclip import cli
 from denseclip.checkpoint import save_checkpoint
 from denseclip.classes import load_class_names
 from denseclip.cli import predict
-from denseclip.inference.writers import safe_name
+from denseclip.tasks.writers import safe_name
 from tests.helpers.images import random_image
 
 PRESET = "tiny_denseclip_res"

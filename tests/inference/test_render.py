@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from denseclip.inference.render import (
+from denseclip.tasks.render import (
     colorize,
     format_share,
     heatmap_overlay,
