@@ -46,7 +46,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import json
 import logging
 import math
 import os
@@ -64,17 +63,14 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from .config import Config, ConfigError
-from .data.coco import CocoDetection, build_coco_train_transforms
-from .data.segmentation import ADE20KDataset
-from .data.transforms import build_train_transforms
+from .data.generated import ADE20K_IMAGE
 from .engine.optim import build_optimizer
 from .evaluation.inference import mode_logits, slide_windows
 from .runtime import prepare_model, resolve_precision, run_mode
-from .tasks import build_model
+from .tasks import build_model, get_task
 from .utils import keep_ratio_size
 
 __all__ = ["ADE20K_IMAGE", "MIN_SIZE", "BenchOptions", "RSSSampler", "check_options",
@@ -86,8 +82,6 @@ __all__ = ["ADE20K_IMAGE", "MIN_SIZE", "BenchOptions", "RSSSampler", "check_opti
 _log = logging.getLogger(__name__)
 
 MIN_SIZE = 32  # smallest input side (one stride-32 feature cell)
-ADE20K_IMAGE = (512, 683)  # (H, W) of a typical ADE20K validation image
-COCO_IMAGE = (480, 640)
 SAMPLE_INTERVAL_S = 0.002
 GIB = 2**30
 _PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
@@ -232,17 +226,11 @@ def time_calls(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.d
 
 
 # ------------------------------------------------------------------ configuration
-def is_detection(cfg: Config) -> bool:
-    return cfg.model.task != "segmentation"
-
-
 def default_size(cfg: Config) -> tuple[int, int]:
-    """``data.crop_size`` for segmentors; ``(detection.min_size, detection.max_size)`` for
-    detectors (800×1333 for the official presets: the scale they resize to)."""
-    if is_detection(cfg):
-        return cfg.model.detection.min_size, cfg.model.detection.max_size
-    h, w = cfg.data.crop_size
-    return int(h), int(w)
+    """The input size measured unless one is given: ``data.crop_size`` for segmentors;
+    ``(detection.min_size, detection.max_size)`` for detectors (800×1333 for the official
+    presets: the scale they resize to)."""
+    return get_task(cfg).bench_size()
 
 
 def resolve_device(device: str | None) -> torch.device:
@@ -287,7 +275,7 @@ def measurement_labels(cfg: Config, opts: BenchOptions) -> list[str]:
         labels.append(f"{mode} eval forward")
         if opts.train:
             labels.append(f"{mode} train step")
-    if opts.slide and not is_detection(cfg):
+    if opts.slide and get_task(cfg).slide_inference:
         labels += ["fp32 slide inference", "fast slide inference"]
     if opts.pipeline:
         labels.append("data pipeline")
@@ -295,42 +283,11 @@ def measurement_labels(cfg: Config, opts: BenchOptions) -> list[str]:
 
 
 # ------------------------------------------------------------------ inputs
-def _detection_target(h: int, w: int, num_classes: int, with_masks: bool,
-                      gen: torch.Generator, boxes_per_image: int = 3) -> dict[str, torch.Tensor]:
-    """A few valid random boxes (at least 4 px wide and high), labels and, for Mask R-CNN,
-    filled box masks."""
-    u = torch.rand(boxes_per_image, 4, generator=gen)
-    x1, y1 = u[:, 0] * 0.5 * w, u[:, 1] * 0.5 * h
-    x2 = torch.minimum(x1 + (0.2 + 0.3 * u[:, 2]) * w + 4, torch.tensor(float(w)))
-    y2 = torch.minimum(y1 + (0.2 + 0.3 * u[:, 3]) * h + 4, torch.tensor(float(h)))
-    boxes = torch.stack([x1, y1, x2, y2], dim=1)
-    target = {"boxes": boxes,
-              "labels": torch.randint(0, num_classes, (boxes_per_image,), generator=gen)}
-    if with_masks:
-        masks = torch.zeros(boxes_per_image, h, w, dtype=torch.uint8)
-        for m, (a, b, c, d) in zip(masks, boxes.tolist(), strict=True):
-            m[int(b):math.ceil(d), int(a):math.ceil(c)] = 1
-        target["masks"] = masks
-    return target
-
-
 def make_inputs(cfg: Config, num_classes: int, size: Sequence[int], batch: int,
                 device: torch.device, seed: int = 0) -> tuple[Any, Any]:
-    """``(images, targets)`` as a user passes them: for segmentors a ``B×3×H×W`` batch of
-    normal noise (normalised images) and ``B×H×W`` class indices; for detectors a list of
-    ``3×H×W`` images in 0..1 and one target dict per image."""
-    gen = torch.Generator().manual_seed(seed)
-    h, w = int(size[0]), int(size[1])
-    if not is_detection(cfg):
-        images = torch.randn(batch, 3, h, w, generator=gen)
-        targets = torch.randint(0, num_classes, (batch, h, w), generator=gen)
-        return images.to(device), targets.to(device)
-    with_masks = cfg.model.task == "mask_rcnn"
-    images = [torch.rand(3, h, w, generator=gen).to(device) for _ in range(batch)]
-    targets = [{k: v.to(device) for k, v in
-                _detection_target(h, w, num_classes, with_masks, gen).items()}
-               for _ in range(batch)]
-    return images, targets
+    """``(images, targets)`` as a user passes them to ``cfg``'s model
+    (:meth:`~denseclip.tasks.Task.bench_inputs`)."""
+    return get_task(cfg).bench_inputs(num_classes, size, batch, device, seed)
 
 
 # ------------------------------------------------------------------ model measurements
@@ -413,42 +370,6 @@ def _measure_slide(name: str, model: nn.Module, cfg: Config, precision: str, ker
 
 
 # ------------------------------------------------------------------ data pipeline
-def _write_ade20k(root: Path, num_images: int, rng: np.random.Generator) -> None:
-    (root / "images/training").mkdir(parents=True)
-    (root / "annotations/training").mkdir(parents=True)
-    for i in range(num_images):
-        h, w = ADE20K_IMAGE if i % 2 else ADE20K_IMAGE[::-1]
-        img = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
-        label = np.repeat(np.arange(w, dtype=np.uint8)[None] % 151, h, axis=0)
-        Image.fromarray(img).save(root / f"images/training/{i:05d}.jpg", quality=90)
-        Image.fromarray(label).save(root / f"annotations/training/{i:05d}.png")
-
-
-def _write_coco(root: Path, num_images: int, rng: np.random.Generator) -> tuple[Path, Path]:
-    """COCO-sized JPEGs with three boxes (rectangle polygons) each, in COCO's layout."""
-    img_dir, ann_file = root / "train", root / "annotations" / "instances_train.json"
-    img_dir.mkdir(parents=True)
-    ann_file.parent.mkdir(parents=True)
-    images, annotations = [], []
-    for i in range(num_images):
-        h, w = COCO_IMAGE if i % 2 else COCO_IMAGE[::-1]
-        name = f"{i:012d}.jpg"
-        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(
-            img_dir / name, quality=90)
-        images.append({"id": i + 1, "file_name": name, "height": h, "width": w})
-        for k in range(3):
-            x, y = float(rng.uniform(0, w / 2)), float(rng.uniform(0, h / 2))
-            bw, bh = float(rng.uniform(16, w / 2)), float(rng.uniform(16, h / 2))
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": i + 1, "category_id": k + 1,
-                "bbox": [x, y, bw, bh], "area": bw * bh, "iscrowd": 0,
-                "segmentation": [[x, y, x + bw, y, x + bw, y + bh, x, y + bh]]})
-    categories = [{"id": k + 1, "name": f"class{k}"} for k in range(3)]
-    ann_file.write_text(json.dumps({"images": images, "annotations": annotations,
-                                    "categories": categories}))
-    return img_dir, ann_file
-
-
 def pipeline_speed(cfg: Config, num_images: int = 16, seed: int = 0) -> float:
     """Images per second of ``cfg``'s training data pipeline (decode, augmentations,
     tensors) in one worker (one intra-op thread while measuring), on ``num_images``
@@ -458,15 +379,7 @@ def pipeline_speed(cfg: Config, num_images: int = 16, seed: int = 0) -> float:
     threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory(prefix="denseclip-bench-") as tmp:
         root = Path(tmp)
-        if is_detection(cfg):
-            img_dir, ann_file = _write_coco(root, num_images, rng)
-            dataset: Any = CocoDetection(img_dir, ann_file, train=True,
-                                         with_masks=cfg.model.task == "mask_rcnn",
-                                         transforms=build_coco_train_transforms(cfg.data))
-        else:
-            _write_ade20k(root, num_images, rng)
-            dataset = ADE20KDataset(root, "training", transforms=build_train_transforms(
-                cfg.data, cfg.model.ignore_index))
+        dataset = get_task(cfg).bench_training_set(root, num_images, rng)
         torch.set_num_threads(1)
         try:
             dataset[(0, 0)]  # warm-up
@@ -494,9 +407,10 @@ def run_benchmark(cfg: Config, opts: BenchOptions | None = None,
     "repeats", "warmup", "eval_forward_s": {mode: s}, "train_step_s": {mode: s},
     "peak_mem_gib": {mode: GiB}, "peak_mem_method", "peak_rss_gib",
     "slide_s_per_image": {"fp32", "fast", "windows"}, "pipeline_images_per_s_per_worker",
-    "speedup": {"eval_forward", "train_step"} (fp32 / fast), "speedup_fp32_fast": {…}
-    (fp32 / fp32_fast)}``, with ``"compile_s": {"eval_forward", "train_step"}`` (the
-    first calls) under ``compile``; times are seconds per call (per batch, for the model).
+    "pipeline_data" (what the generated images imitate), "speedup": {"eval_forward",
+    "train_step"} (fp32 / fast), "speedup_fp32_fast": {…} (fp32 / fp32_fast)}``, with
+    ``"compile_s": {"eval_forward", "train_step"}`` (the first calls) under ``compile``;
+    times are seconds per call (per batch, for the model).
     Parts not measured (``train``, ``slide``, ``pipeline`` off, or slide for detectors)
     are left out. Raises :class:`ConfigError` for a bad size, count or device."""
     opts = opts or BenchOptions()
@@ -530,7 +444,7 @@ def run_benchmark(cfg: Config, opts: BenchOptions | None = None,
                                for key, part in (("eval_forward", "eval"),
                                                  ("train_step", "train")) if part in
                                measured["compiled"]}
-    if opts.slide and not is_detection(cfg):
+    if opts.slide and get_task(cfg).slide_inference:
         result["slide_s_per_image"] = {
             name: _measure_slide(name, model, cfg, precision, kernels, opts, device, progress)
             for name, (precision, kernels) in (("fp32", modes["fp32"]),
@@ -541,6 +455,7 @@ def run_benchmark(cfg: Config, opts: BenchOptions | None = None,
     if opts.pipeline:
         progress("data pipeline")
         result["pipeline_images_per_s_per_worker"] = pipeline_speed(cfg, opts.pipeline_images)
+        result["pipeline_data"] = get_task(cfg).bench_data
     result["speedup"] = {key: ratio(result[field]["fp32"], result[field]["fast"])
                          for key, field in keys}
     result["speedup_fp32_fast"] = {key: ratio(result[field]["fp32"], result[field]["fp32_fast"])

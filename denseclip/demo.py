@@ -40,6 +40,7 @@ from PIL import Image
 
 from .data.io import READABLE_FORMATS, DatasetError, UnknownImageFormatError, decode_image
 from .inference import DetectionPrediction, PredictionError, Predictor
+from .tasks import get_task
 from .tasks.render import format_share, palette, render_detections, render_overlay
 
 __all__ = ["DemoServer", "make_server", "render_page"]
@@ -116,7 +117,7 @@ def render_page(predictor: Predictor, classes: str = "", result: Any = None,
                 note: str | None = None, score_thr: float = 0.3) -> str:
     """The demo page: the form, then an error or the overlays of ``result``."""
     cfg = predictor.cfg
-    segmentation = predictor.task == "segmentation"
+    task = get_task(cfg)
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
@@ -134,8 +135,8 @@ def render_page(predictor: Predictor, classes: str = "", result: Any = None,
         "</label>",
         ("<label>Class names (comma-separated, optional) <input type='text' id='classes' "
          f"name='classes' placeholder='cat, dog, grass' value='{html.escape(classes)}'>"
-         "</label>") if segmentation else "",
-        f"<button type='submit' id='submit'>{'Segment' if segmentation else 'Detect'}"
+         "</label>") if task.supports_open_vocabulary else "",
+        f"<button type='submit' id='submit'>{task.verb}"
         "</button></form>",
     ]
     if error:
@@ -382,7 +383,7 @@ class _Handler(BaseHTTPRequestHandler):
             note = f"The {W}x{H} image was reduced to {size[0]}x{size[1]} for the demo."
         with server.lock:
             predictor = server.predictor
-            if predictor.task == "segmentation":
+            if get_task(predictor.cfg).supports_open_vocabulary:
                 predictor.set_classes(classes or None)
             result = predictor.predict(rgb, return_probs=False)
         return render_page(predictor, classes, result, rgb, note=note)

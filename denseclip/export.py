@@ -37,6 +37,7 @@ from .inference import Predictor
 from .models.segmentor import Segmentor
 from .optional import require
 from .runtime import reference_kernels
+from .tasks import get_task
 
 EXPORT_PRECISIONS = ("fp32", "fp16")
 
@@ -147,7 +148,7 @@ def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17,
                      precision: str = "fp32") -> Path:
     """Export a predictor's model and class lists (trained and open) to ONNX, stored in
     ``precision`` (see :func:`export_precision`)."""
-    if predictor.task != "segmentation":
+    if not get_task(predictor.cfg).onnx_export:
         raise ExportError(f"ONNX export supports segmentation presets; {predictor.cfg.name} "
                           f"is a {predictor.task} model")
     if predictor.cfg.model.zeroshot:

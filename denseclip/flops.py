@@ -65,6 +65,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from .runtime import reference_kernels
+from .tasks.detection import DETECTION_INPUT_SIZE
 
 __all__ = ["DETECTION_INPUT_SIZE", "EXTRA_OPS", "MODULES", "TRANSPOSED_CONV", "complexity",
            "count_macs", "count_parameters", "format_report", "is_detector"]
@@ -231,8 +232,6 @@ def _module_device(model: nn.Module) -> torch.device:
 #: (``other`` is the rest). A Mask R-CNN reports ``rpn`` and ``roi_heads`` for ``head``.
 MODULES = ("backbone", "text_encoder", "context_decoder", "neck", "head")
 
-#: Default (H, W) for detectors: the ``--shape 1280 800`` default of mmdet's FLOPs script.
-DETECTION_INPUT_SIZE = (1280, 800)
 
 
 def _subtree(macs: dict[str, int], path: str) -> int:

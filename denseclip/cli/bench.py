@@ -124,7 +124,7 @@ def format_table(result: dict[str, Any]) -> str:
     lines.append(f"peak memory: {result['peak_mem_method']}; process max RSS (ru_maxrss) "
                  f"{result['peak_rss_gib']:.2f} GiB")
     if "pipeline_images_per_s_per_worker" in result:
-        what = "COCO-sized" if result["task"] != "segmentation" else "ADE20K-sized"
-        lines.append(f"data pipeline: the training transforms on generated {what} JPEGs, "
+        lines.append(f"data pipeline: the training transforms on generated "
+                     f"{result['pipeline_data']} JPEGs, "
                      "one intra-op thread, no model")
     return "\n".join(lines)

@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from ..config import ConfigError, available_presets
-from ..flops import DETECTION_INPUT_SIZE, complexity, format_report
-from ..tasks import build_model
+from ..config import available_presets
+from ..flops import complexity, format_report
+from ..tasks import build_model, get_task
 from .common import add_config_arguments, load_cli_config
 
 HELP = "count parameters and multiply-adds (GMACs) of a config's model"
@@ -34,25 +34,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
     cfg.model.pretrained = None  # weights do not change the counts
-    detection = cfg.model.task != "segmentation"
-    divisor = cfg.model.detection.size_divisor
-    if args.size:
-        size = list(args.size)
-    elif not detection:
-        size = list(cfg.data.crop_size)
-    else:
-        # mmdet's FLOPs default, unless the backbone crops a stored position grid too small
-        # for it (the tiny presets): then the largest padded test input
-        backbone = cfg.model.backbone
-        size = list(DETECTION_INPUT_SIZE)
-        if backbone.pos_embed == "crop" and max(size) > backbone.input_resolution:
-            det = cfg.model.detection
-            size = [-(-det.max_size // divisor) * divisor, -(-det.min_size // divisor) * divisor]
-    if len(size) != 2 or min(size) <= 0:
-        raise ConfigError(f"input size must be two positive integers (H W), got {size}")
-    if detection and (size[0] % divisor or size[1] % divisor):
-        raise ConfigError(f"detectors are counted on the raw input tensor: the size must be "
-                          f"a multiple of model.detection.size_divisor ({divisor}), got {size}")
+    size = get_task(cfg).flops_size(args.size)
     model = build_model(cfg).to(args.device)
     result = {"config": cfg.name, **complexity(model, size,
                                                transposed_conv=args.transposed_conv)}

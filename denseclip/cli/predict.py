@@ -13,7 +13,8 @@ from tqdm import tqdm
 
 from ..checkpoint import CheckpointError
 from ..config import load_config
-from ..inference import PredictionError, collect_inputs, write_detection, write_segmentation
+from ..inference import PredictionError, collect_inputs
+from ..tasks import get_task
 from .common import (
     add_class_arguments,
     add_max_pixels_argument,
@@ -96,8 +97,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"denseclip predict: skipped {skipped} non-image file(s) in folders",
               file=sys.stderr)
 
-    detection = predictor._detects
-    want_probs = args.heatmaps and not predictor.open_class_names and not detection
+    task = get_task(predictor.cfg)
+    want_probs = task.needs_probs(args.heatmaps, bool(predictor.open_class_names))
     stems: set[str] = set()
     written = 0
     bar = tqdm(total=len(paths), unit="img", desc="predict", dynamic_ncols=True)
@@ -142,10 +143,8 @@ def run(args: argparse.Namespace) -> int:
                 continue
             stem = stem_for(path)
             try:
-                if detection:
-                    write_detection(result, item.image, out, stem, args.score_thr)
-                else:
-                    write_segmentation(result, item.image, out, stem, args.heatmaps)
+                task.write_result(result, item.image, out, stem, heatmaps=args.heatmaps,
+                                  score_thr=args.score_thr)
                 written += 1
             except (OSError, ValueError) as e:
                 fail(path, f"cannot write outputs: {e}")

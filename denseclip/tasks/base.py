@@ -4,9 +4,11 @@ names."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -71,3 +73,44 @@ class Task:
     def write_figures(self, metrics: dict[str, Any], out_dir: str | Path) -> list[Path]:
         """Figures of :meth:`evaluate`'s metrics in ``out_dir``; their paths."""
         return []
+
+    # ------------------------------------------------------------------ tools
+    # what the demo's button says; whether class names typed by a user are scored (open
+    # vocabulary), ONNX export and the slide-inference benchmark apply; what the
+    # benchmark's generated training images imitate
+    verb: ClassVar[str]
+    supports_open_vocabulary: ClassVar[bool] = False
+    onnx_export: ClassVar[bool] = False
+    slide_inference: ClassVar[bool] = False
+    bench_data: ClassVar[str]
+
+    def needs_probs(self, heatmaps: bool, open_classes: bool) -> bool:
+        """Whether ``denseclip predict`` needs class probabilities for what it writes."""
+        return False
+
+    def write_result(self, result: Any, image: np.ndarray, out: Path, stem: str, *,
+                     heatmaps: bool = False, score_thr: float = 0.3) -> list[Path]:
+        """Write ``result`` of ``image`` as ``denseclip predict`` does: pictures and data
+        files named ``<stem>_*`` in ``out``; their paths."""
+        raise NotImplementedError
+
+    def bench_size(self) -> tuple[int, int]:
+        """The input size (H, W) ``denseclip bench`` measures unless told otherwise."""
+        raise NotImplementedError
+
+    def bench_inputs(self, num_classes: int, size: Sequence[int], batch: int,
+                     device: torch.device, seed: int = 0) -> tuple[Any, Any]:
+        """Random ``(images, targets)`` of ``batch`` images of ``size`` as a user passes them
+        to the model."""
+        raise NotImplementedError
+
+    def bench_training_set(self, root: Path, num_images: int, rng: np.random.Generator):
+        """``num_images`` generated images in the task's data layout under ``root``, as a
+        training dataset (with the training transforms of ``cfg.data``)."""
+        raise NotImplementedError
+
+    def flops_size(self, given: Sequence[int] | None = None) -> list[int]:
+        """The input size (H, W) that ``denseclip flops`` counts: ``given`` (checked), else
+        the task's default."""
+        raise NotImplementedError
+

@@ -2,20 +2,35 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
 from ..classes import load_class_names
 from ..config import Config, ConfigError
-from ..data.coco import build_coco_dataset, collate_detection, move_detection_batch
+from ..data.coco import (
+    CocoDetection,
+    build_coco_dataset,
+    build_coco_train_transforms,
+    collate_detection,
+    move_detection_batch,
+)
+from ..data.generated import random_detection_target, write_coco_set
 from ..dist import DistEnv
 from ..evaluation.coco import METRIC_NAMES, evaluate_detection, format_per_category_table
 from ..models.build import build_detector
 from ..models.detection import DETECTORS
 from .base import Task
+from .results import DetectionPrediction
+from .writers import write_detection
+
+#: Default (H, W) for counting detectors: the ``--shape 1280 800`` default of mmdet's FLOPs
+#: script.
+DETECTION_INPUT_SIZE = (1280, 800)
 
 
 class DetectionTask(Task):
@@ -94,3 +109,56 @@ class DetectionTask(Task):
     def checkpoint_meta(self, dataset) -> dict[str, Any]:
         # Category id of each contiguous label, so results map back to the JSON's ids.
         return {"classes": list(dataset.class_names), "cat_ids": list(dataset.cat_ids)}
+
+    # ------------------------------------------------------------------ tools
+    verb = "Detect"
+    bench_data = "COCO-sized"
+
+    def write_result(self, result: DetectionPrediction, image: np.ndarray, out: Path,
+                     stem: str, *, heatmaps: bool = False, score_thr: float = 0.3) -> list[Path]:
+        return write_detection(result, image, out, stem, score_thr)
+
+    def bench_size(self) -> tuple[int, int]:
+        """``(detection.min_size, detection.max_size)``: 800×1333 for the official presets,
+        the scale they resize to."""
+        det = self.cfg.model.detection
+        return det.min_size, det.max_size
+
+    def bench_inputs(self, num_classes: int, size: Sequence[int], batch: int,
+                     device: torch.device, seed: int = 0) -> tuple[list, list]:
+        """A list of ``3×H×W`` images in 0..1 and one target dict per image (a few random
+        boxes; filled box masks for Mask R-CNN)."""
+        gen = torch.Generator().manual_seed(seed)
+        h, w = int(size[0]), int(size[1])
+        images = [torch.rand(3, h, w, generator=gen).to(device) for _ in range(batch)]
+        targets = [{k: v.to(device) for k, v in random_detection_target(
+            h, w, num_classes, self.with_masks, gen).items()} for _ in range(batch)]
+        return images, targets
+
+    def bench_training_set(self, root: Path, num_images: int, rng: np.random.Generator):
+        img_dir, ann_file = write_coco_set(root, num_images, rng)
+        return CocoDetection(img_dir, ann_file, train=True, with_masks=self.with_masks,
+                             transforms=build_coco_train_transforms(self.cfg.data))
+
+    def flops_size(self, given: Sequence[int] | None = None) -> list[int]:
+        """``given``, else mmdet's FLOPs default (:data:`DETECTION_INPUT_SIZE`), unless the
+        backbone crops a stored position grid too small for it (the tiny presets): then the
+        largest padded test input. Detectors are counted on the raw input tensor, so the size
+        must be a multiple of ``model.detection.size_divisor``."""
+        det, backbone = self.cfg.model.detection, self.cfg.model.backbone
+        divisor = det.size_divisor
+        if given:
+            size = list(given)
+        else:
+            size = list(DETECTION_INPUT_SIZE)
+            if backbone.pos_embed == "crop" and max(size) > backbone.input_resolution:
+                size = [-(-det.max_size // divisor) * divisor,
+                        -(-det.min_size // divisor) * divisor]
+        if len(size) != 2 or min(size) <= 0:
+            raise ConfigError(f"input size must be two positive integers (H W), got {size}")
+        if size[0] % divisor or size[1] % divisor:
+            raise ConfigError(f"detectors are counted on the raw input tensor: the size must "
+                              f"be a multiple of model.detection.size_divisor ({divisor}), "
+                              f"got {size}")
+        return size
+
