@@ -7,12 +7,11 @@ backbones), :class:`Predictor` (images in, predictions out), and :func:`save_pre
 README's "Code map" says where each concept lives.
 """
 
-from .checkpoint import load_checkpoint
 from .config import Config, ConfigError, available_presets, load_config
 from .inference import Predictor
-from .pretrained import from_pretrained
-from .saving import save_pretrained
 from .tasks import build_model
+from .tasks.pretrained import from_pretrained
+from .weights import load_checkpoint, save_pretrained
 
 __version__ = "0.1.0"
 

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 
 import denseclip
-from denseclip.checkpoint import CheckpointError, convert_state_dict, save_checkpoint
 from denseclip.models.official import OFFICIAL_SEGMENTATION_RENAMES
+from denseclip.weights import CheckpointError, convert_state_dict, save_checkpoint
 from tests.helpers.clip import FakeOpenAICLIP
 
 OFFICIAL_KEYS = Path(__file__).parent / "fixtures" / "official_keys"
@@ -204,7 +204,7 @@ def test_files_that_are_not_checkpoints(tmp_path):
 FULL_DISK_SCRIPT = """
 import os, sys
 from torch import nn
-from denseclip.checkpoint import DiskFullError, read_checkpoint, save_checkpoint
+from denseclip.weights import DiskFullError, read_checkpoint, save_checkpoint
 path = sys.argv[1]
 save_checkpoint(path, nn.Linear(4, 4), iteration=1)
 try:
@@ -269,7 +269,7 @@ def test_save_pretrained_reports_a_full_disk_in_the_same_words(tmp_path):
     script = ("import sys\nimport denseclip\nmodel = denseclip.build_model("
               "denseclip.load_config('tiny_denseclip_res'))\n"
               "try:\n    model.save_pretrained(sys.argv[1])\n"
-              "except denseclip.checkpoint.DiskFullError as e:\n    print(e)\n")
+              "except denseclip.weights.DiskFullError as e:\n    print(e)\n")
     out = tmp_path / "saved"
     run = subprocess.run([sys.executable, "-c", script, str(out)], capture_output=True,
                          text=True, timeout=120, preexec_fn=lambda: resource.setrlimit(

@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import denseclip
-from denseclip.checkpoint import (
+from denseclip.weights import (
     ENV_ALLOW_TORCHSCRIPT,
     CheckpointError,
     load_checkpoint,
@@ -22,7 +22,7 @@ from denseclip.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from denseclip.torchscript import TorchScriptUnreadable, read_torchscript_weights
+from denseclip.weights.torchscript import TorchScriptUnreadable, read_torchscript_weights
 from tests.helpers.clip import FakeOpenAICLIP
 
 

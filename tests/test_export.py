@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import denseclip
-from denseclip.checkpoint import save_checkpoint
 from denseclip.cli import export
 from denseclip.export import ExportError, SegmentorForExport, export_onnx, export_predictor
 from denseclip.inference import Predictor
+from denseclip.weights import save_checkpoint
 
 NAMES = ["cat", "dog", "grass"]
 # ONNX Runtime and PyTorch are two implementations (other convolution algorithms, other

@@ -40,12 +40,12 @@ from torch import nn
 
 import denseclip
 from denseclip import Predictor
-from denseclip.checkpoint import save_checkpoint
 from denseclip.cli import main
 from denseclip.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_sample
 from denseclip.engine import trainer
 from denseclip.engine.optim import build_optimizer
 from denseclip.runtime import fast_kernels, prepare_model, resolve_precision, run_mode
+from denseclip.weights import save_checkpoint
 from tests.helpers.weights import randomise_batchnorm
 
 AGREEMENT = 0.995  # argmax / sign agreement of bf16 with the fp32 reference

@@ -8,8 +8,6 @@ import re
 import socket
 import subprocess
 import threading
-from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import numpy as np
@@ -18,11 +16,11 @@ import torch
 from PIL import Image
 
 import denseclip
-from denseclip import hub
-from denseclip.checkpoint import save_checkpoint
 from denseclip.cli import main
 from denseclip.cli.download import describe
 from denseclip.config import available_presets
+from denseclip.weights import hub, resolve, save_checkpoint
+from tests.helpers.http_server import FileServer
 
 PAYLOAD = bytes(range(256)) * 1024  # 256 KiB: several read chunks
 OTHER = b"something else entirely" * 100
@@ -30,69 +28,6 @@ OTHER = b"something else entirely" * 100
 
 def sha(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
-
-
-@dataclass
-class ServerState:
-    """What the test server serves and what it was asked."""
-
-    files: dict[str, bytes] = field(default_factory=dict)
-    redirects: dict[str, str] = field(default_factory=dict)
-    cut_once: dict[str, int] = field(default_factory=dict)  # path -> bytes sent, then close
-    ignore_range: bool = False
-    requests: list[dict[str, str | None]] = field(default_factory=list)
-
-
-class FileServer:
-    def __init__(self) -> None:
-        self.state = ServerState()
-        state = self.state
-
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args: object) -> None:  # keep the test output clean
-                pass
-
-            def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-                state.requests.append({"path": self.path, "range": self.headers.get("Range")})
-                if self.path in state.redirects:
-                    self.send_response(302)
-                    self.send_header("Location", state.redirects[self.path])
-                    self.end_headers()
-                    return
-                data = state.files.get(self.path)
-                if data is None:
-                    self.send_error(404)
-                    return
-                start = 0
-                match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
-                if match and not state.ignore_range:
-                    start = int(match.group(1))
-                    if start >= len(data):
-                        self.send_error(416)
-                        return
-                    self.send_response(206)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                else:
-                    self.send_response(200)
-                self.send_header("Content-Length", str(len(data) - start))
-                self.end_headers()
-                body = data[start:]
-                if self.path in state.cut_once:
-                    body = body[:state.cut_once.pop(self.path)]
-                    self.close_connection = True
-                self.wfile.write(body)
-
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.01,),
-                                       daemon=True)
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture
@@ -346,7 +281,7 @@ def test_no_url_writes_outside_the_flat_url_cache(server, isolated, tmp_path, ca
     assert path.read_bytes() == OTHER
     assert path.parent == isolated / "url"
     assert SAFE_NAME.fullmatch(path.name) and len(path.name) <= hub.MAX_FILENAME
-    assert hub.resolve_weights(url, progress=False) == path
+    assert resolve(url, progress=False) == path
     written = [p for p in tmp_path.rglob("*") if p.is_file()]
     assert path in written
     for p in written:  # the file and its .lock beside it, nothing else
@@ -402,28 +337,6 @@ def test_safe_filename():
     assert hub.safe_filename("...") == ""
     long = hub.safe_filename("a" * 1000 + ".safetensors")
     assert len(long) == hub.MAX_FILENAME and long.endswith(".safetensors")
-
-
-# ------------------------------------------------------------------ resolve_weights
-def test_resolve_weights(server, isolated, tmp_path):
-    local = tmp_path / "mine.pth"
-    local.write_bytes(b"local")
-    assert hub.resolve_weights(str(local)) == local
-    entry(server, preset="tiny_denseclip_res")
-    assert hub.resolve_weights("test-weights").read_bytes() == PAYLOAD
-    assert hub.resolve_weights("pretrained", "tiny_denseclip_res", progress=False) == (
-        isolated / "weights.pt")
-    assert len(server.state.requests) == 1
-
-
-def test_resolve_weights_errors():
-    with pytest.raises(ValueError, match="tiny_clip_res"):
-        hub.resolve_weights("pretrained", "tiny_clip_res")
-    with pytest.raises(ValueError, match="needs a config preset"):
-        hub.resolve_weights("pretrained")
-    with pytest.raises(FileNotFoundError, match="neither an existing file") as info:
-        hub.resolve_weights("no_such_weights.pth")
-    assert "RN50" in str(info.value) and "denseclip_fpn_res50_512x512_80k" in str(info.value)
 
 
 # ------------------------------------------------------------------ command line

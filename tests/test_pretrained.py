@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors import safe_open
 
 import denseclip
-from denseclip.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from denseclip.cli import main
+from denseclip.weights import CheckpointError, load_checkpoint, save_checkpoint
 from tests.helpers.clip import FakeOpenAICLIP
 from tests.helpers.weights import randomise_batchnorm
 

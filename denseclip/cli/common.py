@@ -5,32 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 import warnings
-from pathlib import Path
 from typing import Any
 
 from ..config import Config, load_config
-from ..hub import resolve_weights
 from ..inference import Predictor, read_open_classes
 from ..runtime import PRECISIONS
-
-NO_CHECKPOINT = ("none", "random")  # checkpoint arguments that mean random weights
-SAVED_WEIGHTS = "model.safetensors"  # a save_pretrained directory's weights
-WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
-
-
-def resolve_checkpoint(spec: str | None, cfg: Config, progress: bool = True) -> str | None:
-    """A checkpoint argument as a local file: a path as is (a ``save_pretrained``
-    directory: its ``model.safetensors``), a registered name (``RN50``, a release's preset)
-    downloaded into the cache, or ``pretrained`` for the release of ``cfg``'s preset;
-    ``none``/``random`` (and None) mean no checkpoint."""
-    if spec is None or spec.lower() in NO_CHECKPOINT:
-        return None
-    path = Path(spec)
-    if (path / SAVED_WEIGHTS).is_file():
-        return str(path / SAVED_WEIGHTS)
-    if not path.exists() and (len(path.parts) > 1 or path.suffix in WEIGHT_SUFFIXES):
-        raise FileNotFoundError(f"checkpoint {spec} does not exist")  # a path, not a name
-    return str(resolve_weights(spec, preset=cfg.name, progress=progress))
+from ..weights import resolve
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -88,13 +68,13 @@ def add_precision_argument(parser: argparse.ArgumentParser, default: str | None 
 
 def predictor_from_args(args: argparse.Namespace, cfg: Config, command: str,
                         **kwargs: Any) -> Predictor:
-    """A :class:`Predictor` for a command's ``checkpoint`` (see :func:`resolve_checkpoint`;
+    """A :class:`Predictor` for a command's ``checkpoint`` (see :func:`~denseclip.weights.resolve`;
     ``none``/``random``: random weights, with a warning) and, where the command has them,
     ``--classes`` / ``--classes-file``."""
     classes = getattr(args, "classes", None)  # comma-separated, checked by the predictor
     if getattr(args, "classes_file", None) is not None:
         classes = read_open_classes(args.classes_file)
-    checkpoint = resolve_checkpoint(args.checkpoint, cfg)
+    checkpoint = resolve(args.checkpoint, cfg.name)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)
         predictor = Predictor(cfg, checkpoint, precision=getattr(args, "precision", None),

@@ -6,10 +6,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checkpoint import CheckpointError
 from ..config import load_config
 from ..demo import MAX_CONNECTIONS, REQUEST_TIMEOUT, make_server
 from ..inference import PredictionError
+from ..weights.checkpoint import CheckpointError
 from .common import (
     add_max_pixels_argument,
     add_precision_argument,

@@ -1,12 +1,12 @@
 """``denseclip download``: fetch named weights into the cache, or list what is registered
-(see :mod:`denseclip.hub`)."""
+(see :mod:`denseclip.weights.hub`)."""
 
 from __future__ import annotations
 
 import argparse
 
-from .. import hub
 from ..config import ConfigError
+from ..weights import hub
 
 HELP = "download named weights (CLIP backbones, DenseCLIP releases) into the cache"
 

@@ -7,17 +7,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..checkpoint import CheckpointError, load_checkpoint
 from ..config import Config, load_config
 from ..export import ExportError, export_precision, export_predictor
 from ..inference import PredictionError
-from ..saving import save_pretrained
 from ..tasks import build_model
+from ..weights import resolve
+from ..weights.checkpoint import CheckpointError, load_checkpoint
+from ..weights.pretrained import save_pretrained
 from .common import (
     add_class_arguments,
     add_precision_argument,
     predictor_from_args,
-    resolve_checkpoint,
 )
 
 HELP = ("export a model: ONNX (segmentation, text features baked in) or a safetensors "
@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _export_safetensors(args: argparse.Namespace, cfg: Config) -> int:
     """Convert any checkpoint the loader accepts into a save_pretrained directory."""
-    checkpoint = resolve_checkpoint(args.checkpoint, cfg)
+    checkpoint = resolve(args.checkpoint, cfg.name)
     model = build_model(cfg)
     if checkpoint is None:
         print(f"denseclip export: warning: no checkpoint, {cfg.name} has random weights",

@@ -11,10 +11,10 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from ..checkpoint import CheckpointError
 from ..config import load_config
 from ..inference import PredictionError, collect_inputs
 from ..tasks import get_task
+from ..weights.checkpoint import CheckpointError
 from .common import (
     add_class_arguments,
     add_max_pixels_argument,

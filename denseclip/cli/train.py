@@ -14,12 +14,12 @@ from ..dist import DistEnv, cleanup, init_distributed
 from ..engine.guard import TrainingStopped
 from ..engine.trainer import test, train
 from ..runtime import PRECISIONS
+from ..weights import resolve
 from .common import (
     add_config_arguments,
     add_max_pixels_argument,
     add_precision_argument,
     load_cli_config,
-    resolve_checkpoint,
 )
 
 TRAIN_HELP = "train a model (single process, or many under torchrun)"
@@ -54,8 +54,8 @@ def run_train(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
     # names (RN50, a release) are fetched into the cache; every process may ask, the
     # download itself runs once (a lock file) and a cached file needs no network
-    load_from = resolve_checkpoint(args.load_from, cfg)
-    text_weights = resolve_checkpoint(args.text_weights, cfg)
+    load_from = resolve(args.load_from, cfg.name)
+    text_weights = resolve(args.text_weights, cfg.name)
     env = init_distributed(args.device)
     work_dir = args.work_dir or f"work_dirs/{cfg.name}"
     try:
@@ -92,7 +92,7 @@ def add_test_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run_test(args: argparse.Namespace) -> int:
     cfg = load_cli_config(args)
-    checkpoint = resolve_checkpoint(args.checkpoint, cfg)
+    checkpoint = resolve(args.checkpoint, cfg.name)
     if checkpoint is None:
         raise ValueError(f"denseclip test needs weights, got {args.checkpoint!r}")
     env = init_distributed(args.device)

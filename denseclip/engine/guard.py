@@ -18,9 +18,9 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from ..checkpoint import TEMP_PATTERN
 from ..config import Config, ConfigError, config_from_dict
 from ..dist import DistEnv, all_reduce_max, broadcast_object
+from ..weights.atomic import TEMP_PATTERN
 
 try:
     import fcntl

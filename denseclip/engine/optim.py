@@ -9,10 +9,10 @@ from torch import nn
 from torch.optim import AdamW, Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
-from ..checkpoint import rename_key
 from ..config import KeyMultipliers, OptimConfig, ScheduleConfig
 from ..models.official import invert_renames
 from ..utils import unwrap_model
+from ..weights.checkpoint import rename_key
 
 
 def official_names(model: nn.Module) -> dict[str, str]:

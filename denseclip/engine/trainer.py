@@ -31,7 +31,13 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 from tqdm import tqdm
 
-from ..checkpoint import (
+from ..config import Config, ConfigError, config_from_dict, save_config
+from ..data.samplers import build_train_loader
+from ..dist import DistEnv, barrier, init_distributed
+from ..runtime import prepare_model, run_mode
+from ..tasks import build_model, get_task
+from ..utils import unwrap_model
+from ..weights.checkpoint import (
     TEXT_PREFIX,
     load_checkpoint,
     load_checkpoint_object,
@@ -39,12 +45,6 @@ from ..checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from ..config import Config, ConfigError, config_from_dict, save_config
-from ..data.samplers import build_train_loader
-from ..dist import DistEnv, barrier, init_distributed
-from ..runtime import prepare_model, run_mode
-from ..tasks import build_model, get_task
-from ..utils import unwrap_model
 from .guard import (
     CKPT_PATTERN,
     GracefulStop,

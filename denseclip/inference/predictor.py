@@ -13,7 +13,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..checkpoint import load_checkpoint
 from ..classes import load_class_names
 from ..config import Config, load_config
 from ..data.image_ops import imrescale
@@ -25,6 +24,7 @@ from ..runtime import prepare_model, resolve_precision, run_mode
 from ..tasks import DetectionTask, build_model, get_task
 from ..tasks.results import DetectionPrediction, PredictionError, Prepared, SegmentationPrediction
 from ..utils import keep_ratio_size, resize
+from ..weights.checkpoint import load_checkpoint
 from .inputs import to_rgb
 from .open_vocab import OpenVocabulary
 
@@ -39,7 +39,7 @@ class Predictor:
 
     Args:
         config: a preset name, a YAML file or a :class:`~denseclip.config.Config`.
-        checkpoint: weights in any format :func:`denseclip.checkpoint.load_checkpoint`
+        checkpoint: weights in any format :func:`denseclip.weights.load_checkpoint`
             accepts; ``None`` keeps random weights (with a warning: the predictions are
             then meaningless; ``model.pretrained`` of the config is still loaded if set).
         device: where the model runs (``"cpu"``, ``"cuda"``, ``"cuda:1"``...).

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..runtime import fast_kernels, fp32_region
-from ..saving import SavePretrained
+from ..weights.pretrained import SavePretrained
 from .layers import attention
 from .losses import cross_entropy
 from .text_encoder import CLIPTextEncoder, tokenize

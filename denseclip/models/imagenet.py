@@ -10,7 +10,7 @@ text guidance needs), as the DenseCLIP authors describe for ImageNet backbones.
 Each body also knows how the keys of its network's ImageNet file (a ``torchvision.models``
 or timm state dict of the *whole* classifier) map onto its own parameters, which keys
 belong to the classifier it leaves out, and which parameters it adds:
-:meth:`FeatureBody.file_keys`, used by :func:`denseclip.checkpoint.load_checkpoint`.
+:meth:`FeatureBody.file_keys`, used by :func:`denseclip.weights.load_checkpoint`.
 """
 
 from __future__ import annotations

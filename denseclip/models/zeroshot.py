@@ -33,7 +33,7 @@ from torch import nn
 from ..classes import BUNDLED, as_class_dict, read_classes
 from ..config import BackboneConfig, ConfigError, ModelConfig
 from ..runtime import fast_kernels, fp32_region
-from ..saving import SavePretrained
+from ..weights.pretrained import SavePretrained
 from .backbones import build_backbone, resnet_layers, vit_depth
 from .clip_resnet import CLIPResNet
 from .clip_vit import CLIPViT
@@ -249,7 +249,7 @@ class ZeroShotSegmentor(SavePretrained, nn.Module):
     :class:`ZeroShotResNet` or :class:`ZeroShotViT` and ``guidance`` the
     :class:`PromptEnsemble` around CLIP's text tower, under OpenAI's key names
     (``visual.*`` → ``backbone.*``, the text tower → ``guidance.text_encoder.*``), so an
-    OpenAI CLIP file loads strictly with :func:`~denseclip.checkpoint.load_checkpoint`.
+    OpenAI CLIP file loads strictly with :func:`~denseclip.weights.load_checkpoint`.
 
     The model is always in eval mode: ``train()`` and a forward with targets raise
     :class:`NotTrainableError`.

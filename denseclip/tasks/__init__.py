@@ -7,8 +7,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..checkpoint import load_checkpoint
 from ..config import Config, ConfigError
+from ..weights import load_checkpoint, resolve
 from .base import Task
 from .detection import DetectionTask
 from .segmentation import SegmentationTask
@@ -34,9 +34,11 @@ def get_task(cfg: Config) -> Task:
 
 
 def build_model(cfg: Config) -> nn.Module:
-    """Build the model described by ``cfg`` (and load ``model.pretrained`` if set)."""
+    """Build the model described by ``cfg`` (and load ``model.pretrained`` if set: any
+    weights argument :func:`denseclip.weights.resolve` takes, e.g. a file or ``RN50``)."""
     model = get_task(cfg).build_model()
-    if cfg.model.pretrained:
-        load_checkpoint(model, cfg.model.pretrained)
+    pretrained = resolve(cfg.model.pretrained, cfg.name) if cfg.model.pretrained else None
+    if pretrained is not None:
+        load_checkpoint(model, pretrained)
     model.config = cfg  # what save_pretrained writes next to the weights
     return model

@@ -12,10 +12,10 @@ from PIL import Image
 
 import denseclip
 from denseclip import cli
-from denseclip.checkpoint import save_checkpoint
 from denseclip.classes import load_class_names
 from denseclip.cli import predict
 from denseclip.tasks.writers import safe_name
+from denseclip.weights import save_checkpoint
 from tests.helpers.images import random_image
 
 PRESET = "tiny_denseclip_res"

@@ -13,12 +13,12 @@ from pathlib import Path
 import pytest
 from pycocotools.coco import COCO
 
-from denseclip.checkpoint import read_checkpoint
 from denseclip.config import load_config
 from denseclip.data.samplers import GroupedInfiniteSampler, InfiniteSampler
 from denseclip.dist import DistEnv
 from denseclip.engine.trainer import _train_loader
 from denseclip.tasks import get_task
+from denseclip.weights import read_checkpoint
 from tests.helpers.coco import CAT_IDS, CLASS_NAMES, write_coco
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -16,7 +16,6 @@ import pytest
 import torch
 
 import denseclip
-from denseclip.checkpoint import read_checkpoint
 from denseclip.config import ConfigError
 from denseclip.data import make_synthetic_dataset
 from denseclip.dist import DistEnv
@@ -28,6 +27,7 @@ from denseclip.engine.guard import (
     remove_stale_temporaries,
     resume_config,
 )
+from denseclip.weights import read_checkpoint
 from tests.engine.test_training import ENV, cli, overrides, wait_for_iteration
 
 

@@ -12,7 +12,6 @@ import torch
 from torch import nn
 
 import denseclip
-from denseclip.checkpoint import rename_key
 from denseclip.config import ScheduleConfig
 from denseclip.engine.optim import (
     build_optimizer,
@@ -25,6 +24,7 @@ from denseclip.engine.trainer import iterations_per_epoch
 from denseclip.models.layers import DropPath
 from denseclip.models.official import invert_renames
 from denseclip.tasks import DetectionTask, SegmentationTask
+from denseclip.weights import rename_key
 
 OFFICIAL_KEYS = Path(__file__).parents[1] / "fixtures" / "official_keys"
 PRESETS = sorted(p.stem for p in OFFICIAL_KEYS.glob("*.txt"))

@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 
 import denseclip
-from denseclip.checkpoint import read_checkpoint
 from denseclip.config import ScheduleConfig
 from denseclip.data import make_synthetic_dataset
 from denseclip.dist import DistEnv
 from denseclip.engine import trainer
 from denseclip.engine.optim import build_optimizer, build_scheduler, param_groups, poly_lr
 from denseclip.engine.trainer import newest_checkpoint
+from denseclip.weights import read_checkpoint
 
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 

@@ -14,7 +14,6 @@ from PIL import Image
 from torch import nn
 
 import denseclip
-from denseclip.checkpoint import save_checkpoint
 from denseclip.classes import load_class_names
 from denseclip.data import build_segmentation_dataset, make_synthetic_dataset
 from denseclip.dist import DistEnv
@@ -27,6 +26,7 @@ from denseclip.evaluation.plots import (
 )
 from denseclip.evaluation.segmentation import evaluate
 from denseclip.tasks import SegmentationTask
+from denseclip.weights import save_checkpoint
 from tests.helpers.images import write_pair
 from tests.helpers.pictures import assert_picture
 

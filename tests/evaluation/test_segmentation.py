@@ -11,12 +11,12 @@ from PIL import Image
 from torch import nn
 
 import denseclip
-from denseclip.checkpoint import save_checkpoint
 from denseclip.data import build_segmentation_dataset, make_synthetic_dataset
 from denseclip.dist import DistEnv
 from denseclip.engine import trainer
 from denseclip.evaluation.inference import aug_scales
 from denseclip.evaluation.segmentation import evaluate
+from denseclip.weights import save_checkpoint
 from tests.helpers.official import official_view
 
 

@@ -10,7 +10,6 @@ from PIL import Image
 from torch import nn
 
 import denseclip
-from denseclip.checkpoint import CheckpointError, save_checkpoint
 from denseclip.data.transforms import build_test_transforms
 from denseclip.evaluation.inference import inference
 from denseclip.inference import (
@@ -19,6 +18,7 @@ from denseclip.inference import (
     Predictor,
     SegmentationPrediction,
 )
+from denseclip.weights import CheckpointError, save_checkpoint
 from tests.helpers.images import random_image
 
 PRESET = "tiny_denseclip_res"

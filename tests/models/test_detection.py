@@ -17,7 +17,6 @@ from torchvision.models.detection.image_list import ImageList
 from torchvision.ops import box_iou, nms, roi_align
 
 import denseclip
-from denseclip.checkpoint import rename_key
 from denseclip.config import ConfigError, DataConfig
 from denseclip.data.coco import CocoDetection, build_coco_train_transforms, collate_detection
 from denseclip.flops import count_parameters
@@ -36,6 +35,7 @@ from denseclip.models.detection import (
 from denseclip.models.detection.transform import scale_factors
 from denseclip.models.official import OFFICIAL_DETECTION_RENAMES
 from denseclip.utils import keep_ratio_size
+from denseclip.weights import rename_key
 from tests.helpers.clip import FakeOpenAICLIP
 
 OFFICIAL_KEYS = Path(__file__).parents[1] / "fixtures" / "official_keys"

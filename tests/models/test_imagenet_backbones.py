@@ -19,12 +19,12 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import denseclip
-from denseclip.checkpoint import CheckpointError, load_checkpoint, load_text_weights
 from denseclip.config import ConfigError
 from denseclip.data.synthetic import make_synthetic_dataset
 from denseclip.engine.optim import param_groups
 from denseclip.flops import count_parameters
 from denseclip.models.imagenet import ImageNetBackbone, TimmBody, TorchvisionSwin
+from denseclip.weights import CheckpointError, load_checkpoint, load_text_weights
 from tests.helpers.clip import FakeOpenAICLIP
 
 README = Path(__file__).parents[2] / "README.md"
@@ -323,7 +323,7 @@ def test_cli_trains_on_imagenet_and_clip_text_weights(tmp_path):
     assert "imagenet checkpoint, 120 tensors loaded" in run.stdout
     assert "image tower ignored" in run.stdout
     assert "random initialisation" not in run.stdout + run.stderr
-    saved = denseclip.checkpoint.read_checkpoint(work / "iter_2.pth")["model"]
+    saved = denseclip.weights.read_checkpoint(work / "iter_2.pth")["model"]
     # the text encoder trains at lr_mult 0 (plus the poly schedule's absolute min_lr)
     torch.testing.assert_close(saved["guidance.text_encoder.text_projection"],
                                torch.load(text)["text_projection"], rtol=0, atol=1e-4)

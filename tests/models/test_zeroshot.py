@@ -16,7 +16,6 @@ from open_clip.model import CLIPTextCfg, CLIPVisionCfg
 from PIL import Image
 
 import denseclip
-from denseclip.checkpoint import load_checkpoint
 from denseclip.cli import main
 from denseclip.data import make_synthetic_dataset
 from denseclip.inference import PredictionError, Predictor
@@ -26,6 +25,7 @@ from denseclip.models.zeroshot import (
     NotTrainableError,
     ZeroShotSegmentor,
 )
+from denseclip.weights import load_checkpoint
 from tests.helpers.images import random_image
 from tests.helpers.weights import randomise_batchnorm
 

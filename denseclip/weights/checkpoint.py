@@ -10,10 +10,8 @@ key that has no home is an error.
 
 from __future__ import annotations
 
-import errno
 import os
 import re
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Iterable
@@ -26,8 +24,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..utils import resize_grid, unwrap_model
+from .atomic import atomic_write
 from .torchscript import TorchScriptUnreadable, read_torchscript_weights
-from .utils import resize_grid, unwrap_model
 
 FORMAT = "denseclip"
 ENV_ALLOW_TORCHSCRIPT = "DENSECLIP_ALLOW_TORCHSCRIPT"
@@ -120,12 +119,12 @@ def read_checkpoint(path: str | Path, weights_only: bool = True,
                     allow_torchscript: bool | None = None) -> Any:
     """Load a checkpoint file's object safely: pickles with ``weights_only``; a TorchScript
     archive (OpenAI's CLIP releases) is reduced to its state dict by a reader that runs none
-    of the archive's code (:mod:`denseclip.torchscript`). ``torch.jit.load``, which compiles
+    of the archive's code (:mod:`denseclip.weights.torchscript`). ``torch.jit.load``, which compiles
     and runs the archive's scripted code, is used only with ``allow_torchscript=True`` or
     ``DENSECLIP_ALLOW_TORCHSCRIPT=1``. Raises ``FileNotFoundError`` /
     :class:`CheckpointError` with the path."""
     path = Path(path)
-    if not path.is_file():
+    if not os.path.isfile(path):  # False, not OSError, for a text too long to be a path
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     if path.suffix == ".safetensors":
         return _read_safetensors(path)
@@ -396,36 +395,6 @@ def _load_fitted(model: nn.Module, renamed: dict[str, torch.Tensor],
 
 
 # ---------------------------------------------------------------------------- writing
-# errno values that mean "the disk (or this process's file-size limit) is full"
-_FULL = {errno.ENOSPC, errno.EDQUOT, errno.EFBIG}
-# The temporary files of :func:`atomic_write`: ``.<name>.<8 random characters>.tmp``.
-TEMP_PATTERN = re.compile(r"^\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp$")
-
-
-class DiskFullError(RuntimeError):
-    """Writing a file failed for lack of space (``ENOSPC``/``EDQUOT``) or because the file
-    reached the process's size limit (``EFBIG``); the file it would have replaced is intact."""
-
-
-class _RecordingWriter:
-    """A binary file that remembers the ``OSError`` of a failed ``write``: ``torch.save``
-    replaces it with an unhelpful ``enforce fail ... unexpected pos``."""
-
-    def __init__(self, file) -> None:
-        self.file = file
-        self.error: OSError | None = None
-
-    def write(self, data) -> int:
-        try:
-            return self.file.write(data)
-        except OSError as e:
-            self.error = e
-            raise
-
-    def flush(self) -> None:
-        self.file.flush()
-
-
 def _nbytes(obj: Any) -> int:
     """Bytes of the tensors in a nested payload (what a checkpoint of it needs, roughly)."""
     if isinstance(obj, torch.Tensor):
@@ -437,56 +406,11 @@ def _nbytes(obj: Any) -> int:
     return 0
 
 
-def atomic_write(path: str | Path, write, size_hint: int = 0, by_name: bool = False) -> Path:
-    """Write ``path`` through a temporary ``.<name>.XXXXXXXX.tmp`` in its directory, flushed
-    to disk, then renamed over ``path``: a reader sees the old file or the new one, never
-    half of one. ``write`` receives a binary file open on the temporary (or, ``by_name``,
-    its path). On any failure the temporary is removed; a full disk raises
-    :class:`DiskFullError` naming ``path`` and ``size_hint`` (bytes needed, if known)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    writer = None
-    try:
-        if by_name:
-            os.close(fd)
-            write(Path(tmp))
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-        else:
-            with os.fdopen(fd, "wb") as f:
-                writer = _RecordingWriter(f)
-                write(writer)
-                f.flush()
-                os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException as e:
-        Path(tmp).unlink(missing_ok=True)
-        code = _errno_of(e if isinstance(e, OSError) else getattr(writer, "error", None) or e)
-        if code in _FULL:
-            raise DiskFullError(_full_message(path, size_hint, code)) from None
-        raise
-    return path
-
-
-def _errno_of(error: BaseException) -> int | None:
-    """An OSError's errno, or the one a Rust writer (safetensors) names as "(os error N)"."""
-    if isinstance(error, OSError):
-        return error.errno
-    m = re.search(r"\(os error (\d+)\)", str(error))
-    return int(m[1]) if m else None
-
-
-def _full_message(path: Path, size_hint: int, code: int) -> str:
-    needed = f" ({max(1, round(size_hint / 2**20))} MB needed)" if size_hint else ""
-    limit = "; the file-size limit (ulimit -f) was reached" if code == errno.EFBIG else ""
-    return (f"no space left on device writing {path}{needed}{limit}; the existing files are "
-            f"untouched")
-
-
 def save_checkpoint(path: str | Path, model: nn.Module, **extra: Any) -> Path:
     """Write ``{"format": "denseclip", "model": state_dict, **extra}`` atomically
     (:func:`atomic_write`: a temporary file in the same directory, flushed to disk, then
-    renamed over ``path``); a full disk raises :class:`DiskFullError`."""
+    renamed over ``path``); a full disk raises
+    :class:`~denseclip.weights.atomic.DiskFullError`."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format": FORMAT, "model": unwrap_model(model).state_dict(), **extra}

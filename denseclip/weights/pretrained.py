@@ -18,10 +18,10 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from .checkpoint import atomic_write
-from .classes import BUNDLED, load_class_names
-from .config import Config, save_config
-from .utils import unwrap_model
+from ..classes import BUNDLED, load_class_names
+from ..config import Config, save_config
+from ..utils import unwrap_model
+from .atomic import atomic_write
 
 WEIGHTS_NAME = "model.safetensors"
 CONFIG_NAME = "config.yaml"
@@ -30,12 +30,6 @@ CARD_NAME = "README.md"
 LICENCE = ("MIT for the code (denseclip). The weights carry the terms of the weights they were "
            "trained from: OpenAI CLIP (MIT), the official DenseCLIP releases (MIT), "
            "torchvision / timm ImageNet weights (their own licences).")
-
-
-def _atomic_write(path: Path, write) -> None:
-    """``write(tmp_path)`` on a temporary file in the same directory, then rename it over
-    ``path`` (:func:`~denseclip.checkpoint.atomic_write`, with its full-disk message)."""
-    atomic_write(path, write, by_name=True)
 
 
 def _read_metrics(metrics: Mapping[str, Any] | str | Path | None) -> dict[str, float]:
@@ -102,13 +96,16 @@ def save_pretrained(model: nn.Module, directory: str | Path, cfg: Config | None 
     # clones: safetensors refuses tensors that share memory
     state = {k: v.detach().to("cpu", copy=True).contiguous()
              for k, v in model.state_dict().items()}
-    _atomic_write(directory / WEIGHTS_NAME, lambda p: save_file(
-        state, str(p), metadata={"format": "denseclip", "preset": cfg.name}))
-    _atomic_write(directory / CONFIG_NAME, lambda p: save_config(saved, p))
-    _atomic_write(directory / CLASSES_NAME,
-                  lambda p: p.write_text("\n".join(class_names) + "\n", encoding="utf-8"))
     card = model_card(cfg, class_names, _read_metrics(metrics))
-    _atomic_write(directory / CARD_NAME, lambda p: p.write_text(card, encoding="utf-8"))
+    writers = {
+        WEIGHTS_NAME: lambda p: save_file(state, str(p), metadata={"format": "denseclip",
+                                                                   "preset": cfg.name}),
+        CONFIG_NAME: lambda p: save_config(saved, p),
+        CLASSES_NAME: lambda p: p.write_text("\n".join(class_names) + "\n", encoding="utf-8"),
+        CARD_NAME: lambda p: p.write_text(card, encoding="utf-8"),
+    }
+    for name, write in writers.items():  # each file whole or not at all; a full disk: one line
+        atomic_write(directory / name, write, by_name=True)
     return directory
 
 

@@ -1,8 +1,9 @@
 """Weights by name: a registry of published checkpoints and a download cache.
 
 ``download("RN50")`` fetches a registered file (or any http(s) URL) into the cache and returns
-its path; :func:`resolve_weights` turns whatever a user gives where a checkpoint is expected (a
-file, a registered name, or ``pretrained`` for a preset's release) into a local path.
+its path; :func:`denseclip.weights.resolve` turns whatever a user gives where weights are
+expected (a file, a registered name, a URL, or ``pretrained`` for a preset's release) into a
+local path.
 
 Cache layout: ``$DENSECLIP_CACHE`` (default ``~/.cache/denseclip``) holds each registered
 file under its own name (``RN50.pt``, ``<preset>.pth``) and plain URLs flat under ``url/`` as
@@ -430,47 +431,3 @@ def _content_range(value: str) -> tuple[int, int | None]:
         raise _Interrupted(f"unusable Content-Range {value!r} in a 206 answer")
     total = match.group(2)
     return int(match.group(1)), (int(total) if total != "*" else None)
-
-
-def resolve_weights(spec: str | os.PathLike[str], preset: str | None = None, *,
-                    cache: str | os.PathLike[str] | None = None,
-                    progress: bool = True) -> Path:
-    """Turn a checkpoint argument into a local file, downloading into the cache if needed.
-
-    ``spec`` may be
-
-    * an existing file: returned as is (a path always wins over a registered name);
-    * a registered name (see :func:`known_names`, e.g. ``RN50`` or a release's preset name) or
-      an http(s) URL: fetched with :func:`download` (no network when already cached);
-    * ``pretrained``: the release registered for ``preset``; :class:`ValueError` names the
-      preset when there is none.
-
-    Anything else raises :class:`FileNotFoundError` listing the known names. Download problems
-    raise :class:`DownloadError` (a :class:`RuntimeError`).
-    """
-    path = Path(spec).expanduser()
-    try:
-        if path.is_file():
-            return path
-        if path.exists():
-            raise FileNotFoundError(f"{path} is not a file (a directory?); give a checkpoint "
-                                    "file")
-    except OSError as e:  # e.g. a long URL is no valid path: it is not a file then
-        if isinstance(e, FileNotFoundError):
-            raise
-    text = str(spec)
-    if text == "pretrained":
-        if preset is None:
-            raise ValueError("'pretrained' needs a config preset to choose the weights for")
-        entry = release_for_preset(preset)
-        if entry is None:
-            with_release = sorted(e.preset for e in REGISTRY.values() if e.preset)
-            raise ValueError(f"no released weights are registered for preset {preset!r}; "
-                             f"presets with released weights: {', '.join(with_release)}")
-        return download(entry, cache=cache, progress=progress)
-    if get_entry(text) is not None or urllib.parse.urlsplit(text).scheme in ("http", "https"):
-        return download(text, cache=cache, progress=progress)
-    raise FileNotFoundError(
-        f"{text!r} is neither an existing file nor a known weights name; known names: "
-        f"{', '.join(known_names())}; or 'pretrained' for the release of the config's preset")
-
