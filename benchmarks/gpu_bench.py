@@ -5,7 +5,7 @@ backbone reaches.
     python benchmarks/gpu_bench.py [--batch 8] [--presets P ...] [--repeats 10] [--warmup 3]
                                    [--precision bf16] [--no-compile] [--peak-tflops X]
 
-Per preset, :func:`denseclip.bench.run_benchmark` measures, in one process, an eval forward
+Per preset, :func:`denseclip.tools.bench.run_benchmark` measures, in one process, an eval forward
 and a full training step (AdamW) at the preset's crop size in fp32 (reference kernels),
 fp32 with the fast kernels, the fast mode (``--precision``, bf16 by default, with the fast
 kernels) and, unless ``--no-compile``, the fast mode under ``torch.compile`` (compile time
@@ -13,7 +13,7 @@ reported apart), plus the sliding-window test of one ADE20K-sized image. Images/
 batch over the median time of one call.
 
 Backbone utilisation: the backbone's multiply-adds for one image are counted with
-:func:`denseclip.flops.complexity` (one multiply-add = 2 FLOPs), a backbone-only forward
+:func:`denseclip.tools.flops.complexity` (one multiply-add = 2 FLOPs), a backbone-only forward
 (``model.backbone(images)``, no grad, the fast precision and kernels, compiled unless
 ``--no-compile``) is timed, and FLOP/s is divided by the GPU's dense bf16 peak from
 :data:`PEAK_BF16_TFLOPS` (matched on the device name; ``--peak-tflops`` overrides it or
@@ -30,9 +30,9 @@ import sys
 import torch
 
 from denseclip import build_model, load_config
-from denseclip.bench import BenchOptions, run_benchmark, time_calls
-from denseclip.flops import complexity
 from denseclip.runtime import prepare_model, run_mode
+from denseclip.tools.bench import BenchOptions, run_benchmark, time_calls
+from denseclip.tools.flops import complexity
 
 PRESETS = ("denseclip_fpn_res50_512x512_80k", "denseclip_fpn_res101_512x512_80k",
            "denseclip_fpn_vit-b_640x640_80k")

@@ -12,7 +12,7 @@ Prints, each measured in this run:
 
 Each model runs in its own subprocess so its peak memory (max RSS on CPU, max allocated
 on GPU) is its own. For fp32 against the fast mode side by side, with eval forward, slide
-inference and memory per mode, see ``denseclip bench PRESET`` (:mod:`denseclip.bench`).
+inference and memory per mode, see ``denseclip bench PRESET`` (:mod:`denseclip.tools.bench`).
 """
 
 from __future__ import annotations
@@ -29,9 +29,9 @@ import torch
 
 def train_steps(preset: str, batch: int, iters: int, device: str) -> dict:
     import denseclip
-    from denseclip.bench import make_inputs
     from denseclip.engine.optim import build_optimizer
     from denseclip.runtime import prepare_model, run_mode
+    from denseclip.tools.bench import make_inputs
 
     cfg = denseclip.load_config(preset)
     torch.manual_seed(0)
@@ -67,9 +67,9 @@ def train_steps(preset: str, batch: int, iters: int, device: str) -> dict:
 
 
 def pipeline_speed(num_images: int) -> dict:
-    """The ADE20K training pipeline in one worker (:func:`denseclip.bench.pipeline_speed`)."""
+    """The ADE20K training pipeline in one worker (:func:`denseclip.tools.bench.pipeline_speed`)."""
     import denseclip
-    from denseclip.bench import pipeline_speed as measure
+    from denseclip.tools.bench import pipeline_speed as measure
 
     rate = measure(denseclip.load_config("denseclip_fpn_res50_512x512_80k"), num_images)
     return {"images": num_images, "images_per_s_per_worker": rate}

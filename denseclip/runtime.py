@@ -18,7 +18,7 @@ Two independent choices, both in the config:
   export always use the reference kernels.
 
 The kernel choice is a context (:func:`reference_kernels`) rather than a model attribute,
-so one model object serves both: :mod:`denseclip.flops` and :mod:`denseclip.export` wrap
+so one model object serves both: :mod:`denseclip.tools.flops` and :mod:`denseclip.tools.export` wrap
 their traces in it.
 """
 

@@ -119,3 +119,67 @@ def test_imports_are_at_module_level():
                            for node in ast.walk(func)
                            if isinstance(node, (ast.Import, ast.ImportFrom))]
     assert not inside, f"imports inside functions: {inside}"
+
+
+def subpackage_graph(known: dict[str, Path]) -> dict[str, set[str]]:
+    """Sub-package → the sub-packages its modules import (root modules left out)."""
+    subs = {name.split(".")[1] for name, path in known.items()
+            if name.count(".") >= 1 and (PACKAGE / name.split(".")[1]).is_dir()}
+    graph: dict[str, set[str]] = {s: set() for s in subs}
+    for name, path in known.items():
+        here = name.split(".")[1] if name.count(".") >= 1 else None
+        for dep in imported(name, path, known):
+            there = dep.split(".")[1] if dep.count(".") >= 1 else None
+            if here in subs and there in subs and here != there:
+                graph[here].add(there)
+    return graph
+
+
+def test_no_cycle_between_sub_packages():
+    """Layers, not just modules: models never reach up into tasks, evaluation never into
+    engine, and so on (a cycle of packages can hide behind acyclic modules)."""
+    graph = subpackage_graph(modules())
+    assert {"models", "tasks", "engine", "evaluation", "weights", "tools", "cli"} <= set(graph)
+    assert "models" in graph["tasks"] and "tasks" in graph["engine"]
+    assert find_cycle(graph) is None, " → ".join(find_cycle(graph))
+
+
+TASK_NAMES = {"segmentation", "retinanet", "mask_rcnn", "detection"}
+
+
+def _string_constants(node: ast.AST) -> set[str]:
+    if isinstance(node, ast.Constant) and isinstance(node.value, str):
+        return {node.value}
+    if isinstance(node, (ast.Tuple, ast.List, ast.Set)):
+        return set().union(*(_string_constants(e) for e in node.elts))
+    return set()
+
+
+def task_name_comparisons(source: str) -> list[int]:
+    """Lines of ``source`` that compare something with a task name (``==``, ``in``,
+    ``match``): what differs between tasks belongs to their objects in denseclip.tasks."""
+    lines = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Compare) and any(
+                _string_constants(x) & TASK_NAMES for x in [node.left, *node.comparators]):
+            lines.append(node.lineno)
+        if isinstance(node, ast.match_case) and _string_constants(
+                getattr(node.pattern, "value", None) or ast.Constant(None)) & TASK_NAMES:
+            lines.append(node.pattern.lineno)
+    return lines
+
+
+def test_task_names_are_compared_only_in_the_task_package():
+    assert task_name_comparisons("if cfg.model.task != 'segmentation':\n    pass") == [1]
+    assert task_name_comparisons("x = task in ('retinanet', 'mask_rcnn')") == [1]
+    found = {f"{path.relative_to(PACKAGE.parent)}:{line}"
+             for name, path in modules().items() if not name.startswith("denseclip.tasks")
+             for line in task_name_comparisons(path.read_text(encoding="utf-8"))}
+    assert not found, f"task-name comparisons outside denseclip.tasks: {sorted(found)}"
+
+
+def test_the_package_root_holds_only_foundations():
+    root = sorted(p.name for p in PACKAGE.glob("*.py")
+                  if p.name not in ("__init__.py", "__main__.py"))
+    assert len(root) <= 8, root
+    assert {"config.py", "classes.py", "runtime.py", "utils.py", "optional.py"} <= set(root)

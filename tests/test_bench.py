@@ -1,4 +1,4 @@
-"""``denseclip bench`` and :mod:`denseclip.bench`: tiny presets at 64×64, one timed call."""
+"""``denseclip bench`` and :mod:`denseclip.tools.bench`: tiny presets at 64×64, one timed call."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ import pytest
 import torch
 
 from denseclip import load_config
-from denseclip.bench import (
+from denseclip.cli import main
+from denseclip.runtime import resolve_precision
+from denseclip.tools.bench import (
     default_size,
     make_inputs,
     time_calls,
 )
-from denseclip.cli import main
-from denseclip.runtime import resolve_precision
 
 QUICK = ["--size", "64", "64", "--batch", "1", "--repeats", "1", "--warmup", "0",
          "--pipeline-images", "2"]
@@ -154,7 +154,7 @@ def test_default_sizes():
 
 RSS_PROBE = """
 import torch
-from denseclip.bench import RSSSampler, current_rss_bytes, max_rss_bytes
+from denseclip.tools.bench import RSSSampler, current_rss_bytes, max_rss_bytes
 before = current_rss_bytes()
 with RSSSampler() as sampler:
     big = torch.ones(64 * 2**20)  # 256 MiB, written, so resident

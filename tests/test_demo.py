@@ -28,8 +28,8 @@ from PIL import Image
 
 import denseclip
 from denseclip.cli import demo
-from denseclip.demo import make_server
 from denseclip.inference import Predictor
+from denseclip.tools.demo import make_server
 from tests.helpers.bombs import png_bomb_bytes
 from tests.helpers.images import random_image
 

@@ -13,8 +13,8 @@ import torch
 
 import denseclip
 from denseclip.cli import export
-from denseclip.export import ExportError, SegmentorForExport, export_onnx, export_predictor
 from denseclip.inference import Predictor
+from denseclip.tools.export import ExportError, SegmentorForExport, export_onnx, export_predictor
 from denseclip.weights import save_checkpoint
 
 NAMES = ["cat", "dog", "grass"]

@@ -3,9 +3,9 @@ import torch
 from torch import nn
 
 import denseclip
-from denseclip.flops import MODULES, complexity, count_macs, count_parameters, format_report
 from denseclip.models.clip_resnet import AttentionPool2d
 from denseclip.models.layers import MultiheadAttention, ResidualAttentionBlock
+from denseclip.tools.flops import MODULES, complexity, count_macs, count_parameters, format_report
 
 # DESIGN §8, second table: params excl. text (M), GMACs @1024² excl. text,
 # GMACs @crop excl. text, GMACs @crop whole model.

@@ -1,4 +1,4 @@
-"""Operation counts of the detectors: ``forward_dummy`` and :func:`denseclip.flops.complexity`
+"""Operation counts of the detectors: ``forward_dummy`` and :func:`denseclip.tools.flops.complexity`
 against DESIGN §8's detection table (counted on the ``meta`` device: shapes only)."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import torch
 
 import denseclip
 from denseclip.cli import main
-from denseclip.flops import DETECTION_INPUT_SIZE, MODULES, complexity, count_macs
+from denseclip.tools.flops import DETECTION_INPUT_SIZE, MODULES, complexity, count_macs
 
 # preset → (params excluding the text encoder (M), GMACs excluding the text encoder at
 # 1×3×1280×800), DESIGN §8: the official code's counts of one forward without

@@ -9,7 +9,7 @@ from typing import Any
 
 from tqdm import tqdm
 
-from ..bench import BenchOptions, check_options, measurement_labels, ratio, run_benchmark
+from ..tools.bench import BenchOptions, check_options, measurement_labels, ratio, run_benchmark
 from .common import add_config_arguments, add_precision_argument, load_cli_config
 
 HELP = "time eval forward, training step and slide inference in fp32 and in the fast mode"

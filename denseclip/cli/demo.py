@@ -7,8 +7,8 @@ import argparse
 import sys
 
 from ..config import load_config
-from ..demo import MAX_CONNECTIONS, REQUEST_TIMEOUT, make_server
 from ..inference import PredictionError
+from ..tools.demo import MAX_CONNECTIONS, REQUEST_TIMEOUT, make_server
 from ..weights.checkpoint import CheckpointError
 from .common import (
     add_max_pixels_argument,

@@ -8,9 +8,9 @@ import argparse
 import sys
 
 from ..config import Config, load_config
-from ..export import ExportError, export_precision, export_predictor
 from ..inference import PredictionError
 from ..tasks import build_model
+from ..tools.export import ExportError, export_precision, export_predictor
 from ..weights import resolve
 from ..weights.checkpoint import CheckpointError, load_checkpoint
 from ..weights.pretrained import save_pretrained

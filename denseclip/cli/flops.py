@@ -6,8 +6,8 @@ import argparse
 import json
 
 from ..config import available_presets
-from ..flops import complexity, format_report
 from ..tasks import build_model, get_task
+from ..tools.flops import complexity, format_report
 from .common import add_config_arguments, load_cli_config
 
 HELP = "count parameters and multiply-adds (GMACs) of a config's model"

@@ -1,8 +1,8 @@
 """Data: image decoding, datasets (ADE20K, your own folders, COCO), augmentation pipelines,
 samplers and loaders."""
 
-from denseclip.data.io import DatasetError, load_image, load_label_map, pil_to_rgb
-from denseclip.data.samplers import (
+from .io import DatasetError, load_image, load_label_map, pil_to_rgb
+from .samplers import (
     InfiniteSampler,
     SeededSampler,
     ShardedSampler,
@@ -12,15 +12,15 @@ from denseclip.data.samplers import (
     sample_seed,
     seed_worker,
 )
-from denseclip.data.segmentation import (
+from .segmentation import (
     ADE20K_CLASSES_FILE,
     ADE20KDataset,
     FolderDataset,
     SegmentationDataset,
     build_segmentation_dataset,
 )
-from denseclip.data.synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_sample
-from denseclip.data.transforms import (
+from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_sample
+from .transforms import (
     IGNORE_INDEX,
     build_test_transforms,
     build_train_transforms,

@@ -74,11 +74,11 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from denseclip.config import DataConfig
-from denseclip.data.image_ops import imresize
-from denseclip.data.io import DatasetError, open_image
-from denseclip.data.transforms import KeepRatioResize, apply_seeded
-from denseclip.optional import require
+from ..config import DataConfig
+from ..optional import require
+from .image_ops import imresize
+from .io import DatasetError, open_image
+from .transforms import KeepRatioResize, apply_seeded
 
 __all__ = [
     "CocoDetection",

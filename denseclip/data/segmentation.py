@@ -59,10 +59,10 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from denseclip.classes import BUNDLED, load_class_names
-from denseclip.config import DataConfig
-from denseclip.data.io import DatasetError, load_image, load_label_map
-from denseclip.data.transforms import (
+from ..classes import BUNDLED, load_class_names
+from ..config import DataConfig
+from .io import DatasetError, load_image, load_label_map
+from .transforms import (
     IGNORE_INDEX,
     apply_seeded,
     build_test_transforms,

@@ -49,9 +49,9 @@ from torchvision import tv_tensors
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from denseclip.config import DataConfig
-from denseclip.data.image_ops import imresize
-from denseclip.utils import keep_ratio_size
+from ..config import DataConfig
+from ..utils import keep_ratio_size
+from .image_ops import imresize
 
 IGNORE_INDEX = 255
 

@@ -167,7 +167,7 @@ from PIL import Image
 from denseclip.cli import main
 from denseclip.data.io import ImageTooLargeError, decode_image, load_image
 from denseclip.data.segmentation import ADE20KDataset
-from denseclip.demo import make_server
+from denseclip.tools.demo import make_server
 from denseclip.inference import Predictor
 from tests.helpers.bombs import png_bomb_bytes, write_png_bomb
 

@@ -23,8 +23,8 @@ import torch
 
 import denseclip
 from denseclip import Predictor
-from denseclip.export import SegmentorForExport
 from denseclip.runtime import reference_kernels
+from denseclip.tools.export import SegmentorForExport
 
 FIXTURE = Path(__file__).parents[1] / "fixtures" / "golden_tiny.pt"
 SEGMENTATION = {

@@ -19,7 +19,6 @@ from torchvision.ops import box_iou, nms, roi_align
 import denseclip
 from denseclip.config import ConfigError, DataConfig
 from denseclip.data.coco import CocoDetection, build_coco_train_transforms, collate_detection
-from denseclip.flops import count_parameters
 from denseclip.models.build import build_detector
 from denseclip.models.detection import (
     CLIPMaskRCNN,
@@ -34,6 +33,7 @@ from denseclip.models.detection import (
 )
 from denseclip.models.detection.transform import scale_factors
 from denseclip.models.official import OFFICIAL_DETECTION_RENAMES
+from denseclip.tools.flops import count_parameters
 from denseclip.utils import keep_ratio_size
 from denseclip.weights import rename_key
 from tests.helpers.clip import FakeOpenAICLIP

@@ -12,11 +12,11 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import denseclip
 from denseclip.classes import load_class_names
-from denseclip.flops import complexity
 from denseclip.models import CLIPTextEncoder, tokenize
 from denseclip.models.layers import attention, causal_mask, conv_bn
 from denseclip.models.losses import cross_entropy
 from denseclip.runtime import fast_kernels, reference_kernels
+from denseclip.tools.flops import complexity
 
 # fp32: the fused kernel and the explicit products differ only in summation order, so never
 # bit for bit; the worst difference is under a tenth of this bound with the AVX-512, AVX2

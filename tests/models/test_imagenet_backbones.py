@@ -22,8 +22,8 @@ import denseclip
 from denseclip.config import ConfigError
 from denseclip.data.synthetic import make_synthetic_dataset
 from denseclip.engine.optim import param_groups
-from denseclip.flops import count_parameters
 from denseclip.models.imagenet import ImageNetBackbone, TimmBody, TorchvisionSwin
+from denseclip.tools.flops import count_parameters
 from denseclip.weights import CheckpointError, load_checkpoint, load_text_weights
 from tests.helpers.clip import FakeOpenAICLIP
 

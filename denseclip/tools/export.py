@@ -33,11 +33,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .inference import Predictor
-from .models.segmentor import Segmentor
-from .optional import require
-from .runtime import reference_kernels
-from .tasks import get_task
+from ..inference import Predictor
+from ..models.segmentor import Segmentor
+from ..optional import require
+from ..runtime import reference_kernels
+from ..tasks import get_task
 
 EXPORT_PRECISIONS = ("fp32", "fp16")
 

@@ -64,8 +64,8 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from .runtime import reference_kernels
-from .tasks.detection import DETECTION_INPUT_SIZE
+from ..runtime import reference_kernels
+from ..tasks.detection import DETECTION_INPUT_SIZE
 
 __all__ = ["DETECTION_INPUT_SIZE", "EXTRA_OPS", "MODULES", "TRANSPOSED_CONV", "complexity",
            "count_macs", "count_parameters", "format_report", "is_detector"]

@@ -65,13 +65,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from .config import Config, ConfigError
-from .data.generated import ADE20K_IMAGE
-from .engine.optim import build_optimizer
-from .evaluation.inference import mode_logits, slide_windows
-from .runtime import prepare_model, resolve_precision, run_mode
-from .tasks import build_model, get_task
-from .utils import keep_ratio_size
+from ..config import Config, ConfigError
+from ..data.generated import ADE20K_IMAGE
+from ..engine.optim import build_optimizer
+from ..evaluation.inference import mode_logits, slide_windows
+from ..runtime import prepare_model, resolve_precision, run_mode
+from ..tasks import build_model, get_task
+from ..utils import keep_ratio_size
 
 __all__ = ["ADE20K_IMAGE", "MIN_SIZE", "BenchOptions", "RSSSampler", "check_options",
            "current_rss_bytes", "default_size", "device_description", "make_inputs",

@@ -38,10 +38,10 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .data.io import READABLE_FORMATS, DatasetError, UnknownImageFormatError, decode_image
-from .inference import DetectionPrediction, PredictionError, Predictor
-from .tasks import get_task
-from .tasks.render import format_share, palette, render_detections, render_overlay
+from ..data.io import READABLE_FORMATS, DatasetError, UnknownImageFormatError, decode_image
+from ..inference import DetectionPrediction, PredictionError, Predictor
+from ..tasks import get_task
+from ..tasks.render import format_share, palette, render_detections, render_overlay
 
 __all__ = ["DemoServer", "make_server", "render_page"]
 
