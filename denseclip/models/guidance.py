@@ -178,6 +178,8 @@ class TextGuidance(nn.Module):
             )
         self.class_names: list[str] = []
         self._text_cache: tuple | None = None  # (key, (1, K, D) embeddings)
+        self._open_cache: tuple | None = None  # (key, (1, K', D)) of the last texts embedded
+        self._open_tokens: tuple | None = None  # ((texts, device), (K', T)) of the last texts
         self.set_classes(class_names)
 
     @property
@@ -187,14 +189,22 @@ class TextGuidance(nn.Module):
     def set_classes(self, class_names: Sequence[str]) -> None:
         """Change the class list the score maps are computed for."""
         names = [str(n) for n in class_names]
-        tokens = tokenize(names, self.text_encoder.context_length - self.n_ctx)
+        tokens = tokenize(names, self.text_length)
         device = self.text_encoder.token_embedding.weight.device
         self.register_buffer("tokens", tokens.to(device), persistent=False)
         self.class_names = names
 
+    @property
+    def text_length(self) -> int:
+        """Token positions of a class text (SOT and EOT included): the text context less
+        the learned contexts (``text.context_length - text.n_ctx``)."""
+        return self.text_encoder.context_length - self.n_ctx
+
     def clear_cache(self) -> None:
-        """Forget cached text embeddings (the next inference recomputes them)."""
+        """Forget cached text embeddings, of the class list and of the last other texts
+        embedded (the next inference recomputes them)."""
         self._text_cache = None
+        self._open_cache = None
 
     def cache_key(self, texts: Sequence[str], device: torch.device) -> tuple:
         """What inference-time text embeddings of ``texts`` depend on: the texts, device,
@@ -223,6 +233,35 @@ class TextGuidance(nn.Module):
         if self._text_cache is None or self._text_cache[0] != key:
             self._text_cache = (key, self.text_encoder(self.tokens, self.contexts))
         return self._text_cache[1]
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        """Tokens (K', :attr:`text_length`) of other class texts (open vocabulary), on the
+        text encoder's device; a text too long raises ``ValueError`` naming it and the
+        limit. The last list's tokens are kept."""
+        texts = tuple(str(t) for t in texts)
+        device = self.text_encoder.token_embedding.weight.device
+        if self._open_tokens is None or self._open_tokens[0] != (texts, device):
+            tokens = tokenize(list(texts), self.text_length).to(device)
+            self._open_tokens = ((texts, device), tokens)
+        return self._open_tokens[1]
+
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """Text embeddings (1, K', D) of other class texts (open vocabulary) behind the
+        learned contexts, for post-model prompting (pre-model prompting embeds text per
+        image: score with :meth:`tokenize`'s tokens instead).
+
+        Computed without autograd; the embeddings of the last text list are cached and
+        reused for every image and window until :meth:`cache_key` changes or
+        :meth:`clear_cache` is called."""
+        if self.prompting != "post":
+            raise ValueError("pre-model prompting computes text per image: it has no "
+                             "image-independent text embeddings")
+        tokens = self.tokenize(texts)
+        key = self.cache_key(texts, tokens.device)
+        if self._open_cache is None or self._open_cache[0] != key:
+            with torch.no_grad():
+                self._open_cache = (key, self.text_encoder(tokens, self.contexts))
+        return self._open_cache[1]
 
     def forward(self, global_embed: torch.Tensor, dense_embed: torch.Tensor,
                 text: torch.Tensor | None = None,

@@ -221,3 +221,35 @@ def test_guidance_checks_its_arguments():
         TextGuidance(encoder, NAMES, embed_dim=D, prompting="mid")
     with pytest.raises(ValueError, match="text embedding dim 16 != visual embedding dim 8"):
         TextGuidance(encoder, NAMES, embed_dim=8)
+
+
+def test_embed_is_the_text_encoder_behind_the_contexts_and_cached_per_list():
+    guidance = make_guidance().eval()
+    calls = []
+    guidance.text_encoder.register_forward_hook(lambda *a: calls.append(1))
+    texts = ["cat", "green grass"]
+    first = guidance.embed(texts)
+    assert first.shape == (1, 2, D) and not first.requires_grad
+    with torch.no_grad():
+        expected = guidance.text_encoder(tokenize(texts, 13 - 8), guidance.contexts)
+    torch.testing.assert_close(first, expected, rtol=0, atol=0)
+    assert guidance.embed(list(texts)) is first and len(calls) == 2  # cached
+    assert guidance.embed(["dog"]).shape == (1, 1, D) and len(calls) == 3
+    guidance.embed(texts)
+    assert len(calls) == 4  # the last list only is kept
+    with torch.no_grad():
+        guidance.contexts.add_(0.5)  # an in-place update, as an optimiser step
+    changed = guidance.embed(texts)
+    assert len(calls) == 5 and not torch.equal(changed, first)
+    guidance.clear_cache()
+    assert guidance.embed(texts) is not changed and len(calls) == 6
+
+
+def test_open_texts_are_tokenised_for_the_text_context():
+    guidance = make_guidance()
+    assert guidance.text_length == 13 - 8
+    assert torch.equal(guidance.tokenize(["cat", "dog"]), tokenize(["cat", "dog"], 5))
+    with pytest.raises(ValueError, match=r"'a remarkably verbose description'.*at most 3"):
+        guidance.tokenize(["a remarkably verbose description"])
+    with pytest.raises(ValueError, match="pre-model prompting"):
+        make_guidance(prompting="pre").embed(["cat"])
