@@ -50,7 +50,7 @@ from denseclip.data.transforms import (
     RandomRescale,
     build_test_transforms,
 )
-from denseclip.evaluation.inference import aug_views
+from denseclip.models.seg_inference import aug_views
 
 MEAN = [0.48145466 * 255, 0.4578275 * 255, 0.40821073 * 255]
 STD = [0.26862954 * 255, 0.26130258 * 255, 0.27577711 * 255]

@@ -13,7 +13,6 @@ from tqdm import tqdm
 
 from ..config import load_config
 from ..inference import PredictionError, collect_inputs
-from ..tasks import get_task
 from ..weights.checkpoint import CheckpointError
 from .common import (
     add_class_arguments,
@@ -97,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"denseclip predict: skipped {skipped} non-image file(s) in folders",
               file=sys.stderr)
 
-    task = get_task(predictor.cfg)
+    task = predictor.task_object
     want_probs = task.needs_probs(args.heatmaps, bool(predictor.open_class_names))
     stems: set[str] = set()
     written = 0

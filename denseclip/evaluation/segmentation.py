@@ -1,9 +1,11 @@
 """Semantic-segmentation evaluation over a (sharded) dataset.
 
+The model runs its own test-time inference (:class:`~denseclip.models.seg_inference.SegInference`:
+whole image or sliding windows, multi-scale views, as its ``inference_settings`` say).
 Single-scale evaluation takes the dataset's test-pipeline ``image``. Multi-scale evaluation
 (``aug_test``) loads each original decoded image instead (``dataset.get(i, original=True)``)
-and rescales it once per ratio (:func:`~denseclip.evaluation.inference.aug_inference`), as
-mmseg's ``MultiScaleFlipAug`` does, rather than resampling the test-scaled image.
+and the model rescales it once per ratio (``model.aug_inference``), as mmseg's
+``MultiScaleFlipAug`` does, rather than resampling the test-scaled image.
 """
 
 from __future__ import annotations
@@ -22,7 +24,6 @@ from ..config import Config
 from ..data.samplers import build_test_loader
 from ..dist import DistEnv
 from ..utils import unwrap_model
-from .inference import aug_inference, inference
 from .metrics import SegmentationMetric
 
 
@@ -51,9 +52,12 @@ def evaluate(model: nn.Module, dataset, cfg: Config, env: DistEnv | None = None,
              progress: bool = True) -> dict[str, Any]:
     """Evaluate ``model`` on ``dataset`` (test pipeline): each process runs its exact shard,
     the confusion matrices are summed across processes, and every process returns the
-    metrics (mIoU, mAcc, aAcc in percent, per-class table). Predictions are resized to
-    each image's original size. ``aug_test``: multi-scale (+ flip) testing of the original
-    images (``cfg.evaluation.aug_ratios``/``aug_flip``). The result also holds
+    metrics (mIoU, mAcc, aAcc in percent, per-class table). ``model`` (or the model it
+    wraps) is a :class:`~denseclip.models.seg_inference.SegInference` model: its
+    ``inference_settings`` (set from ``cfg.evaluation`` when the task builds it) choose
+    whole-image or sliding-window inference. Predictions are resized to each image's
+    original size. ``aug_test``: multi-scale (+ flip) testing of the original images
+    (``evaluation.aug_ratios``/``aug_flip``). The result also holds
     ``confusion``, the summed ``K x K`` int64 confusion matrix (rows: ground truth, columns:
     prediction) as a NumPy array. With ``out_dir``, one label PNG per image (dataset label
     space), ``metrics.json`` (all but the table and the matrix) and ``confusion_matrix.npy``
@@ -63,7 +67,6 @@ def evaluate(model: nn.Module, dataset, cfg: Config, env: DistEnv | None = None,
     was_training = net.training
     net.eval()
     num_classes = net.num_classes
-    align = cfg.model.align_corners  # as the model's own upsampling and the Predictor
     metric = SegmentationMetric(num_classes, cfg.model.ignore_index)
     source = OriginalImages(dataset) if aug_test else dataset
     loader = build_test_loader(source, env.rank, env.world_size, cfg.data.num_workers)
@@ -72,13 +75,9 @@ def evaluate(model: nn.Module, dataset, cfg: Config, env: DistEnv | None = None,
     for batch in bar:
         ori_size = tuple(batch["ori_size"][0])
         if aug_test:
-            probs = aug_inference(net, batch["ori_image"][0], cfg.data.test_scale,
-                                  cfg.evaluation, num_classes, out_size=ori_size,
-                                  align_corners=align, mean=cfg.data.mean, std=cfg.data.std,
-                                  device=env.device)
+            probs = net.aug_inference(batch["ori_image"][0], ori_size, device=env.device)
         else:
-            probs = inference(net, batch["image"].to(env.device), cfg.evaluation, num_classes,
-                              ori_size, align_corners=align)
+            probs = net.inference(batch["image"].to(env.device), ori_size).softmax(dim=1)
         pred = probs.argmax(dim=1)[0].cpu()
         metric.update(pred, batch["ori_target"][0])
         if out_dir is not None:

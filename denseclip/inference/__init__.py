@@ -1,7 +1,7 @@
 """Inference for people: :class:`Predictor` turns images into numpy predictions; the
 writers turn them into overlays, label maps, heatmaps and JSON (``denseclip predict``).
 
-Modules: :mod:`.predictor` (the predictor), :mod:`.open_vocab` (score maps of class names
+Modules: :mod:`.predictor` (the predictor), :mod:`.open_vocab` (class files of names
 you type), :mod:`.inputs` (images and file lists). What it returns and how results become
 pictures and files belong to the tasks: :mod:`denseclip.tasks.results`,
 :mod:`denseclip.tasks.render`, :mod:`denseclip.tasks.writers` (re-exported here).

@@ -4,34 +4,23 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
-from ..classes import load_class_names
 from ..config import Config, load_config
-from ..data.image_ops import imrescale
-from ..data.transforms import build_test_transforms
-from ..evaluation.inference import mode_logits
 from ..models.guidance import TextGuidance
-from ..models.segmentor import MIN_INPUT_SIZE
 from ..runtime import prepare_model, resolve_precision, run_mode
-from ..tasks import DetectionTask, build_model, get_task
-from ..tasks.results import DetectionPrediction, PredictionError, Prepared, SegmentationPrediction
-from ..utils import keep_ratio_size, resize
+from ..tasks import Task, build_model, get_task
+from ..tasks.base import OpenVocabulary
+from ..tasks.results import PredictionError, Prepared
 from ..weights.checkpoint import load_checkpoint
 from .inputs import to_rgb
-from .open_vocab import OpenVocabulary
 
 __all__ = ["Predictor"]
-
-# Classes resized together when only the label map is wanted (bounds memory for big images).
-_ARGMAX_CHUNK = 16
 
 
 class Predictor:
@@ -98,21 +87,22 @@ class Predictor:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cfg = cfg
         self.task = cfg.model.task
-        self._detects = isinstance(get_task(cfg), DetectionTask)
+        #: the :class:`~denseclip.tasks.Task` of the config: preprocessing and prediction
+        self.task_object: Task = get_task(cfg)
         self.device = torch.device(device)
         self.precision = resolve_precision(precision or cfg.precision, self.device)
+        model = self.task_object.configure_model(model)
         self.model = prepare_model(model.to(self.device), cfg.kernels).eval()
         self.batch_size = int(batch_size)
-        names = getattr(model, "class_names", None)
-        self.class_names: list[str] = list(names) if names else load_class_names(
-            cfg.model.classes)
-        self._transforms = build_test_transforms(cfg.data)
+        self.class_names: list[str] = self.task_object.model_class_names(model)
         self.open_vocabulary: OpenVocabulary | None = None
         self.set_classes(classes)
 
     # -------------------------------------------------------------- class lists
     @property
     def guidance(self) -> TextGuidance | None:
+        """The model's text guidance (zero-shot CLIP: its prompt ensemble), if any: it
+        embeds, and caches, the texts of both class lists."""
         return getattr(self.model, "guidance", None)
 
     @property
@@ -135,30 +125,12 @@ class Predictor:
         if classes is None:
             self.open_vocabulary = None
             return
-        if self.task != "segmentation":
-            raise PredictionError(
-                f"open-vocabulary classes need a segmentation preset; {self.cfg.name} is a "
-                f"{self.task} model"
-            )
-        make = getattr(self.model, "make_open_vocabulary", None)
-        if make is not None:  # a model that scores typed classes itself (zero-shot CLIP)
-            try:
-                self.open_vocabulary = make(classes)
-            except ValueError as e:
-                raise PredictionError(str(e)) from None
-            return
-        if self.guidance is None:
-            raise PredictionError(
-                f"{self.cfg.name} has no text guidance (a plain CLIP baseline), so it has no "
-                f"score maps for open-vocabulary classes; use a DenseCLIP preset"
-            )
-        self.open_vocabulary = OpenVocabulary(self.guidance, classes, self.device)
+        self.open_vocabulary = self.task_object.open_vocabulary(self.model, classes)
 
     def clear_cache(self) -> None:
-        """Forget the cached text embeddings of both class lists (the open ones here, the
-        trained ones in the model's guidance); they are recomputed on the next image."""
-        if self.open_vocabulary is not None:
-            self.open_vocabulary.clear_cache()
+        """Forget the cached text embeddings of both class lists (the trained ones and the
+        open ones, both kept by the model's text guidance); they are recomputed on the next
+        image."""
         if self.guidance is not None:
             self.guidance.clear_cache()
 
@@ -167,7 +139,7 @@ class Predictor:
         computed once per class list and reused until the class list or weights change."""
         if self.open_vocabulary is None:
             raise PredictionError("no open-vocabulary classes are set")
-        return self.open_vocabulary.text_embeddings()
+        return self.guidance.embed(self.open_vocabulary.texts)
 
     # -------------------------------------------------------------- preprocessing
     def prepare(self, image: Any) -> Prepared:
@@ -177,26 +149,7 @@ class Predictor:
         H, W = rgb.shape[:2]
         if H == 0 or W == 0:
             raise PredictionError(f"the image is empty ({H}x{W} pixels)")
-        if self._detects:
-            det = self.cfg.model.detection
-            self._check_size(H, W, (det.max_size, det.min_size))
-            # mmdet's test Resize: the uint8 image through OpenCV (mmcv.imrescale)
-            resized = imrescale(rgb, (det.max_size, det.min_size))
-            return Prepared(rgb, torch.from_numpy(resized).permute(2, 0, 1).float())
-        self._check_size(H, W, self.cfg.data.test_scale)
-        # the test pipeline on the uint8 RGB array: OpenCV rescale, mmcv's normalisation
-        tensor = self._transforms(rgb)
-        return Prepared(rgb, tensor.contiguous())
-
-    @staticmethod
-    def _check_size(H: int, W: int, scale: Sequence[int]) -> None:
-        h, w = keep_ratio_size(H, W, scale)
-        if min(h, w) < MIN_INPUT_SIZE:
-            raise PredictionError(
-                f"the image is {H}x{W} (HxW) pixels; resized to the test scale "
-                f"{list(scale)} it becomes {h}x{w}, smaller than the network stride "
-                f"{MIN_INPUT_SIZE} on one side: the image is too elongated for this model"
-            )
+        return self.task_object.prepare(rgb)
 
     # -------------------------------------------------------------- prediction
     def predict(self, image: Any, return_probs: bool = True):
@@ -219,100 +172,12 @@ class Predictor:
             return self._predict_prepared(items, return_probs)
 
     def _predict_prepared(self, items: Sequence[Prepared], return_probs: bool) -> list:
-        if self._detects:
-            return self._detect(items)
-        results: list[SegmentationPrediction | None] = [None] * len(items)
-        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
-        for i, item in enumerate(items):
-            groups[tuple(item.tensor.shape[-2:])].append(i)
-        for indices in groups.values():
-            for start in range(0, len(indices), self.batch_size):
-                chunk = indices[start : start + self.batch_size]
-                batch = torch.stack([items[i].tensor for i in chunk]).to(self.device)
-                raw = self._logits(batch)
-                for j, i in enumerate(chunk):
-                    results[i] = self._finish(raw[j : j + 1], items[i].image.shape[:2],
-                                              return_probs)
-        return results
+        return self.task_object.predict(self.model, items, batch_size=self.batch_size,
+                                        return_probs=return_probs,
+                                        open_vocabulary=self.open_vocabulary,
+                                        device=self.device)
 
     def window(self, images: torch.Tensor) -> torch.Tensor:
         """Logits of the head (N, K, h, w) for normalised crops, followed by the open
         classes' score maps (N, K', h, w) upsampled bilinearly to the crop, if any."""
-        if self.open_vocabulary is None:
-            return self.model(images)
-        dense = self.model.forward_features(images)  # the trained classes' guidance as usual
-        logits = self.model.forward_head(dense.features, images.shape[-2:])
-        score = self.open_vocabulary.scores(self.model, dense, images.shape[-2:])
-        return torch.cat([logits, score.to(logits.dtype)], dim=1)
-
-    def _logits(self, batch: torch.Tensor) -> torch.Tensor:
-        """Merged window outputs (B, K + K', h, w) at the preprocessed size."""
-        channels = self.num_classes + len(self.open_vocabulary or ())
-        return mode_logits(self.window, batch, self.cfg.evaluation, channels, batch.shape[-2:],
-                           self.batch_size, self.cfg.model.align_corners)
-
-    def _finish(self, raw: torch.Tensor, size: tuple[int, int],
-                return_probs: bool) -> SegmentationPrediction:
-        K = self.num_classes
-        align = self.cfg.model.align_corners
-        logits = raw[:, :K]
-        probs = None
-        if return_probs:
-            p = resize(logits, size, align).softmax(dim=1)
-            labels = p.argmax(dim=1)[0]
-            probs = p[0].float().cpu().numpy()
-        else:
-            labels = self._chunked_argmax(logits, size)
-        result = SegmentationPrediction(labels.cpu().numpy().astype(np.int64), probs,
-                                        list(self.class_names))
-        if self.open_vocabulary is not None:
-            scores = resize(raw[:, K:].float(), size, align)[0]
-            result.open_scores = scores.cpu().numpy().astype(np.float32)
-            result.open_labels = scores.argmax(dim=0).cpu().numpy().astype(np.int64)
-            result.open_class_names = list(self.open_vocabulary.names)
-        return result
-
-    def _chunked_argmax(self, logits: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-        align = self.cfg.model.align_corners
-        best_val = best_idx = None
-        for start in range(0, logits.shape[1], _ARGMAX_CHUNK):
-            val, idx = resize(logits[:, start : start + _ARGMAX_CHUNK], size, align).max(dim=1)
-            idx = idx + start
-            if best_val is None:
-                best_val, best_idx = val, idx
-            else:
-                better = val > best_val  # ties keep the first class, as argmax does
-                best_val = torch.where(better, val, best_val)
-                best_idx = torch.where(better, idx, best_idx)
-        return best_idx[0]
-
-    def _detect(self, items: Sequence[Prepared]) -> list[DetectionPrediction]:
-        """The detectors take 0..1 images resized by :meth:`prepare` and the original sizes
-        (they normalise and pad themselves) and return boxes (x1, y1, x2, y2), labels,
-        scores (and masks N × 1 × H × W probabilities) in original pixels, rescaled
-        before NMS as mmdet does."""
-        results = []
-        for start in range(0, len(items), self.batch_size):
-            chunk = items[start : start + self.batch_size]
-            outputs = self.model([item.tensor.to(self.device) / 255.0 for item in chunk],
-                                 original_sizes=[item.image.shape[:2] for item in chunk])
-            for item, out in zip(chunk, outputs, strict=True):
-                H, W = item.image.shape[:2]
-                boxes = out["boxes"].detach().float().cpu().reshape(-1, 4)
-                boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
-                boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
-                masks = out.get("masks")
-                if masks is not None:
-                    masks = masks.detach().float()
-                    if masks.ndim == 3:
-                        masks = masks[:, None]
-                    if masks.shape[0]:
-                        masks = (resize(masks, (H, W))[:, 0] >= 0.5).cpu().numpy()
-                    else:
-                        masks = np.zeros((0, H, W), dtype=bool)
-                results.append(DetectionPrediction(
-                    boxes.numpy().astype(np.float32),
-                    out["labels"].detach().cpu().numpy().astype(np.int64),
-                    out["scores"].detach().float().cpu().numpy().astype(np.float32),
-                    list(self.class_names), masks))
-        return results
+        return self.model.window_logits(images, self.open_texts)

@@ -3,31 +3,50 @@
 Semantics follow mmsegmentation 0.19 ``EncoderDecoder`` (``whole_inference``,
 ``slide_inference``, ``inference``, ``aug_test``); multi-scale testing starts, as mmseg's
 ``MultiScaleFlipAug``, from the original uint8 image, rescaled once per scale with OpenCV
-(:func:`aug_views`), so its views equal the official ones to the bit. The model is any
-callable that maps a normalised image batch ``B x 3 x h x w`` to class logits
-``B x K x h x w`` at the *input* resolution (the segmentor is expected to upsample its output
-itself) and should be in eval mode: sliding windows of one or several images are stacked
-into shared forward calls.
+(:func:`aug_views`), so its views equal the official ones to the bit.
 
-Everything runs under ``torch.no_grad()`` (not ``inference_mode``, so that tensors a model may
-cache during evaluation remain usable for training afterwards) and stays on the image's device
-(multi-scale testing: on the model's device, or the one given).
+The segmentors own this machinery through :class:`SegInference`: each holds its
+:class:`InferenceSettings` (mode, crop, stride, multi-scale ratios and flip, the normalisation of
+the multi-scale views), set from the config when the task builds the model, and answers
+``model.inference(images, out_size)`` (logits, optionally with the score maps of an open
+class list appended) and ``model.aug_inference(image)`` (probabilities).
+
+The functions take any callable that maps a normalised image batch ``B x 3 x h x w`` to
+class logits ``B x K x h x w`` at the *input* resolution (the segmentor upsamples its output
+itself), in eval mode: sliding windows of one or several images are stacked into shared
+forward calls. Everything runs under ``torch.no_grad()`` (not ``inference_mode``, so that
+tensors a model may cache during evaluation remain usable for training afterwards) and
+stays on the image's device (multi-scale testing: on the model's device, or the one given).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from ..config import ConfigError, EvalConfig
+from ..config import CLIP_MEAN, CLIP_STD, Config, ConfigError
 from ..data.image_ops import imrescale
 from ..data.transforms import Normalize255, to_chw_tensor
 from ..utils import resize
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Size = Sequence[int]
+
+
+class EvalSettings(Protocol):
+    """What the functions read of the test settings (an :class:`~denseclip.config.EvalConfig`
+    or an :class:`InferenceSettings`)."""
+
+    mode: str
+    crop_size: Sequence[int]
+    stride: Sequence[int]
+    aug_ratios: Sequence[float]
+    aug_flip: bool
 
 
 def aug_scales(test_scale: Size, ratios: Sequence[float]) -> list[tuple[int, int]]:
@@ -132,7 +151,7 @@ def slide_inference(
 
 
 @torch.no_grad()
-def mode_logits(model: Model, image: torch.Tensor, eval_cfg: EvalConfig, num_classes: int,
+def mode_logits(model: Model, image: torch.Tensor, eval_cfg: EvalSettings, num_classes: int,
                 out_size: Size, max_batch: int = 8, align_corners: bool = False) -> torch.Tensor:
     """Logits ``B x K x H_out x W_out`` from :func:`slide_inference` or
     :func:`whole_inference`, as ``eval_cfg.mode`` says."""
@@ -147,7 +166,7 @@ def mode_logits(model: Model, image: torch.Tensor, eval_cfg: EvalConfig, num_cla
 
 
 @torch.no_grad()
-def inference(model: Model, image: torch.Tensor, eval_cfg: EvalConfig, num_classes: int,
+def inference(model: Model, image: torch.Tensor, eval_cfg: EvalSettings, num_classes: int,
               out_size: Size, max_batch: int = 8, align_corners: bool = False) -> torch.Tensor:
     """Class probabilities ``B x K x H_out x W_out`` of one test view (mmseg ``inference``):
     :func:`mode_logits` resized to ``out_size``, then soft-maxed over classes."""
@@ -183,7 +202,7 @@ def aug_inference(
     model: Model,
     image: np.ndarray | torch.Tensor,
     test_scale: Size,
-    eval_cfg: EvalConfig,
+    eval_cfg: EvalSettings,
     num_classes: int,
     out_size: Size | None = None,
     max_batch: int = 8,
@@ -233,3 +252,90 @@ def aug_inference(
         views += probs.shape[0]
     assert total is not None
     return total / views
+
+
+# ------------------------------------------------------------------------------ the model's
+@dataclass(frozen=True)
+class InferenceSettings:
+    """A segmentor's test settings: ``mode`` (``"slide"`` or ``"whole"``), the sliding
+    ``crop_size`` and ``stride``; for multi-scale testing the ``test_scale`` the ratios
+    ``aug_ratios`` multiply, ``aug_flip``, and the normalisation (``mean``/``std``, 0..1
+    units) of the views rescaled from the original image. The defaults are the config's."""
+
+    mode: str = "slide"
+    crop_size: tuple[int, int] = (512, 512)
+    stride: tuple[int, int] = (341, 341)
+    aug_ratios: tuple[float, ...] = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+    aug_flip: bool = True
+    test_scale: tuple[int, int] = (2048, 512)
+    mean: tuple[float, float, float] = CLIP_MEAN
+    std: tuple[float, float, float] = CLIP_STD
+
+    @classmethod
+    def from_config(cls, cfg: Config) -> InferenceSettings:
+        """The settings of ``cfg.evaluation`` with ``cfg.data``'s test scale and
+        normalisation."""
+        ev, data = cfg.evaluation, cfg.data
+        return cls(mode=ev.mode, crop_size=tuple(ev.crop_size), stride=tuple(ev.stride),
+                   aug_ratios=tuple(ev.aug_ratios), aug_flip=bool(ev.aug_flip),
+                   test_scale=tuple(data.test_scale), mean=tuple(data.mean),
+                   std=tuple(data.std))
+
+
+class SegInference:
+    """Test-time inference owned by a segmentor (mixed into ``nn.Module`` subclasses whose
+    eval forward maps normalised images ``B x 3 x h x w`` to logits ``B x K x h x w`` and
+    that set ``num_classes`` and ``align_corners``).
+
+    ``inference_settings`` (:class:`InferenceSettings`) chooses whole-image or sliding-window
+    inference and the multi-scale views; the task sets it from the config when it builds
+    the model. A model that scores class lists other than its own (open vocabulary)
+    implements :meth:`open_scores`, and its ``forward_features``/``forward_head``."""
+
+    inference_settings: InferenceSettings = InferenceSettings()
+    align_corners: bool = False
+    num_classes: int
+
+    def open_scores(self, dense, texts: Sequence[str], size: Size) -> torch.Tensor:
+        """Score maps ``B x K' x *size`` of the class texts ``texts`` for the images behind
+        ``dense`` (what ``forward_features`` returned)."""
+        raise ValueError(f"a {type(self).__name__} has no score maps for other class lists")
+
+    def window_logits(self, images: torch.Tensor,
+                      open_texts: Sequence[str] | None = None) -> torch.Tensor:
+        """Logits ``N x K x h x w`` of normalised crops at their size, followed, with
+        ``open_texts``, by the score maps of those texts ``N x K' x h x w``."""
+        if open_texts is None:
+            return self(images)
+        dense = self.forward_features(images)  # the model's own classes guide as usual
+        logits = self.forward_head(dense.features, images.shape[-2:])
+        score = self.open_scores(dense, open_texts, images.shape[-2:])
+        return torch.cat([logits, score.to(logits.dtype)], dim=1)
+
+    @torch.no_grad()
+    def inference(self, images: torch.Tensor, out_size: Size | None = None, *,
+                  open_texts: Sequence[str] | None = None, max_batch: int = 8) -> torch.Tensor:
+        """Logits ``B x K x H_out x W_out`` of a normalised batch, by whole-image or
+        sliding-window inference as :attr:`inference_settings` say (:func:`mode_logits`),
+        resized to ``out_size`` (default: the batch's size); with ``open_texts``, the score
+        maps of those class texts follow as ``K'`` more channels, from the same forward
+        calls. At most ``max_batch`` sliding windows go through one forward call."""
+        texts = None if open_texts is None else list(open_texts)
+        window = self.window_logits if texts is None else partial(self.window_logits,
+                                                                  open_texts=texts)
+        channels = self.num_classes + (0 if texts is None else len(texts))
+        size = images.shape[-2:] if out_size is None else out_size
+        return mode_logits(window, images, self.inference_settings, channels, size, max_batch,
+                           self.align_corners)
+
+    @torch.no_grad()
+    def aug_inference(self, image: np.ndarray | torch.Tensor, out_size: Size | None = None, *,
+                      max_batch: int = 8,
+                      device: torch.device | str | None = None) -> torch.Tensor:
+        """Multi-scale (+ flip) class probabilities ``1 x K x H x W`` of one original
+        ``H x W x 3`` uint8 RGB image, as :func:`aug_inference` with
+        :attr:`inference_settings` (``device``: default the model's)."""
+        s = self.inference_settings
+        return aug_inference(self, image, s.test_scale, s, self.num_classes, out_size,
+                             max_batch, self.align_corners, mean=s.mean, std=s.std,
+                             device=device)

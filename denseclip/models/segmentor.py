@@ -14,6 +14,7 @@ from .guidance import DenseFeatures, GuidedModel, TextGuidance
 from .losses import cross_entropy
 from .official import OFFICIAL_SEGMENTATION_RENAMES
 from .registry import with_backbone_renames
+from .seg_inference import SegInference
 
 MIN_INPUT_SIZE = 32  # the coarsest backbone stride
 
@@ -51,10 +52,14 @@ def fused_channels(backbone: nn.Module, num_classes: int, guided: bool,
     return channels
 
 
-class Segmentor(GuidedModel, nn.Module):
+class Segmentor(SegInference, GuidedModel, nn.Module):
     """Backbone → (text guidance: score map fused into one level) → FPN → decode head.
 
-    Eval mode: ``model(images)`` returns logits (B, K, H, W) at the input resolution.
+    Eval mode: ``model(images)`` returns logits (B, K, H, W) at the input resolution;
+    ``model.inference(images, out_size)`` runs the test-time inference of its
+    ``inference_settings`` (whole image or sliding windows, optionally with the score maps of
+    typed class texts) and ``model.aug_inference(image)`` the multi-scale test
+    (:class:`~.seg_inference.SegInference`).
     Training mode: ``model(images, targets)`` returns a dict of weighted losses
     (``loss_seg``, and ``loss_aux`` with text guidance) whose sum is the training loss.
     The two halves are :meth:`forward_features` (shared with the detectors) and
@@ -125,6 +130,17 @@ class Segmentor(GuidedModel, nn.Module):
             raise ValueError("this model has no text guidance, so it has no score maps")
         score = self.guidance(*dense.embeddings, text=text, tokens=tokens).score
         return self.upsample(score.float(), size)
+
+    def open_scores(self, dense: DenseFeatures, texts: Sequence[str],
+                    size: Sequence[int]) -> torch.Tensor:
+        """Score maps (B, K', *size) of the class texts ``texts`` (open vocabulary), with
+        the guidance's cached embeddings of them (post-model prompting) or their tokens
+        (pre-model prompting); ``ValueError`` without text guidance or for a text too long."""
+        if self.guidance is None:
+            raise ValueError("this model has no text guidance, so it has no score maps")
+        if self.guidance.prompting == "post":
+            return self.forward_scores(dense, size, text=self.guidance.embed(texts))
+        return self.forward_scores(dense, size, tokens=self.guidance.tokenize(texts))
 
     def forward(self, images: torch.Tensor, targets: torch.Tensor | None = None):
         check_images(images)

@@ -39,12 +39,13 @@ from .clip_resnet import CLIPResNet
 from .clip_vit import CLIPViT
 from .guidance import DenseFeatures
 from .registry import Registry
+from .seg_inference import SegInference
 from .segmentor import check_images
 from .text_encoder import CLIPTextEncoder, build_text_encoder, tokenize
 
 __all__ = ["LOGIT_SCALE", "PROMPT_TEMPLATES", "ZEROSHOT_BACKBONES", "NotTrainableError",
            "PromptEnsemble", "ZeroShotResNet", "ZeroShotSegmentor", "ZeroShotViT",
-           "ZeroShotVocabulary", "build_zeroshot_segmentor"]
+           "build_zeroshot_segmentor"]
 
 #: The prompt ensemble: 16 of CLIP's 80 ImageNet templates (photo-style ones, with and
 #: without "the"), plus MaskCLIP's five scene templates.
@@ -191,6 +192,10 @@ class PromptEnsemble(nn.Module):
         weights = tuple((p.data_ptr(), p._version) for p in self.text_encoder.parameters())
         return (device, fast_kernels(), weights)
 
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """The ensemble embeddings of ``texts`` as a batch of one (1, K, D) (cached)."""
+        return self.embeddings(texts)[None]
+
     def embeddings(self, texts: Sequence[str]) -> torch.Tensor:
         """Normalised prompt-ensemble embeddings (K, D) of ``texts`` (cached)."""
         texts = tuple(texts)
@@ -214,38 +219,14 @@ class PromptEnsemble(nn.Module):
         return F.normalize(out.mean(dim=1), dim=-1)
 
 
-class ZeroShotVocabulary:
-    """Typed classes scored by a :class:`ZeroShotSegmentor` (the predictor's open
-    vocabulary): names, texts, their ensemble embeddings and score maps."""
-
-    def __init__(self, model: ZeroShotSegmentor, classes: Any) -> None:
-        mapping = as_class_dict(classes)  # ClassListError (a ValueError) for a bad list
-        self.model = model
-        self.names = list(mapping)
-        self.texts = list(mapping.values())
-        model.guidance.tokenize(self.texts)  # ValueError now for a text too long
-
-    def __len__(self) -> int:
-        return len(self.names)
-
-    def clear_cache(self) -> None:
-        self.model.guidance.clear_cache(self.texts)
-
-    def text_embeddings(self) -> torch.Tensor:
-        """Ensemble embeddings (1, K', D) of the typed classes."""
-        return self.model.guidance.embeddings(self.texts)[None]
-
-    def scores(self, model: ZeroShotSegmentor, dense: DenseFeatures, size) -> torch.Tensor:
-        """Cosine score maps (B, K', *size) for the images behind ``dense``."""
-        return model.score_maps(dense.features[0], self.text_embeddings()[0], size)
-
-
 # --------------------------------------------------------------------------- the model
-class ZeroShotSegmentor(SavePretrained, nn.Module):
+class ZeroShotSegmentor(SegInference, SavePretrained, nn.Module):
     """CLIP's dense embeddings (MaskCLIP) scored against prompt-ensembled class texts.
 
     ``model(images)`` (normalised float (B, 3, H, W)) → logits (B, K, H, W):
-    ``logit_scale`` × cosine similarity, upsampled bilinearly. ``backbone`` is a
+    ``logit_scale`` × cosine similarity, upsampled bilinearly; ``model.inference`` and
+    ``model.aug_inference`` run the test-time inference, as the trained segmentor's
+    (:class:`~.seg_inference.SegInference`). ``backbone`` is a
     :class:`ZeroShotResNet` or :class:`ZeroShotViT` and ``guidance`` the
     :class:`PromptEnsemble` around CLIP's text tower, under OpenAI's key names
     (``visual.*`` → ``backbone.*``, the text tower → ``guidance.text_encoder.*``), so an
@@ -283,9 +264,11 @@ class ZeroShotSegmentor(SavePretrained, nn.Module):
         self.class_names = list(mapping)
         self.class_texts = list(mapping.values())
 
-    def make_open_vocabulary(self, classes: Any) -> ZeroShotVocabulary:
-        """Typed classes scored beside the model's own (see :class:`ZeroShotVocabulary`)."""
-        return ZeroShotVocabulary(self, classes)
+    def open_scores(self, dense: DenseFeatures, texts: Sequence[str],
+                    size: Sequence[int]) -> torch.Tensor:
+        """Cosine score maps (B, K', *size) of other class texts (open vocabulary), from
+        their cached ensemble embeddings."""
+        return self.score_maps(dense.features[0], self.guidance.embeddings(texts), size)
 
     def class_embeddings(self) -> torch.Tensor:
         """Normalised prompt-ensemble embeddings (K, D) of the class list (cached)."""

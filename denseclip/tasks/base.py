@@ -5,6 +5,7 @@ names."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -12,8 +13,12 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..classes import load_class_names
 from ..config import Config
 from ..dist import DistEnv
+from ..models.segmentor import MIN_INPUT_SIZE
+from ..utils import keep_ratio_size
+from .results import PredictionError, Prepared
 
 
 class Task:
@@ -75,11 +80,9 @@ class Task:
         return []
 
     # ------------------------------------------------------------------ tools
-    # what the demo's button says; whether class names typed by a user are scored (open
-    # vocabulary), ONNX export and the slide-inference benchmark apply; what the
-    # benchmark's generated training images imitate
+    # what the demo's button says; whether ONNX export and the slide-inference benchmark
+    # apply; what the benchmark's generated training images imitate
     verb: ClassVar[str]
-    supports_open_vocabulary: ClassVar[bool] = False
     onnx_export: ClassVar[bool] = False
     slide_inference: ClassVar[bool] = False
     bench_data: ClassVar[str]
@@ -114,3 +117,68 @@ class Task:
         the task's default."""
         raise NotImplementedError
 
+    # ------------------------------------------------------------------ prediction
+    #: whether :meth:`open_vocabulary` scores class lists typed at prediction time
+    supports_open_vocabulary: ClassVar[bool] = False
+
+    def configure_model(self, model: nn.Module) -> nn.Module:
+        """Give ``model`` the test-time settings of ``cfg`` (:meth:`build_model` does; the
+        predictor does for a model it is handed); returns ``model``."""
+        return model
+
+    def model_class_names(self, model: nn.Module) -> list[str]:
+        """The names of ``model``'s classes: its own list, else ``cfg.model.classes``."""
+        names = getattr(model, "class_names", None)
+        return list(names) if names else load_class_names(self.cfg.model.classes)
+
+    def open_vocabulary(self, model: nn.Module, classes: Any) -> OpenVocabulary:
+        """``classes`` (a comma-separated string, a list of names or a mapping ``{name: text
+        to embed}``) checked for ``model``: :class:`PredictionError` saying why they cannot
+        be scored."""
+        raise PredictionError(f"open-vocabulary classes need a segmentation preset; "
+                              f"{self.cfg.name} is a {self.cfg.model.task} model")
+
+    def prepare(self, rgb: np.ndarray) -> Prepared:
+        """One decoded ``H x W x 3`` uint8 RGB image (not empty) preprocessed as the test
+        pipeline does; :class:`PredictionError` for an image the network cannot take."""
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, items: Sequence[Prepared], *, batch_size: int = 8,
+                return_probs: bool = True, open_vocabulary: OpenVocabulary | None = None,
+                device: torch.device | None = None) -> list:
+        """Predictions of ``model`` (in eval mode, on ``device``) for prepared images, one
+        result (:mod:`.results`) per item, at most ``batch_size`` images (and sliding
+        windows) per forward call. ``return_probs=False`` may skip class probabilities;
+        ``open_vocabulary`` adds the score maps of typed classes (see
+        :attr:`supports_open_vocabulary`). Runs in the caller's precision and grad mode."""
+        raise NotImplementedError
+
+
+@dataclass(frozen=True)
+class OpenVocabulary:
+    """Classes typed at prediction time: the ``names`` shown (legend, file names, JSON)
+    and the ``texts`` the model embeds for them."""
+
+    names: tuple[str, ...]
+    texts: tuple[str, ...]
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
+def check_test_size(H: int, W: int, scale: Sequence[int]) -> None:
+    """Raise :class:`PredictionError` unless an ``H x W`` image resized (keeping its ratio)
+    to ``scale`` is at least the network stride on both sides."""
+    h, w = keep_ratio_size(H, W, scale)
+    if min(h, w) < MIN_INPUT_SIZE:
+        raise PredictionError(
+            f"the image is {H}x{W} (HxW) pixels; resized to the test scale "
+            f"{list(scale)} it becomes {h}x{w}, smaller than the network stride "
+            f"{MIN_INPUT_SIZE} on one side: the image is too elongated for this model"
+        )
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where ``model``'s first parameter lives (the CPU for a model without any)."""
+    first = next(iter(model.parameters()), None)
+    return torch.device("cpu") if first is None else first.device

@@ -20,12 +20,14 @@ from ..data.coco import (
     move_detection_batch,
 )
 from ..data.generated import random_detection_target, write_coco_set
+from ..data.image_ops import imrescale
 from ..dist import DistEnv
 from ..evaluation.coco import METRIC_NAMES, evaluate_detection, format_per_category_table
 from ..models.build import build_detector
 from ..models.detection import DETECTORS
-from .base import Task
-from .results import DetectionPrediction
+from ..utils import resize
+from .base import OpenVocabulary, Task, check_test_size, model_device
+from .results import DetectionPrediction, Prepared
 from .writers import write_detection
 
 #: Default (H, W) for counting detectors: the ``--shape 1280 800`` default of mmdet's FLOPs
@@ -162,3 +164,53 @@ class DetectionTask(Task):
                               f"got {size}")
         return size
 
+    # ------------------------------------------------------------------ prediction
+    def prepare(self, rgb: np.ndarray) -> Prepared:
+        """mmdet's test Resize: the uint8 image rescaled (OpenCV, as ``mmcv.imrescale``) to
+        the detection scale, as a float 0..255 tensor; the detector normalises and pads."""
+        det = self.cfg.model.detection
+        H, W = rgb.shape[:2]
+        check_test_size(H, W, (det.max_size, det.min_size))
+        resized = imrescale(rgb, (det.max_size, det.min_size))
+        return Prepared(rgb, torch.from_numpy(resized).permute(2, 0, 1).float())
+
+    def predict(self, model: nn.Module, items: Sequence[Prepared], *, batch_size: int = 8,
+                return_probs: bool = True, open_vocabulary: OpenVocabulary | None = None,
+                device: torch.device | None = None) -> list[DetectionPrediction]:
+        """The detector takes the 0..1 images of :meth:`prepare` and the original sizes and
+        returns boxes (x1, y1, x2, y2), labels, scores (and masks N x 1 x H x W
+        probabilities) in original pixels, rescaled before NMS as mmdet does; boxes are
+        clipped to the image and masks thresholded at 0.5. ``return_probs`` and
+        ``open_vocabulary`` do not apply."""
+        device = model_device(model) if device is None else device
+        names = self.model_class_names(model)
+        results = []
+        for start in range(0, len(items), batch_size):
+            chunk = items[start : start + batch_size]
+            outputs = model([item.tensor.to(device) / 255.0 for item in chunk],
+                            original_sizes=[item.image.shape[:2] for item in chunk])
+            for item, out in zip(chunk, outputs, strict=True):
+                results.append(_detection_result(item, out, names))
+        return results
+
+
+def _detection_result(item: Prepared, out: dict[str, torch.Tensor],
+                      names: list[str]) -> DetectionPrediction:
+    H, W = item.image.shape[:2]
+    boxes = out["boxes"].detach().float().cpu().reshape(-1, 4)
+    boxes[:, 0::2] = boxes[:, 0::2].clamp(0, W)
+    boxes[:, 1::2] = boxes[:, 1::2].clamp(0, H)
+    masks = out.get("masks")
+    if masks is not None:
+        masks = masks.detach().float()
+        if masks.ndim == 3:
+            masks = masks[:, None]
+        if masks.shape[0]:
+            masks = (resize(masks, (H, W))[:, 0] >= 0.5).cpu().numpy()
+        else:
+            masks = np.zeros((0, H, W), dtype=bool)
+    return DetectionPrediction(
+        boxes.numpy().astype(np.float32),
+        out["labels"].detach().cpu().numpy().astype(np.int64),
+        out["scores"].detach().float().cpu().numpy().astype(np.float32),
+        list(names), masks)

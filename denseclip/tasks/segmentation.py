@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+from collections import defaultdict
 from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +13,25 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..classes import load_class_names
+from ..classes import ClassListError, as_class_dict, load_class_names
 from ..config import Config, ConfigError
 from ..data.generated import write_ade20k_set
 from ..data.samplers import collate_segmentation
 from ..data.segmentation import ADE20KDataset, build_segmentation_dataset
-from ..data.transforms import build_train_transforms
+from ..data.transforms import build_test_transforms, build_train_transforms
 from ..dist import DistEnv
 from ..evaluation.plots import write_segmentation_figures
 from ..evaluation.segmentation import evaluate
 from ..models.build import build_segmentor
+from ..models.seg_inference import InferenceSettings
 from ..models.zeroshot import build_zeroshot_segmentor
-from .base import Task
-from .results import SegmentationPrediction
+from ..utils import resize
+from .base import OpenVocabulary, Task, check_test_size, model_device
+from .results import PredictionError, Prepared, SegmentationPrediction
 from .writers import write_segmentation
 
 FIGURES_DIR = "plots"  # out_dir's top level holds the label PNGs, one per image
+_ARGMAX_CHUNK = 16  # classes resized together for labels without probabilities
 
 _log = logging.getLogger(__name__)
 
@@ -50,8 +55,8 @@ class SegmentationTask(Task):
 
     def build_model(self) -> nn.Module:
         if self.cfg.model.zeroshot:
-            return build_zeroshot_segmentor(self.cfg.model)
-        return build_segmentor(self.cfg.model)
+            return self.configure_model(build_zeroshot_segmentor(self.cfg.model))
+        return self.configure_model(build_segmentor(self.cfg.model))
 
     def dataset(self, split: str, train: bool):
         return build_segmentation_dataset(self.cfg.data, split, self.num_classes, train)
@@ -91,7 +96,6 @@ class SegmentationTask(Task):
 
     # ------------------------------------------------------------------ tools
     verb = "Segment"
-    supports_open_vocabulary = True
     onnx_export = True
     slide_inference = True
     bench_data = "ADE20K-sized"
@@ -130,3 +134,108 @@ class SegmentationTask(Task):
             raise ConfigError(f"input size must be two positive integers (H W), got {size}")
         return size
 
+    # ------------------------------------------------------------------ prediction
+    supports_open_vocabulary = True
+
+    def configure_model(self, model: nn.Module) -> nn.Module:
+        """The segmentor's test-time inference follows ``cfg.evaluation`` (whole or sliding
+        windows, multi-scale ratios and flip) with ``cfg.data``'s test scale and
+        normalisation."""
+        model.inference_settings = InferenceSettings.from_config(self.cfg)
+        return model
+
+    def open_vocabulary(self, model: nn.Module, classes: Any) -> OpenVocabulary:
+        """Typed classes scored by the model's text guidance (DenseCLIP) or its prompt
+        ensemble (zero-shot CLIP): each text must fit the model's text context."""
+        if getattr(model, "guidance", None) is None:
+            raise PredictionError(
+                f"{self.cfg.name} has no text guidance (a plain CLIP baseline), so it has no "
+                f"score maps for open-vocabulary classes; use a DenseCLIP preset"
+            )
+        try:
+            mapping = as_class_dict(classes)
+        except ClassListError as e:
+            raise PredictionError(str(e)) from None
+        try:
+            model.guidance.tokenize(list(mapping.values()))
+        except ValueError as e:
+            detail = ", ".join(f"{n!r} → {t!r}" for n, t in mapping.items() if n != t)
+            extra = f" (class texts: {detail})" if detail else ""
+            raise PredictionError(f"{e}{extra}") from None
+        return OpenVocabulary(tuple(mapping), tuple(mapping.values()))
+
+    def prepare(self, rgb: np.ndarray) -> Prepared:
+        """Keep-ratio resize to ``data.test_scale`` (OpenCV bilinear on the uint8 image, as
+        mmcv) and normalisation with ``data.mean``/``data.std`` on the 0..255 scale."""
+        H, W = rgb.shape[:2]
+        check_test_size(H, W, self.cfg.data.test_scale)
+        return Prepared(rgb, self._test_transforms(rgb).contiguous())
+
+    @cached_property
+    def _test_transforms(self):
+        return build_test_transforms(self.cfg.data)
+
+    def predict(self, model: nn.Module, items: Sequence[Prepared], *, batch_size: int = 8,
+                return_probs: bool = True, open_vocabulary: OpenVocabulary | None = None,
+                device: torch.device | None = None) -> list[SegmentationPrediction]:
+        """Images of equal preprocessed size share forward calls; the model's
+        ``inference`` (whole or sliding windows, with the open classes' score maps) gives
+        logits at the preprocessed size, resized to each original size and soft-maxed.
+        ``return_probs=False`` finds the labels class-chunk by class-chunk instead (far less
+        memory for large images and many classes)."""
+        device = model_device(model) if device is None else device
+        names = self.model_class_names(model)
+        texts = None if open_vocabulary is None else list(open_vocabulary.texts)
+        results: list[SegmentationPrediction | None] = [None] * len(items)
+        groups: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, item in enumerate(items):
+            groups[tuple(item.tensor.shape[-2:])].append(i)
+        for indices in groups.values():
+            for start in range(0, len(indices), batch_size):
+                chunk = indices[start : start + batch_size]
+                batch = torch.stack([items[i].tensor for i in chunk]).to(device)
+                raw = model.inference(batch, batch.shape[-2:], open_texts=texts,
+                                      max_batch=batch_size)
+                for j, i in enumerate(chunk):
+                    results[i] = self._finish(model, raw[j : j + 1], items[i].image.shape[:2],
+                                              names, return_probs, open_vocabulary)
+        return results
+
+    def _finish(self, model: nn.Module, raw: torch.Tensor, size: tuple[int, int],
+                names: list[str], return_probs: bool,
+                open_vocabulary: OpenVocabulary | None) -> SegmentationPrediction:
+        K = len(names)
+        align = model.align_corners
+        logits = raw[:, :K]
+        probs = None
+        if return_probs:
+            p = resize(logits, size, align).softmax(dim=1)
+            labels = p.argmax(dim=1)[0]
+            probs = p[0].float().cpu().numpy()
+        else:
+            labels = _chunked_argmax(logits, size, align)
+        result = SegmentationPrediction(labels.cpu().numpy().astype(np.int64), probs,
+                                        list(names))
+        if open_vocabulary is not None:
+            scores = resize(raw[:, K:].float(), size, align)[0]
+            result.open_scores = scores.cpu().numpy().astype(np.float32)
+            result.open_labels = scores.argmax(dim=0).cpu().numpy().astype(np.int64)
+            result.open_class_names = list(open_vocabulary.names)
+        return result
+
+
+def _chunked_argmax(logits: torch.Tensor, size: tuple[int, int],
+                    align: bool) -> torch.Tensor:
+    """The argmax over classes of ``logits`` resized to ``size``, resizing at most
+    :data:`_ARGMAX_CHUNK` classes at a time (ties keep the first class, as argmax does)."""
+    best_val = best_idx = None
+    for start in range(0, logits.shape[1], _ARGMAX_CHUNK):
+        val, idx = resize(logits[:, start : start + _ARGMAX_CHUNK], size, align).max(dim=1)
+        idx = idx + start
+        if best_val is None:
+            best_val, best_idx = val, idx
+        else:
+            better = val > best_val
+            best_val = torch.where(better, val, best_val)
+            best_idx = torch.where(better, idx, best_idx)
+    return best_idx[0]

@@ -68,7 +68,7 @@ from torch import nn
 from ..config import Config, ConfigError
 from ..data.generated import ADE20K_IMAGE
 from ..engine.optim import build_optimizer
-from ..evaluation.inference import mode_logits, slide_windows
+from ..models.seg_inference import mode_logits, slide_windows
 from ..runtime import prepare_model, resolve_precision, run_mode
 from ..tasks import build_model, get_task
 from ..utils import keep_ratio_size

@@ -40,7 +40,6 @@ from PIL import Image
 
 from ..data.io import READABLE_FORMATS, DatasetError, UnknownImageFormatError, decode_image
 from ..inference import DetectionPrediction, PredictionError, Predictor
-from ..tasks import get_task
 from ..tasks.render import format_share, palette, render_detections, render_overlay
 
 __all__ = ["DemoServer", "make_server", "render_page"]
@@ -117,7 +116,7 @@ def render_page(predictor: Predictor, classes: str = "", result: Any = None,
                 note: str | None = None, score_thr: float = 0.3) -> str:
     """The demo page: the form, then an error or the overlays of ``result``."""
     cfg = predictor.cfg
-    task = get_task(cfg)
+    task = predictor.task_object
     parts = [
         "<!doctype html><html lang='en'><head><meta charset='utf-8'>",
         "<meta name='viewport' content='width=device-width, initial-scale=1'>",
@@ -383,7 +382,7 @@ class _Handler(BaseHTTPRequestHandler):
             note = f"The {W}x{H} image was reduced to {size[0]}x{size[1]} for the demo."
         with server.lock:
             predictor = server.predictor
-            if get_task(predictor.cfg).supports_open_vocabulary:
+            if predictor.task_object.supports_open_vocabulary:
                 predictor.set_classes(classes or None)
             result = predictor.predict(rgb, return_probs=False)
         return render_page(predictor, classes, result, rgb, note=note)

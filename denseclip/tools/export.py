@@ -37,7 +37,6 @@ from ..inference import Predictor
 from ..models.segmentor import Segmentor
 from ..optional import require
 from ..runtime import reference_kernels
-from ..tasks import get_task
 
 EXPORT_PRECISIONS = ("fp32", "fp16")
 
@@ -148,7 +147,7 @@ def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17,
                      precision: str = "fp32") -> Path:
     """Export a predictor's model and class lists (trained and open) to ONNX, stored in
     ``precision`` (see :func:`export_precision`)."""
-    if not get_task(predictor.cfg).onnx_export:
+    if not predictor.task_object.onnx_export:
         raise ExportError(f"ONNX export supports segmentation presets; {predictor.cfg.name} "
                           f"is a {predictor.task} model")
     if predictor.cfg.model.zeroshot:

@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from denseclip.config import CLIP_MEAN, CLIP_STD, EvalConfig
-from denseclip.evaluation.inference import (
+from denseclip.models.seg_inference import (
     aug_inference,
     aug_scales,
     aug_views,

@@ -25,6 +25,7 @@ from denseclip.evaluation.plots import (
     plot_per_class_iou,
 )
 from denseclip.evaluation.segmentation import evaluate
+from denseclip.models.seg_inference import SegInference
 from denseclip.tasks import SegmentationTask
 from denseclip.weights import save_checkpoint
 from tests.helpers.images import write_pair
@@ -41,7 +42,7 @@ EXPECTED = np.array([[128, 0, 0],
 EXPECTED_IOU = [50.0, 28.125, 0.0]
 
 
-class ColourModel(nn.Module):
+class ColourModel(SegInference, nn.Module):
     """Segments by colour: the logit of class c is the normalised image channel c."""
 
     num_classes = 3
@@ -75,7 +76,8 @@ def colour_scenes(tmp_path):
 def test_confusion_matrix_npy_equals_a_hand_worked_example(colour_scenes, tmp_path):
     cfg, dataset = colour_scenes
     out = tmp_path / "out"
-    metrics = evaluate(ColourModel(), dataset, cfg, out_dir=out, progress=False)
+    model = SegmentationTask(cfg).configure_model(ColourModel())  # the config's test settings
+    metrics = evaluate(model, dataset, cfg, out_dir=out, progress=False)
     saved = np.load(out / "confusion_matrix.npy")
     assert saved.dtype == np.int64 and saved.shape == (3, 3)
     np.testing.assert_array_equal(saved, EXPECTED)
@@ -120,7 +122,8 @@ def test_without_matplotlib_the_data_files_are_written_and_install_is_named(
         monkeypatch.setitem(sys.modules, name, None)  # import fails as when not installed
     cfg, dataset = colour_scenes
     out = tmp_path / "out"
-    metrics = evaluate(ColourModel(), dataset, cfg, out_dir=out, progress=False)
+    model = SegmentationTask(cfg).configure_model(ColourModel())  # the config's test settings
+    metrics = evaluate(model, dataset, cfg, out_dir=out, progress=False)
     with caplog.at_level(logging.WARNING, logger="denseclip"):
         assert SegmentationTask(cfg).write_figures(metrics, out) == []
     assert "pip install 'denseclip[plot]'" in caplog.text

@@ -14,8 +14,9 @@ import denseclip
 from denseclip.data import build_segmentation_dataset, make_synthetic_dataset
 from denseclip.dist import DistEnv
 from denseclip.engine import trainer
-from denseclip.evaluation.inference import aug_scales
 from denseclip.evaluation.segmentation import evaluate
+from denseclip.models.seg_inference import SegInference, aug_scales
+from denseclip.tasks import SegmentationTask
 from denseclip.weights import save_checkpoint
 from tests.helpers.official import official_view
 
@@ -44,7 +45,7 @@ def test_evaluation_labels_equal_the_predictor(tmp_path, align_corners):
         np.testing.assert_array_equal(evaluated, predicted)
 
 
-class ViewRecorder(nn.Module):
+class ViewRecorder(SegInference, nn.Module):
     """A 1x1 convolution that records the batches it is given."""
 
     def __init__(self, num_classes: int):
@@ -68,7 +69,7 @@ def test_multi_scale_evaluation_rescales_the_original_images(tmp_path):
         "evaluation.mode=whole", f"evaluation.aug_ratios={ratios}", "evaluation.aug_flip=true"])
     dataset = build_segmentation_dataset(cfg.data, cfg.data.val_split, 5, train=False)
     torch.manual_seed(0)
-    model = ViewRecorder(5)
+    model = SegmentationTask(cfg).configure_model(ViewRecorder(5))  # cfg's test settings
     metrics = evaluate(model, dataset, cfg, aug_test=True, progress=False)
     assert metrics["num_images"] == 2
     expected = []

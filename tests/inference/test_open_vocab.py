@@ -138,7 +138,8 @@ def test_class_file_embeds_the_description(tmp_path):
     image = random_image(64, 64)
     np.testing.assert_array_equal(predictor.predict(image).open_scores,
                                   by_text.predict(image).open_scores)
-    assert torch.equal(predictor.open_vocabulary.tokens, tokenize(["kitty", "dog", "lawn"], 5))
+    assert torch.equal(predictor.guidance.tokenize(predictor.open_texts),
+                       tokenize(["kitty", "dog", "lawn"], 5))
 
 
 def test_pre_model_prompting_runs_the_text_encoder_per_image():

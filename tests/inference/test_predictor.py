@@ -11,13 +11,15 @@ from torch import nn
 
 import denseclip
 from denseclip.data.transforms import build_test_transforms
-from denseclip.evaluation.inference import inference
 from denseclip.inference import (
     DetectionPrediction,
     PredictionError,
     Predictor,
     SegmentationPrediction,
 )
+from denseclip.models.seg_inference import inference
+from denseclip.runtime import run_mode
+from denseclip.tasks import get_task
 from denseclip.weights import CheckpointError, save_checkpoint
 from tests.helpers.images import random_image
 
@@ -260,3 +262,20 @@ def test_real_detector_if_available():
             assert result.boxes[:, 0::2].max() <= 120 and result.boxes[:, 1::2].max() <= 80
         if predictor.task == "mask_rcnn":
             assert result.masks.shape == (n, 80, 120) and result.masks.dtype == bool
+
+
+def test_the_task_prepares_and_predicts_for_the_predictor(predictor):
+    task = get_task(predictor.cfg)
+    assert task.supports_open_vocabulary and not get_task(detection_config()) \
+        .supports_open_vocabulary
+    images = [random_image(100, 300, seed=2), random_image(70, 90, seed=3)]
+    items = [task.prepare(image) for image in images]
+    for item, image in zip(items, images, strict=True):
+        assert torch.equal(item.tensor, predictor.prepare(image).tensor)
+    with torch.no_grad(), run_mode(predictor.precision, predictor.cfg.kernels, predictor.device):
+        direct = task.predict(predictor.model, items, batch_size=predictor.batch_size)
+    for got, want in zip(direct, predictor.predict_batch(images), strict=True):
+        np.testing.assert_array_equal(got.probs, want.probs)
+        np.testing.assert_array_equal(got.labels, want.labels)
+    with pytest.raises(PredictionError, match="too elongated"):
+        task.prepare(random_image(2, 400))

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+import torch.nn.functional as F
 
 import denseclip
-from denseclip.models import Segmentor
+from denseclip.models import Segmentor, tokenize
+from denseclip.models.seg_inference import InferenceSettings, mode_logits
 
 TINY = ["tiny_denseclip_res", "tiny_clip_res", "tiny_denseclip_vit", "tiny_clip_vit"]
 CASES = [(name, ()) for name in TINY] + [
@@ -262,3 +266,55 @@ def test_neck_and_head_convs_follow_mmcv_conv_module_init():
     bound = 1 / 256**0.5
     assert model.head.conv_seg.weight.abs().max() <= bound
     assert model.head.conv_seg.bias.abs().max() > 0
+
+
+# ------------------------------------------------------------------ test-time inference
+
+
+def test_the_model_holds_the_test_settings_of_its_config():
+    cfg = denseclip.load_config("tiny_denseclip_res", [
+        "evaluation.mode=whole", "evaluation.aug_ratios=[0.5, 1.5]", "evaluation.aug_flip=false",
+        "data.test_scale=[96, 48]"])
+    torch.manual_seed(0)
+    settings = denseclip.build_model(cfg).inference_settings
+    assert settings == InferenceSettings(
+        mode="whole", crop_size=tuple(cfg.evaluation.crop_size),
+        stride=tuple(cfg.evaluation.stride), aug_ratios=(0.5, 1.5), aug_flip=False,
+        test_scale=(96, 48), mean=tuple(cfg.data.mean), std=tuple(cfg.data.std))
+
+
+def test_inference_follows_the_settings_mode(tiny_res):
+    images = batch(1, 64, 150)[0]
+    with torch.no_grad():
+        whole = tiny_res(images)
+    model = copy.deepcopy(tiny_res)
+    model.inference_settings = InferenceSettings(mode="whole")
+    assert torch.equal(model.inference(images), whole)
+    model.inference_settings = InferenceSettings(mode="slide", crop_size=(64, 64),
+                                                 stride=(43, 43))
+    slide = model.inference(images, (32, 75))
+    with torch.no_grad():
+        expected = mode_logits(tiny_res, images, model.inference_settings, 150, (32, 75))
+        first = tiny_res(images[..., :64])  # three windows: x = 0, 43, 86
+    assert torch.equal(slide, expected) and slide.shape == (1, 150, 32, 75)
+    assert not torch.allclose(slide, F.interpolate(whole, size=(32, 75), mode="bilinear"))
+    # the first 43 columns are seen by the first window only
+    torch.testing.assert_close(model.inference(images)[..., :43], first[..., :43],
+                               rtol=0, atol=1e-5)
+
+
+def test_open_texts_add_score_channels_from_the_same_forward(tiny_res):
+    images = batch(2, 64, 64)[0]
+    model = copy.deepcopy(tiny_res)
+    model.inference_settings = InferenceSettings(mode="whole")
+    out = model.inference(images, open_texts=["cat", "dog", "grass"])
+    assert out.shape == (2, 153, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(out[:, :150], tiny_res(images))
+        dense = tiny_res.forward_features(images)
+        text = tiny_res.guidance.text_encoder(tokenize(["cat", "dog", "grass"], 5),
+                                              tiny_res.guidance.contexts)
+        scores = tiny_res.forward_scores(dense, (64, 64), text=text)
+    torch.testing.assert_close(out[:, 150:], scores, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match="no text guidance"):
+        build("tiny_clip_res").eval().inference(images, open_texts=["cat"])
