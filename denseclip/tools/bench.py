@@ -32,7 +32,7 @@ and whatever the allocator keeps from earlier modes, so it is an upper bound of 
 own needs. The process's overall ``ru_maxrss`` is reported too.
 
 Segmentors also get the sliding-window test of one ADE20K-sized image (512×683, rescaled to
-``data.test_scale`` as the test pipeline does, then :func:`mode_logits` with
+``data.test_scale`` as the test pipeline does, then the model's own inference with
 ``cfg.evaluation``) in fp32 and in the fast mode, and every preset the throughput of its
 training data pipeline in one worker (one intra-op thread) on generated JPEGs written in
 the dataset's layout: ADE20K-sized (683×512 and 512×683) for segmentation, COCO-sized
@@ -68,7 +68,7 @@ from torch import nn
 from ..config import Config, ConfigError
 from ..data.generated import ADE20K_IMAGE
 from ..engine.optim import build_optimizer
-from ..models.seg_inference import mode_logits, slide_windows
+from ..models.seg_inference import slide_windows
 from ..runtime import prepare_model, resolve_precision, run_mode
 from ..tasks import build_model, get_task
 from ..utils import keep_ratio_size
@@ -362,8 +362,7 @@ def _measure_slide(name: str, model: nn.Module, cfg: Config, precision: str, ker
 
     def infer() -> None:
         with run_mode(precision, kernels, device):
-            mode_logits(model, image, cfg.evaluation, model.num_classes, ADE20K_IMAGE,
-                        align_corners=cfg.model.align_corners)
+            model.inference(image, ADE20K_IMAGE)
 
     progress(f"{name} slide inference")
     return time_calls(infer, opts.warmup, opts.repeats, device)["median"]
