@@ -1,11 +1,14 @@
 """Iteration-based training of every task (segmentation, RetinaNet, Mask R-CNN), on one
-process or under torchrun; what differs between tasks lives in :mod:`.tasks`.
+process or under torchrun; what differs between tasks lives in :mod:`denseclip.tasks`.
 
-Order of one step: draw a batch → forward under autocast → (non-finite check) → backward
-(scaled for fp16), repeated ``optim.accumulate`` times → optional gradient clipping →
-optimiser step → scheduler step. Checkpoints are written atomically every
-``schedule.checkpoint_interval`` iterations and at the end; ``resume`` continues from the
-newest one in the work dir with the same data stream, RNG states and optimiser state.
+:class:`Trainer` holds a run; its loop is ``before_train`` → per step ``before_step``,
+:meth:`Trainer.run_step`, ``after_step`` → ``after_train``, with the hooks of :mod:`.hooks`
+(logging, checkpoints, evaluation, and any added) at those points. Order of one step: draw
+a batch → forward under autocast → (non-finite check) → backward (scaled for fp16),
+repeated ``optim.accumulate`` times → optional gradient clipping → optimiser step →
+scheduler step. Checkpoints are written atomically every ``schedule.checkpoint_interval``
+iterations and at the end; ``resume`` continues from the newest one in the work dir with
+the same data stream, RNG states and optimiser state.
 
 The guards of :mod:`.guard` surround a run: one training per work dir (a lock), stale
 temporaries of interrupted writes removed, a graceful stop with a checkpoint on SIGTERM /
@@ -19,7 +22,7 @@ import json
 import logging
 import math
 import random
-import time
+from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,7 +32,6 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
-from tqdm import tqdm
 
 from ..config import Config, ConfigError, config_from_dict, save_config
 from ..data.samplers import build_train_loader
@@ -54,6 +56,7 @@ from .guard import (
     remove_stale_temporaries,
     resume_config,
 )
+from .hooks import CheckpointHook, EvalHook, HookBase, LoggingHook
 from .optim import build_optimizer, build_scheduler, freeze_text_encoder
 
 _log = logging.getLogger(__name__)
@@ -143,9 +146,280 @@ def iterations_per_epoch(dataset_size: int, cfg: Config, world_size: int,
     return max(1, math.ceil(samples / (batch * max(1, cfg.optim.accumulate))))
 
 
+class Trainer:
+    """One training run: the model, optimiser, schedule, grad scaler, data stream and task,
+    the step counter ``iteration``, and the hooks of :mod:`.hooks` around each step.
+
+    The constructor builds the run in the order that fixes every random draw: resume point
+    → seed → model → initial weights → data → optimisation → resumed state → data stream.
+    A run resumed at ``schedule.max_iters`` builds nothing past the data and sets
+    ``complete``. :meth:`train` runs the loop; :meth:`run_step` is one optimiser step.
+    ``stop`` (a :class:`~.guard.GracefulStop`) turns signals into a stop after the step."""
+
+    def __init__(self, cfg: Config, work_dir: str | Path, env: DistEnv, *, resume: bool = False,
+                 load_from: str | None = None, text_weights: str | None = None,
+                 progress: bool = True, stop: GracefulStop | None = None) -> None:
+        self.work_dir, self.env, self.progress, self.stop = Path(work_dir), env, progress, stop
+        self.hooks: list[HookBase] = []
+        self.iteration = 0
+        self.values: dict[str, float] = {}  # the last step's mean losses (and grad_norm)
+        self.last_metrics: dict[str, Any] = {}
+        self.last_eval_iteration = -1
+        self.stop_signal, self.stop_requested, self._saved_at = 0, False, -1
+        self.writer: MetricLogger | None = None
+        start, state = self._resume_point(cfg, resume)
+        seed_everything(self.cfg.seed + env.rank)
+        model = build_model(self.cfg).train()  # a model that cannot train says so before data
+        if start is None:
+            self._load_weights(model, load_from, text_weights)
+        self._build_data()
+        self.complete = start is not None and self._complete_at(start, int(state["iteration"]))
+        if self.complete:
+            return
+        self._build_optimisation(model)
+        if start is not None:
+            self._restore(state, start)
+        del state
+        self._build_stream()
+        self.register_hooks(self.default_hooks())
+
+    # ------------------------------------------------------------------ building
+    def _resume_point(self, cfg: Config, resume: bool) -> tuple[Path | None, dict[str, Any]]:
+        """The newest checkpoint to resume (None: a new run) and its contents; ``self.cfg``
+        becomes its config with the :data:`~.guard.RESUMABLE` changes of ``cfg``."""
+        self.cfg = cfg
+        start = newest_checkpoint(self.work_dir) if resume else None
+        if resume and start is None:
+            self.log(f"no checkpoint to resume from in {self.work_dir}: starting at iteration 0")
+        if start is None:
+            return None, {}
+        state = read_checkpoint(start)
+        if "config" in state:
+            saved = config_from_dict(state["config"], str(start))
+            self.cfg, applied = resume_config(saved, cfg, str(start))
+            if applied:
+                self.log("resuming with changed settings: " + ", ".join(applied))
+        return start, state
+
+    def _load_weights(self, model: nn.Module, load_from: str | None,
+                      text_weights: str | None) -> None:
+        """A new run's initial weights: ``load_from``, then CLIP's text tower from
+        ``text_weights``; warns when an ImageNet backbone's text encoder stays random."""
+        text_loaded = False
+        if load_from:
+            report = load_checkpoint(model, load_from)
+            self.log(str(report))
+            text_loaded = any(k.startswith(TEXT_PREFIX) for k in report.loaded)
+        if text_weights:
+            self.log(str(load_text_weights(model, text_weights)))
+            text_loaded = True
+        if (not text_loaded and self.env.is_main and getattr(model, "guidance", None) is not None
+                and self.cfg.model.backbone.type in ("torchvision", "timm")):
+            _log.warning("the text encoder is left at random initialisation: load CLIP's text "
+                         "tower with --text-weights (e.g. RN50.pt)")
+
+    def _build_data(self) -> None:
+        """The task, its training (and validation) set and the schedule's length."""
+        cfg = self.cfg
+        self.task = get_task(cfg)
+        self.train_set = self.task.dataset(cfg.data.train_split, train=True)
+        self.val_set = (self.task.dataset(cfg.data.val_split, train=False)
+                        if cfg.schedule.eval_interval else None)
+        self.group_flags = self.task.group_flags(self.train_set)
+        self.iters_per_epoch = iterations_per_epoch(len(self.train_set), cfg,
+                                                    self.env.world_size, self.group_flags)
+        if cfg.schedule.max_epochs > 0:
+            cfg.schedule.max_iters = cfg.schedule.max_epochs * self.iters_per_epoch
+        self.max_iters = cfg.schedule.max_iters
+
+    def _complete_at(self, start: Path, done: int) -> bool:
+        """Whether the checkpoint ``start``, at iteration ``done``, ends the schedule."""
+        if done > self.max_iters:
+            raise ConfigError(f"{start} is at iteration {done}, beyond schedule.max_iters "
+                              f"{self.max_iters}: resume with schedule.max_iters >= {done}")
+        if done == self.max_iters:
+            self.log(f"{start} is at iteration {done} = schedule.max_iters: training is "
+                     f"already complete, nothing to do (set a larger schedule.max_iters to "
+                     f"train longer)")
+        return done == self.max_iters
+
+    def _build_optimisation(self, model: nn.Module) -> None:
+        """The model on its device (SyncBatchNorm under torchrun on GPU, the text encoder
+        frozen when asked), the optimiser, the schedule and the fp16 grad scaler."""
+        cfg, env = self.cfg, self.env
+        prepare_model(model.to(env.device), cfg.kernels)
+        if env.distributed and env.device.type == "cuda":  # SyncBatchNorm needs CUDA
+            model = self.task.convert_sync_batchnorm(model)
+        if cfg.optim.freeze_text_encoder:
+            freeze_text_encoder(model)
+        self.model = model
+        self.optimizer = build_optimizer(model, cfg.optim, fused=cfg.kernels == "fast")
+        self.scheduler = build_scheduler(self.optimizer, cfg.schedule, self.iters_per_epoch)
+        self.scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
+
+    def _restore(self, state: dict[str, Any], start: Path) -> None:
+        """Weights, optimiser, schedule, scaler, iteration and this rank's RNG state."""
+        load_checkpoint_object(self.model, state, start)  # read once already
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.iteration = int(state["iteration"])
+        ranks = state["rng"]
+        set_rng_state(ranks[self.env.rank] if self.env.rank < len(ranks) else ranks[0])
+        self.log(f"resumed from {start} at iteration {self.iteration}")
+
+    def _build_stream(self) -> None:
+        """DDP, the (compiled) training forward, ``config.yaml`` and the data stream from
+        the current iteration on."""
+        cfg, env = self.cfg, self.env
+        if env.distributed:
+            ids = [env.local_rank] if env.device.type == "cuda" else None
+            self.model = nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        # The training forward, compiled when asked (parameters shared with `model`, which
+        # evaluation and checkpoints use as they are).
+        self.forward = (torch.compile(self.model, backend=cfg.compile_backend)
+                        if cfg.compile else self.model)
+        if env.is_main:
+            save_config(cfg, self.work_dir / "config.yaml")
+        self.accumulate = max(1, cfg.optim.accumulate)
+        self.loader = iter(_train_loader(cfg, self.train_set, env, self.iteration,
+                                         self.task.collate, self.group_flags))
+        effective = cfg.data.batch_size * env.world_size * self.accumulate
+        self.log(f"training {cfg.name}: {len(self.train_set)} images, {self.iters_per_epoch} "
+                 f"iterations per epoch, effective batch {effective} = {cfg.data.batch_size} "
+                 f"per process x {env.world_size} process(es) x {self.accumulate} accumulation "
+                 f"step(s) (the official recipe uses {self.task.official_batch_size})")
+        self.meta = self.task.checkpoint_meta(self.train_set)
+
+    def default_hooks(self) -> list[HookBase]:
+        """Logging, checkpoints and (with ``schedule.eval_interval``) evaluation."""
+        schedule = self.cfg.schedule
+        hooks: list[HookBase] = [LoggingHook(schedule.log_interval, self.progress),
+                                 CheckpointHook(schedule.checkpoint_interval)]
+        if self.val_set is not None:
+            hooks.append(EvalHook(schedule.eval_interval, self.val_set))
+        return hooks
+
+    def register_hooks(self, hooks: Sequence[HookBase]) -> None:
+        """Append ``hooks``: they run after those registered before, in their order."""
+        for hook in hooks:
+            hook.trainer = self
+            self.hooks.append(hook)
+
+    # ------------------------------------------------------------------ services to hooks
+    def log(self, message: str) -> None:
+        """An info line from the main process."""
+        if self.env.is_main:
+            _log.info(message)
+
+    def write_metrics(self, mode: str, values: dict[str, float]) -> None:
+        """One ``mode`` record of the current iteration in metrics.jsonl and TensorBoard."""
+        self.writer.log(self.iteration, mode, values)
+
+    def poll_stop(self) -> int:
+        """Ask whether a stop signal arrived on any rank (every rank calls it at the same
+        points); a signal ends the run after the current step's hooks."""
+        if self.stop is not None:
+            self.stop_signal = self.stop.poll(self.env)
+        return self.stop_signal
+
+    def request_stop(self) -> None:
+        """End training after the current step's hooks with a checkpoint of that step
+        (``train`` then returns normally). Every rank must ask at the same step."""
+        self.stop_requested = True
+
+    def checkpoint(self) -> Path:
+        """Write ``iter_N.pth`` of the current iteration (once: a second call returns the
+        same file) and apply ``schedule.keep_checkpoints``; every rank calls it."""
+        path = self.work_dir / f"iter_{self.iteration}.pth"
+        if self._saved_at != self.iteration:
+            _save(path, self.model, self.optimizer, self.scheduler, self.scaler,
+                  self.iteration, self.cfg, self.env, self.meta)
+            self._saved_at = self.iteration
+        return path
+
+    # ------------------------------------------------------------------ the loop
+    def run_step(self) -> None:
+        """One optimiser step: ``optim.accumulate`` batches forward under autocast and
+        backward (scaled for fp16), gradient clipping, optimiser and scheduler step. The
+        step's mean losses (and ``grad_norm``) are left in ``values``."""
+        self.optimizer.zero_grad(set_to_none=True)
+        self.values = values = {}
+        finite = True
+        for micro in range(self.accumulate):
+            inputs, targets = self.task.to_device(next(self.loader), self.env.device)
+            sync = micro == self.accumulate - 1 or not self.env.distributed
+            with nullcontext() if sync else self.model.no_sync():
+                with _train_mode(self.cfg, self.env.device):
+                    losses = self.forward(inputs, targets)
+                loss = sum(losses.values())
+                finite = self._finite(loss, losses)
+                if not finite:
+                    break
+                self.scaler.scale(loss / self.accumulate).backward()
+            for k, v in losses.items():
+                values[k] = values.get(k, 0.0) + v.item() / self.accumulate
+        if not finite:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            if self.cfg.optim.grad_clip:
+                self.scaler.unscale_(self.optimizer)
+                values["grad_norm"] = float(nn.utils.clip_grad_norm_(
+                    self.model.parameters(), self.cfg.optim.grad_clip))
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        self.scheduler.step()
+
+    def _finite(self, loss: torch.Tensor, losses: dict[str, torch.Tensor]) -> bool:
+        """Whether ``loss`` is finite; if not, skip the step (``nonfinite_loss=skip``,
+        returns False) or raise :class:`NonFiniteLossError`."""
+        if torch.isfinite(loss.detach()):
+            return True
+        shown = {k: v.item() for k, v in losses.items()}
+        step = self.iteration + 1
+        if self.cfg.nonfinite_loss == "skip":
+            self.log(f"\niteration {step}: non-finite loss {shown}, step skipped")
+            return False
+        raise NonFiniteLossError(
+            f"iteration {step}: the loss is not finite ({shown}); the last good checkpoint "
+            f"in {self.work_dir} is intact. Lower optim.lr, try amp=none, or set "
+            f"nonfinite_loss=skip")
+
+    def train(self) -> dict[str, Any]:
+        """Run the steps up to ``max_iters`` with the hooks around them; returns the last
+        evaluation's metrics. A stop signal raises :class:`~.guard.TrainingStopped` after
+        the step's hooks and a checkpoint; :meth:`request_stop` returns after them."""
+        if self.complete:
+            return {}
+        self.writer = MetricLogger(self.work_dir, self.env.is_main)
+        self.model.train()
+        try:
+            self._call("before_train")
+            while self.iteration < self.max_iters:
+                self._call("before_step")
+                self.run_step()
+                self.iteration += 1
+                self.poll_stop()  # every rank here: a signal on any stops all after this step
+                self._call("after_step")
+                if self.stop_signal or self.stop_requested:
+                    saved = self.checkpoint()
+                    if self.stop_signal:
+                        raise TrainingStopped(self.stop_signal, saved, self.iteration)
+                    break
+        finally:
+            self._call("after_train")
+            self.writer.close()
+        return self.last_metrics
+
+    def _call(self, event: str) -> None:
+        for hook in self.hooks:
+            getattr(hook, event)()
+
+
 def train(cfg: Config, work_dir: str | Path, resume: bool = False,
           load_from: str | None = None, env: DistEnv | None = None,
-          progress: bool = True, text_weights: str | None = None) -> dict[str, Any]:
+          progress: bool = True, text_weights: str | None = None,
+          hooks: Sequence[HookBase] = ()) -> dict[str, Any]:
     """Train ``cfg`` in ``work_dir``; returns the last evaluation's metrics (if any).
 
     ``load_from`` initialises the weights from any checkpoint :func:`load_checkpoint`
@@ -154,6 +428,7 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
     (:func:`load_text_weights`), for backbones that are not CLIP's. Neither applies when
     resuming, whose checkpoint holds every weight; a resumed run may change only the
     settings of :data:`~.guard.RESUMABLE` (``cfg`` against the checkpoint's config).
+    ``hooks`` (:class:`~.hooks.HookBase`) run after the default ones at every step.
 
     Only one training runs in a work dir at a time (``WorkDirBusyError`` otherwise).
     SIGTERM, SIGINT and SIGUSR1 stop the run after the current iteration with a checkpoint
@@ -174,176 +449,10 @@ def train(cfg: Config, work_dir: str | Path, resume: bool = False,
                 _log.info("removed %d temporary file(s) of interrupted checkpoint writes: %s",
                           len(removed), ", ".join(p.name for p in removed))
         stop = stack.enter_context(GracefulStop(announce=env.is_main))
-        return _train(cfg, work_dir, resume, load_from, env, progress, text_weights, stop)
-
-
-def _train(cfg: Config, work_dir: Path, resume: bool, load_from: str | None, env: DistEnv,
-           progress: bool, text_weights: str | None, stop: GracefulStop) -> dict[str, Any]:
-    log = _log.info if env.is_main else (lambda *a, **k: None)
-    start_ckpt = newest_checkpoint(work_dir) if resume else None
-    if resume and start_ckpt is None:
-        log(f"no checkpoint to resume from in {work_dir}: starting at iteration 0")
-    state: dict[str, Any] = {}
-    if start_ckpt is not None:
-        state = read_checkpoint(start_ckpt)
-        if "config" in state:
-            saved = config_from_dict(state["config"], str(start_ckpt))
-            cfg, applied = resume_config(saved, cfg, str(start_ckpt))
-            if applied:
-                log("resuming with changed settings: " + ", ".join(applied))
-
-    seed_everything(cfg.seed + env.rank)
-    model = build_model(cfg).train()  # a model that cannot train says so before any data
-    text_loaded = False
-    if load_from and start_ckpt is None:
-        report = load_checkpoint(model, load_from)
-        log(str(report))
-        text_loaded = any(k.startswith(TEXT_PREFIX) for k in report.loaded)
-    if text_weights and start_ckpt is None:
-        log(str(load_text_weights(model, text_weights)))
-        text_loaded = True
-    if (start_ckpt is None and not text_loaded and env.is_main
-            and getattr(model, "guidance", None) is not None
-            and cfg.model.backbone.type in ("torchvision", "timm")):
-        _log.warning("the text encoder is left at random initialisation: load CLIP's text "
-                     "tower with --text-weights (e.g. RN50.pt)")
-
-    task = get_task(cfg)
-    train_set = task.dataset(cfg.data.train_split, train=True)
-    val_set = task.dataset(cfg.data.val_split, train=False) if cfg.schedule.eval_interval else None
-    group_flags = task.group_flags(train_set)
-    ipe = iterations_per_epoch(len(train_set), cfg, env.world_size, group_flags)
-    if cfg.schedule.max_epochs > 0:
-        cfg.schedule.max_iters = cfg.schedule.max_epochs * ipe
-    if start_ckpt is not None:
-        done, max_iters = int(state["iteration"]), cfg.schedule.max_iters
-        if done > max_iters:
-            raise ConfigError(f"{start_ckpt} is at iteration {done}, beyond schedule.max_iters "
-                              f"{max_iters}: resume with schedule.max_iters >= {done}")
-        if done == max_iters:
-            log(f"{start_ckpt} is at iteration {done} = schedule.max_iters: training is "
-                f"already complete, nothing to do (set a larger schedule.max_iters to train "
-                f"longer)")
-            return {}
-
-    prepare_model(model.to(env.device), cfg.kernels)
-    if env.distributed and env.device.type == "cuda":  # SyncBatchNorm needs CUDA
-        model = task.convert_sync_batchnorm(model)
-    if cfg.optim.freeze_text_encoder:
-        freeze_text_encoder(model)
-    optimizer = build_optimizer(model, cfg.optim, fused=cfg.kernels == "fast")
-    scheduler = build_scheduler(optimizer, cfg.schedule, ipe)
-    scaler = torch.amp.GradScaler(env.device.type, enabled=cfg.amp == "fp16")
-    start_iter = 0
-    if start_ckpt is not None:
-        load_checkpoint_object(model, state, start_ckpt)  # read once above
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_iter = int(state["iteration"])
-        ranks = state["rng"]
-        set_rng_state(ranks[env.rank] if env.rank < len(ranks) else ranks[0])
-        log(f"resumed from {start_ckpt} at iteration {start_iter}")
-    del state
-
-    if env.distributed:
-        ids = [env.local_rank] if env.device.type == "cuda" else None
-        model = nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    # The training forward, compiled when asked (parameters shared with `model`, which
-    # evaluation and checkpoints use as they are).
-    forward = torch.compile(model, backend=cfg.compile_backend) if cfg.compile else model
-    if env.is_main:
-        save_config(cfg, work_dir / "config.yaml")
-
-    accumulate = max(1, cfg.optim.accumulate)
-    loader = iter(_train_loader(cfg, train_set, env, start_iter, task.collate, group_flags))
-    effective = cfg.data.batch_size * env.world_size * accumulate
-    log(f"training {cfg.name}: {len(train_set)} images, {ipe} iterations per epoch, "
-        f"effective batch {effective} = {cfg.data.batch_size} per process x {env.world_size} "
-        f"process(es) x {accumulate} accumulation step(s) (the official recipe uses "
-        f"{task.official_batch_size})")
-    meta = task.checkpoint_meta(train_set)
-
-    logger = MetricLogger(work_dir, env.is_main)
-    max_iters = cfg.schedule.max_iters
-    last_metrics: dict[str, Any] = {}
-    bar = tqdm(total=max_iters, initial=start_iter, desc="train", dynamic_ncols=True,
-               disable=not (progress and env.is_main))
-    model.train()
-    tick = time.perf_counter()
-    try:
-        for it in range(start_iter, max_iters):
-            optimizer.zero_grad(set_to_none=True)
-            values: dict[str, float] = {}
-            skipped = False
-            for micro in range(accumulate):
-                inputs, targets = task.to_device(next(loader), env.device)
-                sync = micro == accumulate - 1 or not env.distributed
-                ctx = nullcontext() if sync else model.no_sync()
-                with ctx:
-                    with _train_mode(cfg, env.device):
-                        losses = forward(inputs, targets)
-                    loss = sum(losses.values())
-                    if not torch.isfinite(loss.detach()):
-                        if cfg.nonfinite_loss == "skip":
-                            log(f"\niteration {it + 1}: non-finite loss "
-                                f"{ {k: v.item() for k, v in losses.items()} }, step skipped")
-                            skipped = True
-                            break
-                        raise NonFiniteLossError(
-                            f"iteration {it + 1}: the loss is not finite "
-                            f"({ {k: v.item() for k, v in losses.items()} }); the last good "
-                            f"checkpoint in {work_dir} is intact. Lower optim.lr, try amp=none, "
-                            f"or set nonfinite_loss=skip"
-                        )
-                    scaler.scale(loss / accumulate).backward()
-                for k, v in losses.items():
-                    values[k] = values.get(k, 0.0) + v.item() / accumulate
-            if skipped:
-                optimizer.zero_grad(set_to_none=True)
-            else:
-                if cfg.optim.grad_clip:
-                    scaler.unscale_(optimizer)
-                    values["grad_norm"] = float(nn.utils.clip_grad_norm_(
-                        model.parameters(), cfg.optim.grad_clip))
-                scaler.step(optimizer)
-                scaler.update()
-            scheduler.step()
-            step = it + 1
-            saved = None
-            bar.update(1)
-            if step % cfg.schedule.log_interval == 0 or step == max_iters:
-                now = time.perf_counter()
-                values["loss"] = sum(v for k, v in values.items() if k.startswith("loss"))
-                values["lr"] = optimizer.param_groups[0]["lr"]
-                values["sec_per_iter"] = (now - tick) / cfg.schedule.log_interval
-                tick = now
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-                logger.log(step, "train", values)
-            # every rank polls at the same points, so that all stop at the same step
-            signum = stop.poll(env)
-            if signum or step % cfg.schedule.checkpoint_interval == 0 or step == max_iters:
-                saved = _save(work_dir / f"iter_{step}.pth", model, optimizer, scheduler,
-                              scaler, step, cfg, env, meta)
-            if not signum and val_set is not None and (step % cfg.schedule.eval_interval == 0
-                                                       or step == max_iters):
-                with run_mode("fp32", cfg.kernels, env.device):  # comparable across runs
-                    last_metrics = task.evaluate(model, val_set, env, progress=progress)
-                summary = {k: last_metrics[k] for k in task.summary_keys}
-                log(f"\niteration {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in
-                                                       summary.items()))
-                logger.log(step, "val", summary)
-                model.train()
-                signum = stop.poll(env)  # a signal during a long evaluation
-            if signum:
-                if saved is None:
-                    saved = _save(work_dir / f"iter_{step}.pth", model, optimizer, scheduler,
-                                  scaler, step, cfg, env, meta)
-                raise TrainingStopped(signum, saved, step)
-    finally:
-        bar.close()
-        logger.close()
-    return last_metrics
+        trainer = Trainer(cfg, work_dir, env, resume=resume, load_from=load_from,
+                          text_weights=text_weights, progress=progress, stop=stop)
+        trainer.register_hooks(hooks)
+        return trainer.train()
 
 
 def _train_loader(cfg: Config, dataset, env: DistEnv, start_iter: int, collate,
