@@ -1,2 +1,4 @@
-"""Training engine: the trainer, what differs per task, optimiser and schedule, and the
-distributed (torchrun) set-up. Evaluation lives in :mod:`denseclip.evaluation`."""
+"""Training engine: the :class:`~.trainer.Trainer` and its loop (``trainer``), the hooks
+around each step (``hooks``), the guards around a run (``guard``), and the optimiser and
+schedule (``optim``). Evaluation lives in :mod:`denseclip.evaluation`, what differs per
+task in :mod:`denseclip.tasks`."""

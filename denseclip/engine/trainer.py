@@ -154,7 +154,8 @@ class Trainer:
     → seed → model → initial weights → data → optimisation → resumed state → data stream.
     A run resumed at ``schedule.max_iters`` builds nothing past the data and sets
     ``complete``. :meth:`train` runs the loop; :meth:`run_step` is one optimiser step.
-    ``stop`` (a :class:`~.guard.GracefulStop`) turns signals into a stop after the step."""
+    ``stop`` (a :class:`~.guard.GracefulStop`) turns signals into a stop after the step;
+    :func:`train` builds one inside the work-dir lock and the graceful stop."""
 
     def __init__(self, cfg: Config, work_dir: str | Path, env: DistEnv, *, resume: bool = False,
                  load_from: str | None = None, text_weights: str | None = None,
@@ -407,8 +408,10 @@ class Trainer:
                         raise TrainingStopped(self.stop_signal, saved, self.iteration)
                     break
         finally:
-            self._call("after_train")
-            self.writer.close()
+            try:
+                self._call("after_train")
+            finally:
+                self.writer.close()
         return self.last_metrics
 
     def _call(self, event: str) -> None:
