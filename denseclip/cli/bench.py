@@ -1,5 +1,5 @@
 """``denseclip bench``: speed and memory of a preset in fp32 and in the fast mode, side by
-side in one run (:mod:`denseclip.bench`)."""
+side in one run (:mod:`denseclip.tools.bench`)."""
 
 from __future__ import annotations
 

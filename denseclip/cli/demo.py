@@ -1,5 +1,5 @@
 """``denseclip demo``: serve a local web page to try a model on your own images (see
-:mod:`denseclip.demo`)."""
+:mod:`denseclip.tools.demo`)."""
 
 from __future__ import annotations
 

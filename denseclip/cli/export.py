@@ -1,5 +1,5 @@
 """``denseclip export``: a segmentation model as ONNX with its text features baked in
-(see :mod:`denseclip.export`), or any model (ours, an official release, OpenAI CLIP) as a
+(see :mod:`denseclip.tools.export`), or any model (ours, an official release, OpenAI CLIP) as a
 safetensors directory (:func:`denseclip.save_pretrained`)."""
 
 from __future__ import annotations
