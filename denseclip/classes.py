@@ -15,6 +15,7 @@ A comma-separated list (``"cat, dog,grass"``) is read by :func:`parse_class_list
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -30,12 +31,7 @@ class ClassListError(ValueError):
 
 
 def _check_unique(names: Iterable[str], where: str) -> None:
-    seen: set[str] = set()
-    dupes: list[str] = []
-    for name in names:
-        if name in seen and name not in dupes:
-            dupes.append(name)
-        seen.add(name)
+    dupes = [name for name, n in Counter(names).items() if n > 1]
     if dupes:
         raise ClassListError(f"{where}duplicate class name(s) {dupes}; each class needs its "
                              f"own name")

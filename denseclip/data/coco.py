@@ -64,6 +64,7 @@ import io
 import json
 import math
 import warnings
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -119,13 +120,8 @@ def read_coco_json(path: str | Path) -> dict[str, Any]:
 
 
 def _repeated(values: list[Any]) -> list[Any]:
-    seen: set[Any] = set()
-    repeated: list[Any] = []
-    for v in values:
-        if v in seen and v not in repeated:
-            repeated.append(v)
-        seen.add(v)
-    return repeated
+    """The values that occur more than once, in order of first occurrence."""
+    return [v for v, n in Counter(values).items() if n > 1]
 
 
 def _check_ids(data: dict[str, Any], path: Path) -> None:
