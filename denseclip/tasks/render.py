@@ -1,14 +1,18 @@
 """Pictures of predictions: a deterministic palette, segmentation overlays with a legend,
-detection boxes and score heatmaps. Everything takes and returns plain numpy / PIL images.
+detection boxes and score heatmaps (with the class name and a colour bar). Every function
+takes the image as a path, a PIL image or a uint8 array, and returns a PIL image.
 """
 
 from __future__ import annotations
 
 import colorsys
+import os
 from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from ..data.io import load_image
 
 __all__ = [
     "colorize",
@@ -17,6 +21,7 @@ __all__ = [
     "legend_font",
     "palette",
     "render_detections",
+    "render_heatmap",
     "render_overlay",
     "to_pil",
 ]
@@ -45,12 +50,17 @@ def palette(n: int) -> np.ndarray:
 
 
 def to_pil(image) -> Image.Image:
-    """An RGB PIL image from a PIL image or an ``H × W × 3`` / ``H × W`` uint8 array."""
+    """An RGB PIL image from an image file's path (decoded as
+    :func:`denseclip.data.io.load_image` does for prediction: EXIF orientation applied,
+    size checked before decoding), a PIL image or an ``H × W × 3`` / ``H × W`` uint8 array."""
+    if isinstance(image, (str, os.PathLike)):
+        return Image.fromarray(load_image(os.fspath(image)), "RGB")
     if isinstance(image, Image.Image):
         return image.convert("RGB")
     array = np.asarray(image)
     if array.dtype != np.uint8:
-        raise TypeError(f"expected a uint8 image array, got {array.dtype}")
+        raise TypeError(f"expected an image path, a PIL image or a uint8 image array, got an "
+                        f"array of {array.dtype}")
     if array.ndim == 2:
         array = np.repeat(array[:, :, None], 3, axis=2)
     if array.ndim != 3 or array.shape[2] != 3:
@@ -121,7 +131,7 @@ def render_overlay(image, labels: np.ndarray, class_names: Sequence[str], alpha:
     """Blend a label map over ``image`` and append a legend of the classes present.
 
     Args:
-        image: the ``H × W`` RGB image (PIL image or uint8 array).
+        image: the ``H × W`` RGB image (a path, a PIL image or a uint8 array).
         labels: ``H × W`` class indices into ``class_names``; any other value (e.g. 255,
             ignore) is left uncoloured.
         class_names: one name per class index.
@@ -173,8 +183,9 @@ def render_detections(image, boxes: np.ndarray, labels: np.ndarray, scores: np.n
     """Draw detections with ``score >= score_thr``: masks (if given) tinted in the class
     colour, boxes outlined, and ``name score`` written above each box.
 
-    ``boxes`` are ``N × 4`` (x1, y1, x2, y2) in pixels, ``labels`` class indices into
-    ``class_names``, ``masks`` ``N × H × W`` booleans or probabilities (thresholded at 0.5).
+    ``image`` is a path, a PIL image or a uint8 array; ``boxes`` are ``N × 4`` (x1, y1, x2,
+    y2) in pixels, ``labels`` class indices into ``class_names``, ``masks`` ``N × H × W``
+    booleans or probabilities (thresholded at 0.5).
     """
     base = to_pil(image)
     boxes = np.asarray(boxes, dtype=np.float32).reshape(-1, 4)
@@ -236,10 +247,59 @@ def colorize(values: np.ndarray, vmin: float | None = None,
 
 def heatmap_overlay(image, values: np.ndarray, vmin: float | None = None,
                     vmax: float | None = None, alpha: float = 0.6) -> Image.Image:
-    """:func:`colorize` ``values`` (``H × W``) and blend it over a grey copy of ``image``."""
+    """:func:`colorize` ``values`` (``H × W``) and blend it over a grey copy of ``image``
+    (a path, a PIL image or a uint8 array); the picture alone, without a scale (see
+    :func:`render_heatmap`)."""
     grey = np.asarray(to_pil(image).convert("L").convert("RGB"), dtype=np.float32)
     heat = colorize(values, vmin, vmax).astype(np.float32)
     if heat.shape != grey.shape:
         raise ValueError(f"heatmap {heat.shape[:2]} does not match the image {grey.shape[:2]}")
     mixed = (1 - alpha) * grey + alpha * heat
     return Image.fromarray(np.clip(np.rint(mixed), 0, 255).astype(np.uint8), "RGB")
+
+
+def _format_value(value: float) -> str:
+    return f"{value:.3g}"
+
+
+def render_heatmap(image, values: np.ndarray, name: str, vmin: float | None = None,
+                   vmax: float | None = None, unit: str = "", alpha: float = 0.6) -> Image.Image:
+    """:func:`heatmap_overlay` with a panel on the right: the class ``name`` and a vertical
+    colour bar from ``vmin`` (bottom) to ``vmax`` (top) labelled with both values (and
+    ``unit``, e.g. ``probability``, under the name). ``vmin``/``vmax`` default to the range
+    of ``values``. The picture keeps the image's height unless the panel needs more."""
+    values = np.asarray(values, dtype=np.float32)
+    lo = float(values.min()) if vmin is None else float(vmin)
+    hi = float(values.max()) if vmax is None else float(vmax)
+    heat = heatmap_overlay(image, values, lo, hi, alpha)
+    font = legend_font(heat.height)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    line = max(_text_size(probe, "Ag", font)[1], 8)
+    pad = max(line // 2, 4)
+    bar_width = max(line, 10)
+    title = [name] + ([unit] if unit else [])
+    ticks = [_format_value(hi), _format_value(lo)]
+    text_height = len(title) * (line + pad)
+    min_bar = 2 * line + pad  # room for the two tick labels
+    height = max(heat.height, pad + text_height + min_bar + pad)
+    bar_top = pad + text_height
+    bar_bottom = height - pad - 1
+    tick_width = max(_text_size(probe, t, font)[0] for t in ticks)
+    width = pad + max(max(_text_size(probe, t, font)[0] for t in title),
+                      bar_width + pad + tick_width) + pad
+    panel = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(panel)
+    for i, text in enumerate(title):
+        _draw_text(draw, (pad, pad + i * (line + pad)), text, font,
+                   fill="black" if i == 0 else (90, 90, 90))
+    steps = np.linspace(hi, lo, bar_bottom - bar_top + 1, dtype=np.float32)[:, None]
+    column = colorize(np.repeat(steps, bar_width, axis=1), lo, hi)
+    panel.paste(Image.fromarray(column, "RGB"), (pad, bar_top))
+    draw.rectangle([pad, bar_top, pad + bar_width - 1, bar_bottom], outline="black")
+    tick_x = pad + bar_width + pad
+    _draw_text(draw, (tick_x, bar_top), ticks[0], font)
+    _draw_text(draw, (tick_x, bar_bottom - _text_size(draw, ticks[1], font)[1]), ticks[1], font)
+    canvas = Image.new("RGB", (heat.width + width, height), "white")
+    canvas.paste(heat, (0, 0))
+    canvas.paste(panel, (heat.width, 0))
+    return canvas

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .render import heatmap_overlay, render_detections, render_overlay
+from .render import render_detections, render_heatmap, render_overlay
 from .results import DetectionPrediction, SegmentationPrediction
 
 __all__ = ["write_detection", "write_segmentation"]
@@ -33,7 +33,8 @@ def write_segmentation(result: SegmentationPrediction, image: np.ndarray, out: P
     head), with open classes also ``<stem>_open_overlay.png``/``<stem>_open_labels.png``
     (score map), and with ``heatmaps`` one ``<stem>_heatmap_<class>.png`` per open class
     (cosine scores, one colour scale for all classes of the image) or, without open
-    classes, per trained class present in the labels (probabilities 0..1)."""
+    classes, per trained class present in the labels (probabilities 0..1); each heatmap
+    names its class and shows its colour bar with the scale's ends."""
     written = []
 
     def save(img: Image.Image, suffix: str) -> None:
@@ -52,19 +53,20 @@ def write_segmentation(result: SegmentationPrediction, image: np.ndarray, out: P
         used: set[str] = set()
         if result.open_scores is not None:
             lo, hi = float(result.open_scores.min()), float(result.open_scores.max())
-            maps = [(n, result.open_scores[i], lo, hi)
+            maps = [(n, result.open_scores[i], lo, hi, "cosine score")
                     for i, n in enumerate(result.open_class_names)]
         else:
             if result.probs is None:
                 raise ValueError("trained-class heatmaps need the probabilities")
             present = np.unique(result.labels)
-            maps = [(result.class_names[c], result.probs[c], 0.0, 1.0) for c in present]
-        for name, values, lo, hi in maps:
+            maps = [(result.class_names[c], result.probs[c], 0.0, 1.0, "probability")
+                    for c in present]
+        for name, values, lo, hi, unit in maps:
             safe = safe_name(name)
             while safe in used:
                 safe += "_"
             used.add(safe)
-            save(heatmap_overlay(image, values, lo, hi), f"heatmap_{safe}")
+            save(render_heatmap(image, values, name, lo, hi, unit), f"heatmap_{safe}")
     return written
 
 

@@ -12,8 +12,10 @@ from denseclip.tasks.render import (
     heatmap_overlay,
     palette,
     render_detections,
+    render_heatmap,
     render_overlay,
 )
+from tests.helpers.images import random_image
 
 
 def test_palette_is_deterministic_and_distinct():
@@ -103,3 +105,66 @@ def test_colorize_and_heatmap():
 def test_format_share():
     assert [format_share(p) for p in (0, 0.2, 1, 42.4, 99.5, 100)] == [
         "0%", "<1%", "1%", "42%", ">99%", "100%"]
+
+
+def test_every_picture_takes_an_image_path(tmp_path):
+    # Regression: render_overlay("photo.jpg", ...) raised "expected a uint8 image array".
+    rgb = random_image(40, 60)
+    path = tmp_path / "photo.png"
+    Image.fromarray(rgb).save(path)
+    labels = np.zeros((40, 60), np.int64)
+    labels[:, 30:] = 1
+    for image in (str(path), path):
+        assert np.array_equal(np.asarray(render_overlay(image, labels, ["a", "b"])),
+                              np.asarray(render_overlay(rgb, labels, ["a", "b"])))
+        boxes = np.array([[5, 5, 30, 30]], np.float32)
+        assert np.array_equal(
+            np.asarray(render_detections(image, boxes, [0], [0.9], ["a"])),
+            np.asarray(render_detections(rgb, boxes, [0], [0.9], ["a"])))
+        values = np.linspace(0, 1, 2400, dtype=np.float32).reshape(40, 60)
+        assert np.array_equal(np.asarray(heatmap_overlay(image, values)),
+                              np.asarray(heatmap_overlay(rgb, values)))
+        assert render_heatmap(image, values, "a").size == render_heatmap(rgb, values, "a").size
+    with pytest.raises(FileNotFoundError, match="missing.jpg"):
+        render_overlay(tmp_path / "missing.jpg", labels, ["a", "b"])
+    with pytest.raises(TypeError, match="image path, a PIL image or a uint8"):
+        render_overlay(rgb.astype(np.float32), labels, ["a", "b"])
+
+
+def test_heatmap_names_its_class_and_shows_its_scale():
+    H, W = 120, 160
+    values = np.tile(np.linspace(-0.2, 0.4, W, dtype=np.float32), (H, 1))
+    out = render_heatmap(np.zeros((H, W, 3), np.uint8), values, "green grass", -0.2, 0.4,
+                         unit="cosine score")
+    assert out.height == H and out.width > W
+    np.testing.assert_array_equal(np.asarray(out)[:, :W],
+                                  np.asarray(heatmap_overlay(np.zeros((H, W, 3), np.uint8),
+                                                             values, -0.2, 0.4)))
+    panel = np.asarray(out)[:, W:]
+    # The colour bar: a black outline around a column that runs from the colour of the
+    # scale's top to the colour of its bottom, brightest at the top.
+    black = (panel == 0).all(-1)
+    x0 = int(np.flatnonzero(black.sum(0) > H // 3)[0])
+    column = panel[:, x0 + 2].astype(int)
+    coloured = ~black[:, x0 + 2] & (column.sum(-1) < 3 * 255)
+    runs = np.split(np.arange(H), np.flatnonzero(np.diff(coloured.astype(int))) + 1)
+    rows = max((r for r in runs if coloured[r[0]]), key=len)  # the bar's inside
+    top = colorize(np.array([[0.4]]), -0.2, 0.4)[0, 0].astype(int)
+    bottom = colorize(np.array([[-0.2]]), -0.2, 0.4)[0, 0].astype(int)
+    assert len(rows) > H // 2
+    assert np.abs(column[rows[0]] - top).max() <= 10
+    assert np.abs(column[rows[-1]] - bottom).max() <= 10
+    brightness = column[rows].sum(-1)
+    assert (np.diff(brightness) <= 0).all()
+    # Text: the name (and unit) above the bar, the two scale values beside its ends.
+    ink = panel.astype(int).sum(-1) < 200
+    right = ink[:, np.flatnonzero(black.sum(0) > H // 3)[-1] + 2:]  # right of the bar
+    assert ink[: rows[0] - 1].any()
+    assert right[rows[0] - 1: rows[0] + 15].any()
+    assert right[rows[-1] - 15: rows[-1] + 2].any()
+    assert not right[rows[0] + 20: rows[-1] - 20].any()  # nothing between the two values
+    # A longer name makes a wider panel; a short image grows to fit the panel.
+    assert render_heatmap(np.zeros((H, W, 3), np.uint8), values, "x" * 40).width > out.width
+    small = render_heatmap(np.zeros((20, 30, 3), np.uint8), values[:20, :30], "cat")
+    assert small.height > 20
+    assert np.asarray(small)[20:, :30].min() == 255  # the image's part below it stays white
