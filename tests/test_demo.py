@@ -9,6 +9,7 @@ Playwright's own browser download is not used.
 from __future__ import annotations
 
 import argparse
+import base64
 import contextlib
 import io
 import re
@@ -71,16 +72,20 @@ def png_bytes(h: int = 60, w: int = 90) -> bytes:
     return buffer.getvalue()
 
 
-def post(url: str, image: bytes, classes: str) -> tuple[int, str]:
+def post(url: str, image: bytes, classes: str, **fields: str) -> tuple[int, str]:
     boundary = uuid.uuid4().hex
-    body = b"".join([
+    parts = [
         f"--{boundary}\r\n".encode(),
         b'Content-Disposition: form-data; name="image"; filename="upload.png"\r\n',
         b"Content-Type: image/png\r\n\r\n", image, b"\r\n",
         f"--{boundary}\r\n".encode(),
         b'Content-Disposition: form-data; name="classes"\r\n\r\n', classes.encode(), b"\r\n",
-        f"--{boundary}--\r\n".encode(),
-    ])
+    ]
+    for name, value in fields.items():
+        parts += [f"--{boundary}\r\n".encode(),
+                  f'Content-Disposition: form-data; name="{name}"\r\n\r\n'.encode(),
+                  value.encode(), b"\r\n"]
+    body = b"".join([*parts, f"--{boundary}--\r\n".encode()])
     request = urllib.request.Request(
         url + "predict", data=body,
         headers={"Content-Type": f"multipart/form-data; boundary={boundary}"})
@@ -103,6 +108,21 @@ def test_page_and_prediction_over_http(server):
     assert "value='cat, dog'" in page  # the typed names stay in the form
     status, page = post(server.url, png_bytes(), "")
     assert status == 200 and "id='overlay'" in page and "overlay-trained" not in page
+
+
+def picture(page: str, element_id: str) -> Image.Image:
+    data = re.search(rf"<img id='{element_id}'[^>]*src='data:image/png;base64,([^']+)'", page)
+    return Image.open(io.BytesIO(base64.b64decode(data.group(1))))
+
+
+def test_each_legend_is_shown_once(server):
+    # Regression: the overlays carried a legend panel of their own beside the page's list.
+    status, page = post(server.url, png_bytes(60, 90), "cat, dog")
+    assert status == 200
+    assert page.count("id='legend'") == 1 and page.count("id='legend-trained'") == 1
+    assert picture(page, "overlay").size == (90, 60)  # the image alone, no panel
+    assert picture(page, "overlay-trained").size == (90, 60)
+    assert "id='score_thr'" not in page  # segmentation has no score threshold
 
 
 def test_bad_uploads_get_a_message(server):
@@ -137,10 +157,11 @@ def test_in_a_headless_browser(server, tmp_path):
                 " return img && img.complete && img.naturalWidth > 0; }", timeout=30_000)
             width = page.eval_on_selector("#overlay", "img => img.naturalWidth")
             height = page.eval_on_selector("#overlay", "img => img.naturalHeight")
-            assert width > 100 and height == 72  # the image plus its legend panel
+            assert (width, height) == (100, 72)  # the image; its legend is the list below
             legend = page.inner_text("#legend")
             assert any(name in legend for name in ("cat", "dog", "grass"))
-            assert page.eval_on_selector("#overlay-trained", "img => img.naturalWidth") > 100
+            assert page.eval_on_selector("#overlay-trained", "img => img.naturalWidth") == 100
+            assert page.locator(".legend").count() == 2  # one list per picture
             assert page.input_value("#classes") == "cat, dog, grass"
         finally:
             browser.close()
@@ -170,6 +191,17 @@ def test_detection_preset_serves_detections():
         result = srv.predictor.predict(random_image(100, 140))
         assert shown == int((result.scores >= 0.3).sum())
         assert page.count("<li>") == len(set(result.labels[result.scores >= 0.3].tolist()))
+        assert "id='score_thr'" in page and "value='0.3'" in page
+        # The form's threshold decides what is drawn and listed, and is kept in the form.
+        thr = float(sorted(result.scores)[len(result.scores) // 2])
+        status, page = post(srv.url, png_bytes(100, 140), "", score_thr=f"{thr!r}")
+        assert status == 200, page
+        shown = int(re.search(r"(\d+) detection\(s\) scoring at least", page).group(1))
+        assert shown == int((result.scores >= thr).sum()) and 0 < shown < len(result.scores)
+        assert f"value='{thr:g}'" in page
+        for bad in ("1.5", "-0.1", "nan", "lots"):
+            status, page = post(srv.url, png_bytes(100, 140), "", score_thr=bad)
+            assert status == 400 and "the score threshold must be a number from 0 to 1" in page
 
 
 def test_an_oversized_upload_is_refused_undecoded(server):

@@ -80,9 +80,11 @@ class Task:
         return []
 
     # ------------------------------------------------------------------ tools
-    # what the demo's button says; whether ONNX export and the slide-inference benchmark
-    # apply; what the benchmark's generated training images imitate
+    # what the demo's button says; whether its results are filtered by a score threshold;
+    # whether ONNX export and the slide-inference benchmark apply; what the benchmark's
+    # generated training images imitate
     verb: ClassVar[str]
+    score_threshold: ClassVar[bool] = False
     onnx_export: ClassVar[bool] = False
     slide_inference: ClassVar[bool] = False
     bench_data: ClassVar[str]

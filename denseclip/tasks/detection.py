@@ -114,6 +114,7 @@ class DetectionTask(Task):
 
     # ------------------------------------------------------------------ tools
     verb = "Detect"
+    score_threshold = True
     bench_data = "COCO-sized"
 
     def write_result(self, result: DetectionPrediction, image: np.ndarray, out: Path,

@@ -8,8 +8,11 @@ names; the answer is the same page with the overlays inline (PNG data URLs):
 * with class names: the open-vocabulary segmentation from the score maps (coarse,
   zero-shot) first, then the decode head's segmentation over the trained classes;
 * without: the decode head's segmentation only;
-* detection presets: the boxes (and masks) scoring at least ``score_thr``, with a list of
-  the detected classes; they take no class names.
+* detection presets: the boxes (and masks) scoring at least the form's score threshold
+  (0..1, default ``score_thr``), with a list of the detected classes; they take no class
+  names.
+
+Each legend is the page's list under its picture; the pictures carry none of their own.
 
 The server is meant for your own machine (default ``127.0.0.1``); it handles one
 prediction at a time. Against misbehaving clients: every socket read times out
@@ -42,11 +45,12 @@ from ..data.io import READABLE_FORMATS, DatasetError, UnknownImageFormatError, d
 from ..inference import DetectionPrediction, PredictionError, Predictor
 from ..tasks.render import format_share, palette, render_detections, render_overlay
 
-__all__ = ["DemoServer", "make_server", "render_page"]
+__all__ = ["DemoServer", "make_server", "parse_score_threshold", "render_page"]
 
 MAX_UPLOAD_BYTES = 32 * 1024 * 1024
 REQUEST_TIMEOUT = 20.0  # seconds a socket read may wait for the client
 MAX_CONNECTIONS = 8  # connections served at once; more are answered 503
+SCORE_THR = 0.3  # the detection demo's default score threshold
 _REFUSAL_LINGER = 1.0  # seconds a refused connection may take to read its 503
 _FORMATS_TEXT = ", ".join("WebP" if f == "WEBP" else f for f in READABLE_FORMATS)
 
@@ -57,6 +61,7 @@ form { display: flex; flex-wrap: wrap; gap: 1rem; align-items: end; padding: 1re
        background: #f3f4f6; border-radius: 8px; }
 label { display: flex; flex-direction: column; gap: .3rem; font-weight: 600; }
 input[type=text] { min-width: 22rem; padding: .4rem; }
+input[type=number] { width: 6rem; padding: .4rem; }
 button { padding: .5rem 1.2rem; font-size: 1rem; }
 .error { color: #a40000; background: #fde8e8; padding: .8rem; border-radius: 6px;
          white-space: pre-wrap; }
@@ -111,10 +116,27 @@ def _detections_html(result: DetectionPrediction, image: np.ndarray, score_thr: 
     ]
 
 
+def parse_score_threshold(text: str, default: float = SCORE_THR) -> float:
+    """The form's score threshold: ``default`` when empty, else a number from 0 to 1
+    (anything else raises :class:`PredictionError` with a one-line message)."""
+    text = text.strip()
+    if not text:
+        return default
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0.0 <= value <= 1.0:  # also refuses nan
+        raise PredictionError(f"the score threshold must be a number from 0 to 1, got "
+                              f"{text[:40]!r}")
+    return value
+
+
 def render_page(predictor: Predictor, classes: str = "", result: Any = None,
                 image: np.ndarray | None = None, error: str | None = None,
-                note: str | None = None, score_thr: float = 0.3) -> str:
-    """The demo page: the form, then an error or the overlays of ``result``."""
+                note: str | None = None, score_thr: float = SCORE_THR) -> str:
+    """The demo page: the form (with a score-threshold field for tasks that filter by
+    score), then an error or the overlays of ``result``."""
     cfg = predictor.cfg
     task = predictor.task_object
     parts = [
@@ -135,6 +157,9 @@ def render_page(predictor: Predictor, classes: str = "", result: Any = None,
         ("<label>Class names (comma-separated, optional) <input type='text' id='classes' "
          f"name='classes' placeholder='cat, dog, grass' value='{html.escape(classes)}'>"
          "</label>") if task.supports_open_vocabulary else "",
+        ("<label>Score threshold (0–1) <input type='number' id='score_thr' name='score_thr' "
+         f"min='0' max='1' step='0.05' value='{score_thr:g}'></label>")
+        if task.score_threshold else "",
         f"<button type='submit' id='submit'>{task.verb}"
         "</button></form>",
     ]
@@ -163,7 +188,7 @@ def render_page(predictor: Predictor, classes: str = "", result: Any = None,
             "segmentation over the trained classes", result.labels, result.class_names))
         for i, (title, text, alt, labels, names) in enumerate(sections):
             suffix = "" if i == 0 else "-trained"
-            overlay = render_overlay(image, labels, names)
+            overlay = render_overlay(image, labels, names, legend=False)  # legend: the list
             parts += [
                 f"<h2>{title}</h2>",
                 f"<p class='note'>{text}</p>",
@@ -195,7 +220,8 @@ class DemoServer(ThreadingHTTPServer):
     ``request_timeout``: seconds any socket read waits for the client before the
     connection is dropped; ``max_connections``: connections served at once (each further
     one is answered ``503`` and closed); ``max_pixels``: the upload size limit (default:
-    the predictor's ``data.max_image_pixels``, see :func:`~denseclip.data.io.max_image_pixels`).
+    the predictor's ``data.max_image_pixels``, see :func:`~denseclip.data.io.max_image_pixels`);
+    ``score_thr``: the detection form's default score threshold (0..1).
     """
 
     daemon_threads = True
@@ -203,12 +229,16 @@ class DemoServer(ThreadingHTTPServer):
 
     def __init__(self, address: tuple[str, int], predictor: Predictor, max_side: int = 1024,
                  quiet: bool = False, *, request_timeout: float = REQUEST_TIMEOUT,
-                 max_connections: int = MAX_CONNECTIONS, max_pixels: int | None = None) -> None:
+                 max_connections: int = MAX_CONNECTIONS, max_pixels: int | None = None,
+                 score_thr: float = SCORE_THR) -> None:
         if request_timeout <= 0 or max_connections < 1:
             raise ValueError(f"the demo needs a positive timeout and connection count, got "
                              f"{request_timeout} s and {max_connections}")
         self.predictor = predictor
+        if not 0.0 <= score_thr <= 1.0:
+            raise ValueError(f"the score threshold must be from 0 to 1, got {score_thr}")
         self.max_side = max_side
+        self.score_thr = float(score_thr)
         self.quiet = quiet
         self.request_timeout = float(request_timeout)
         self.max_connections = int(max_connections)
@@ -302,7 +332,8 @@ class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:  # noqa: N802 - http.server's naming
         path = self.path.split("?", 1)[0]
         if path in ("/", "/index.html", "/predict"):
-            self._send(HTTPStatus.OK, render_page(self.server.predictor))
+            self._send(HTTPStatus.OK, render_page(self.server.predictor,
+                                                  score_thr=self.server.score_thr))
         elif path == "/health":
             self._send(HTTPStatus.OK, "ok\n", "text/plain; charset=utf-8")
         else:
@@ -331,16 +362,20 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body(int(text))
         if body is None:
             return
-        classes = ""
+        classes, score_thr = "", self.server.score_thr
         try:
             fields = _parse_multipart(self.headers.get("Content-Type", ""), body)
             classes = fields.get("classes", (None, b""))[1].decode("utf-8").strip()
+            if predictor.task_object.score_threshold:
+                text = fields.get("score_thr", (None, b""))[1].decode("utf-8", "replace")
+                score_thr = parse_score_threshold(text, self.server.score_thr)
             filename, upload = fields.get("image", (None, b""))
             if not upload:
                 raise PredictionError("choose an image file to upload")
-            page = self._predict(upload, classes, filename)
+            page = self._predict(upload, classes, filename, score_thr)
         except (PredictionError, ValueError, OSError) as e:
-            self._send(HTTPStatus.BAD_REQUEST, render_page(predictor, classes, error=str(e)))
+            self._send(HTTPStatus.BAD_REQUEST, render_page(predictor, classes, error=str(e),
+                                                           score_thr=score_thr))
             return
         self._send(HTTPStatus.OK, page)
 
@@ -363,7 +398,8 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         return body
 
-    def _predict(self, upload: bytes, classes: str, filename: str | None = None) -> str:
+    def _predict(self, upload: bytes, classes: str, filename: str | None = None,
+                 score_thr: float = SCORE_THR) -> str:
         server = self.server
         name = _display_name(filename)
         try:  # as a file is decoded (OpenCV, like mmcv), its size checked from the header
@@ -385,7 +421,7 @@ class _Handler(BaseHTTPRequestHandler):
             if predictor.task_object.supports_open_vocabulary:
                 predictor.set_classes(classes or None)
             result = predictor.predict(rgb, return_probs=False)
-        return render_page(predictor, classes, result, rgb, note=note)
+        return render_page(predictor, classes, result, rgb, note=note, score_thr=score_thr)
 
 
 def _display_name(filename: str | None) -> str:
@@ -398,10 +434,10 @@ def _display_name(filename: str | None) -> str:
 def make_server(predictor: Predictor, host: str = "127.0.0.1", port: int = 7860,
                 max_side: int = 1024, quiet: bool = False, *,
                 request_timeout: float = REQUEST_TIMEOUT, max_connections: int = MAX_CONNECTIONS,
-                max_pixels: int | None = None) -> DemoServer:
+                max_pixels: int | None = None, score_thr: float = SCORE_THR) -> DemoServer:
     """Bind the demo server (``port=0`` picks a free port); call ``serve_forever()`` on it
     (e.g. in a thread) and ``shutdown()`` + ``server_close()`` to stop it. See
     :class:`DemoServer` for the limits."""
     return DemoServer((host, port), predictor, max_side=max_side, quiet=quiet,
                       request_timeout=request_timeout, max_connections=max_connections,
-                      max_pixels=max_pixels)
+                      max_pixels=max_pixels, score_thr=score_thr)
