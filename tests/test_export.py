@@ -72,6 +72,25 @@ def test_onnx_matches_pytorch_at_two_sizes(preset, tmp_path):
     assert calls == [1]  # PyTorch embedded the trained names once; ONNX never ran the encoder
 
 
+def test_each_output_declares_its_own_class_axis(tmp_path):
+    # Regression: open_scores' class axis carried the symbolic name of logits' class axis,
+    # which told runtimes and tools that both have as many channels.
+    predictor = make_predictor("tiny_denseclip_res", NAMES)
+    graph = onnx.load(str(export_predictor(predictor, tmp_path / "model.onnx"))).graph
+
+    def dims(value) -> list:
+        return [d.dim_param or d.dim_value for d in value.type.tensor_type.shape.dim]
+
+    shapes = {v.name: dims(v) for v in [*graph.input, *graph.output]}
+    assert shapes == {"images": ["batch", 3, "height", "width"],
+                      "logits": ["batch", 150, "height", "width"],
+                      "open_scores": ["batch", 3, "height", "width"]}
+    (logits,) = [v for v in graph.output if v.name == "logits"]
+    only = onnx.load(str(export_predictor(make_predictor("tiny_denseclip_res"),
+                                          tmp_path / "trained.onnx"))).graph
+    assert [dims(v) for v in only.output] == [dims(logits)]
+
+
 def test_metadata_and_trained_classes_only(tmp_path):
     predictor = make_predictor("tiny_denseclip_res")
     path = export_predictor(predictor, tmp_path / "model.onnx")

@@ -5,8 +5,10 @@ resized and normalised as ``(x - 255·mean) / (255·std)`` exactly like the test
 to ``logits`` (B, K, H, W) of the decode head over the trained classes. With open-vocabulary
 classes it has a second output ``open_scores`` (B, K', H, W): the score maps (cosine
 similarities) of those classes, upsampled bilinearly to the input. Batch size, height and
-width are dynamic; the sliding-window loop, the final resize and the softmax stay outside,
-as they are per-image control flow (see :class:`denseclip.inference.Predictor` for the reference).
+width are dynamic (``batch``, ``height``, ``width``, the same names in the input and the
+outputs); the class axes have their fixed sizes K and K'. The sliding-window loop, the
+final resize and the softmax stay outside, as they are per-image control flow (see
+:class:`denseclip.inference.Predictor` for the reference).
 
 The text encoder does not run in the graph: the text embeddings of the trained and the open
 class lists are computed once at export time and stored as constants (post-model prompting;
@@ -135,12 +137,27 @@ def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | No
                           output_names=outputs, dynamic_axes=axes, opset_version=opset,
                           dynamo=False)
     proto = onnx.load(str(path))
+    _set_class_dims(proto, wrapper, example)
     for key, value in {**(metadata or {}), "precision": stored}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
+
+
+def _set_class_dims(proto, wrapper: nn.Module, example: torch.Tensor) -> None:
+    """Give each output's class axis its fixed size (K for ``logits``, K' for
+    ``open_scores``). The tracer names it after the resize that made it, the same name for
+    both outputs, which claims ``open_scores`` has as many channels as ``logits``. The
+    batch, height and width keep the input's names: they are the input's."""
+    with torch.no_grad(), reference_kernels():
+        results = wrapper(example)
+    results = results if isinstance(results, tuple) else (results,)
+    for value, result in zip(proto.graph.output, results, strict=True):
+        dim = value.type.tensor_type.shape.dim[1]
+        dim.ClearField("dim_param")
+        dim.dim_value = int(result.shape[1])
 
 
 def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17,

@@ -92,7 +92,8 @@ def test_open_classes_and_heatmaps(checkpoint, tmp_path, capsys):
     assert {"a_overlay.png", "a_labels.png", "a_open_overlay.png", "a_open_labels.png",
             "a_heatmap_cat.png", "a_heatmap_dog.png", "a_heatmap_green_grass.png"} <= names
     assert np.asarray(Image.open(out / "a_open_labels.png")).max() <= 2
-    assert Image.open(out / "a_heatmap_cat.png").size == (70, 50)
+    heat = Image.open(out / "a_heatmap_cat.png")  # the image, then its name and colour bar
+    assert heat.width > 70 and heat.height >= 50
     meta = json.loads((out / "classes.json").read_text())
     assert meta["open_classes"] == ["cat", "dog", "green grass"]
 
