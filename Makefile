@@ -7,6 +7,12 @@ PY := $(VENV)/bin/python
 # On x86_64 Linux the CPU wheels of torch 2.13 and PyPI's torchvision do not import together;
 # these releases do, and pip finds them in the machine's local wheel store when it has one.
 TORCH_PINS ?= torch==2.14.1 torchvision==0.29.1
+# A package index for the torch install only, e.g. PyTorch's CPU wheels (about 200 MB instead
+# of the CUDA build's 6 GB): make TORCH_INDEX=https://download.pytorch.org/whl/cpu demo
+TORCH_INDEX ?=
+# torch is a large download: pip shows its progress bar on a terminal and, in a log (CI),
+# one line per file with --progress-bar=off, never minutes of silence.
+PIP_PROGRESS := $(if $(CI),--progress-bar=off,)
 
 # The demo-page test drives a real headless Chromium; as root on Debian it is installed here.
 BROWSER ?= /usr/bin/chromium
@@ -15,7 +21,9 @@ BROWSER ?= /usr/bin/chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet $(TORCH_PINS)
+	@echo "installing $(TORCH_PINS) into $(VENV)$(if $(TORCH_INDEX), from $(TORCH_INDEX),) (a large download: pip shows its progress)"
+	$(PY) -m pip install $(PIP_PROGRESS) $(TORCH_PINS) $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX),)
+	@echo "installing denseclip and its test extras into $(VENV)"
 	$(PY) -m pip install --quiet -e '.[test]'
 	touch $@
 
