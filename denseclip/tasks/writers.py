@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .render import render_detections, render_heatmap, render_overlay
+from .render import render_detections, render_heatmap, render_overlay, to_pil
 from .results import DetectionPrediction, SegmentationPrediction
 
 __all__ = ["write_detection", "write_segmentation"]
@@ -27,14 +27,17 @@ def _label_png(labels: np.ndarray, path: Path) -> None:
         Image.fromarray(labels.astype(np.uint8), "L").save(path)
 
 
-def write_segmentation(result: SegmentationPrediction, image: np.ndarray, out: Path,
+def write_segmentation(result: SegmentationPrediction, image, out: Path,
                        stem: str, heatmaps: bool = False) -> list[Path]:
     """Write ``<stem>_overlay.png`` and ``<stem>_labels.png`` (trained classes, decode
     head), with open classes also ``<stem>_open_overlay.png``/``<stem>_open_labels.png``
     (score map), and with ``heatmaps`` one ``<stem>_heatmap_<class>.png`` per open class
     (cosine scores, one colour scale for all classes of the image) or, without open
     classes, per trained class present in the labels (probabilities 0..1); each heatmap
-    names its class and shows its colour bar with the scale's ends."""
+    names its class and shows its colour bar with the scale's ends. ``image``: a path, a PIL
+    image or a uint8 array."""
+    image = np.asarray(to_pil(image))
+    out = Path(out)
     written = []
 
     def save(img: Image.Image, suffix: str) -> None:
@@ -70,10 +73,12 @@ def write_segmentation(result: SegmentationPrediction, image: np.ndarray, out: P
     return written
 
 
-def write_detection(result: DetectionPrediction, image: np.ndarray, out: Path, stem: str,
+def write_detection(result: DetectionPrediction, image, out: Path, stem: str,
                     score_thr: float) -> list[Path]:
     """Write ``<stem>_overlay.png`` (boxes, masks, names and scores ≥ ``score_thr``) and
-    ``<stem>.json`` (the same detections)."""
+    ``<stem>.json`` (the same detections); ``image``: a path, a PIL image or a uint8 array."""
+    image = np.asarray(to_pil(image))
+    out = Path(out)
     overlay = out / f"{stem}_overlay.png"
     render_detections(image, result.boxes, result.labels, result.scores, result.class_names,
                       result.masks, score_thr).save(overlay)

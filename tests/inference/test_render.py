@@ -15,6 +15,8 @@ from denseclip.tasks.render import (
     render_heatmap,
     render_overlay,
 )
+from denseclip.tasks.results import DetectionPrediction, SegmentationPrediction
+from denseclip.tasks.writers import write_detection, write_segmentation
 from tests.helpers.images import random_image
 
 
@@ -125,6 +127,16 @@ def test_every_picture_takes_an_image_path(tmp_path):
         assert np.array_equal(np.asarray(heatmap_overlay(image, values)),
                               np.asarray(heatmap_overlay(rgb, values)))
         assert render_heatmap(image, values, "a").size == render_heatmap(rgb, values, "a").size
+    # The writers of `denseclip predict` take a path too, and write the same pictures.
+    seg = SegmentationPrediction(labels=labels, probs=None, class_names=["a", "b"])
+    det = DetectionPrediction(boxes=boxes, labels=np.array([0]), scores=np.array([0.9]),
+                              class_names=["a"])
+    for image, folder in ((rgb, "array"), (path, "path")):
+        (tmp_path / folder).mkdir()
+        write_segmentation(seg, image, tmp_path / folder, "x")
+        write_detection(det, image, tmp_path / folder, "y", 0.5)
+    for name in ("x_overlay.png", "y_overlay.png", "y.json"):
+        assert (tmp_path / "array" / name).read_bytes() == (tmp_path / "path" / name).read_bytes()
     with pytest.raises(FileNotFoundError, match="missing.jpg"):
         render_overlay(tmp_path / "missing.jpg", labels, ["a", "b"])
     with pytest.raises(TypeError, match="image path, a PIL image or a uint8"):
