@@ -22,6 +22,7 @@ import json
 import logging
 import math
 import random
+import warnings
 from collections.abc import Sequence
 from contextlib import ExitStack, nullcontext
 from pathlib import Path
@@ -47,8 +48,14 @@ from ..weights.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from ..weights.provenance import (
+    UntrainedPartsWarning,
+    loaded_parts,
+    provenance_record,
+    untrained_message,
+)
+from ..weights.resolver import newest_checkpoint
 from .guard import (
-    CKPT_PATTERN,
     GracefulStop,
     TrainingStopped,
     lock_work_dir,
@@ -57,20 +64,13 @@ from .guard import (
     resume_config,
 )
 from .hooks import CheckpointHook, EvalHook, HookBase, LoggingHook
-from .optim import build_optimizer, build_scheduler, freeze_text_encoder
+from .optim import build_optimizer, build_scheduler, freeze_text_encoder, param_groups
 
 _log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
     """The training loss became NaN or infinite."""
-
-
-def newest_checkpoint(work_dir: Path) -> Path | None:
-    """The ``iter_N.pth`` in ``work_dir`` with the largest N, if any."""
-    found = [(int(m[1]), p) for p in Path(work_dir).glob("iter_*.pth")
-             if (m := CKPT_PATTERN.match(p.name))]
-    return max(found)[1] if found else None
 
 
 def rng_state() -> dict[str, Any]:
@@ -168,6 +168,7 @@ class Trainer:
         self.last_eval_iteration = -1
         self.stop_signal, self.stop_requested, self._saved_at = 0, False, -1
         self.writer: MetricLogger | None = None
+        self.init_loaded: dict[str, str] | None = {}  # part → weights file (None: unknown)
         start, state = self._resume_point(cfg, resume)
         seed_everything(self.cfg.seed + env.rank)
         model = build_model(self.cfg).train()  # a model that cannot train says so before data
@@ -195,6 +196,8 @@ class Trainer:
         if start is None:
             return None, {}
         state = read_checkpoint(start)
+        stored = state.get("provenance")  # older checkpoints: unknown
+        self.init_loaded = dict(stored["loaded"]) if isinstance(stored, dict) else None
         if "config" in state:
             saved = config_from_dict(state["config"], str(start))
             self.cfg, applied = resume_config(saved, cfg, str(start))
@@ -207,13 +210,17 @@ class Trainer:
         """A new run's initial weights: ``load_from``, then CLIP's text tower from
         ``text_weights``; warns when an ImageNet backbone's text encoder stays random."""
         text_loaded = False
+        reports = [r for r in (getattr(model, "pretrained_report", None),) if r is not None]
         if load_from:
             report = load_checkpoint(model, load_from)
             self.log(str(report))
+            reports.append(report)
             text_loaded = any(k.startswith(TEXT_PREFIX) for k in report.loaded)
         if text_weights:
-            self.log(str(load_text_weights(model, text_weights)))
+            reports.append(load_text_weights(model, text_weights))
+            self.log(str(reports[-1]))
             text_loaded = True
+        self.init_loaded = loaded_parts(reports)  # the checkpoints' "provenance"
         if (not text_loaded and self.env.is_main and getattr(model, "guidance", None) is not None
                 and self.cfg.model.backbone.type in ("torchvision", "timm")):
             _log.warning("the text encoder is left at random initialisation: load CLIP's text "
@@ -291,6 +298,12 @@ class Trainer:
                  f"per process x {env.world_size} process(es) x {self.accumulate} accumulation "
                  f"step(s) (the official recipe uses {self.task.official_batch_size})")
         self.meta = self.task.checkpoint_meta(self.train_set)
+        if self.init_loaded is not None:  # what initialised each part, what training fixed
+            model = unwrap_model(self.model)
+            learning = [n for g in param_groups(model, cfg.optim) if g["lr"] > 0
+                        for n in g["names"]]
+            self.meta["provenance"] = provenance_record(self.init_loaded,
+                                                        model.state_dict(), learning)
 
     def default_hooks(self) -> list[HookBase]:
         """Logging, checkpoints and (with ``schedule.eval_interval``) evaluation."""
@@ -504,6 +517,9 @@ def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
     report = load_checkpoint(model, checkpoint)
     if env.is_main:
         _log.info("%s", report)
+        untrained = untrained_message(report)
+        if untrained:
+            warnings.warn(untrained, UntrainedPartsWarning, stacklevel=2)
     prepare_model(model.to(env.device), cfg.kernels).eval()
     task = get_task(cfg)
     dataset = task.dataset(cfg.data.val_split, train=False)

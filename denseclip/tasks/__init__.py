@@ -39,6 +39,6 @@ def build_model(cfg: Config) -> nn.Module:
     model = get_task(cfg).build_model()
     pretrained = resolve(cfg.model.pretrained, cfg.name) if cfg.model.pretrained else None
     if pretrained is not None:
-        load_checkpoint(model, pretrained)
+        model.pretrained_report = load_checkpoint(model, pretrained)  # what it initialised
     model.config = cfg  # what save_pretrained writes next to the weights
     return model
