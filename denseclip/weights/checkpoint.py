@@ -24,6 +24,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
+from ..config import PRESET_DIR
 from ..utils import resize_grid, unwrap_model
 from .atomic import atomic_write
 from .torchscript import TorchScriptUnreadable, read_torchscript_weights
@@ -34,6 +35,30 @@ ENV_ALLOW_TORCHSCRIPT = "DENSECLIP_ALLOW_TORCHSCRIPT"
 
 class CheckpointError(ValueError):
     """A file is not a usable checkpoint for the model."""
+
+
+class ClassMismatchError(CheckpointError):
+    """One of our checkpoints was trained for other classes than the model's config has:
+    the message says so in words, and where the config that fits is."""
+
+    def __init__(self, path: Path, trained: list[str], config_name: str | None,
+                 num_classes: int) -> None:
+        self.path, self.trained = path, trained
+        self.config_name, self.num_classes = config_name, num_classes
+        super().__init__(self.for_command("predict"))
+
+    def for_command(self, command: str) -> str:
+        """The message, its example written for ``denseclip COMMAND``."""
+        shown = ", ".join(self.trained[:3]) + (", …" if len(self.trained) > 3 else "")
+        what = f"config {self.config_name}" if self.config_name else "the model"
+        if self.config_name and (PRESET_DIR / f"{self.config_name}.yaml").is_file():
+            what = f"preset {self.config_name}"
+        work_dir = self.path.parent
+        hint = work_dir if (work_dir / "config.yaml").is_file() else self.path
+        return (f"{self.path}: the checkpoint was trained for {len(self.trained)} classes "
+                f"({shown}) but {what} has {self.num_classes}; use the work dir or its "
+                f"config.yaml, or the checkpoint alone, in place of the preset and the "
+                f"checkpoint: denseclip {command} {hint} …")
 
 
 @dataclass
@@ -322,6 +347,8 @@ def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
     (``path`` names it in messages)."""
     path = Path(path)
     fmt, sd = detect_format(obj, path)
+    if fmt == "denseclip":
+        _check_classes(model, obj, path)
     imagenet = imagenet_keys(model, sd) if fmt == "state_dict" else None
     if imagenet is not None:
         fmt = "imagenet"
@@ -359,6 +386,29 @@ def load_checkpoint_object(model: nn.Module, obj: Any, path: str | Path,
     if fmt == "denseclip":
         report.extra = {k: v for k, v in obj.items() if k not in ("model", "format")}
     return report
+
+
+def _check_classes(model: nn.Module, obj: dict[str, Any], path: Path) -> None:
+    """Refuse one of our checkpoints whose recorded classes (``classes`` of its meta) are
+    more or fewer than ``model``'s (:class:`ClassMismatchError`, before any shape error
+    says the same thing in terms of tensors); warn when only the names differ."""
+    trained = obj.get("classes")
+    count = getattr(model, "num_classes", None)
+    if not isinstance(trained, list) or not isinstance(count, int) or not trained:
+        return
+    cfg = getattr(model, "config", None)
+    name = getattr(cfg, "name", None)
+    if len(trained) != count:
+        raise ClassMismatchError(path, [str(c) for c in trained], name, count)
+    names = getattr(model, "class_names", None)
+    if names is None:
+        guidance = getattr(model, "guidance", None)
+        names = getattr(guidance, "class_names", None)
+    if names is not None and list(names) != list(trained):
+        warnings.warn(f"{path}: the checkpoint was trained for the classes "
+                      f"{', '.join(map(str, trained[:3]))}, … but the model's config names "
+                      f"them {', '.join(map(str, list(names)[:3]))}, …; results will carry "
+                      f"the config's names", UserWarning, stacklevel=3)
 
 
 def _check_finite(key: str, value: torch.Tensor, path: Path) -> None:

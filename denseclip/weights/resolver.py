@@ -9,18 +9,28 @@ directory, a registered name (``RN50``, a release's preset name), an http(s) URL
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import os
+import re
+import tempfile
 import urllib.parse
+from collections.abc import Iterable
+from dataclasses import dataclass
 from pathlib import Path
 
-from ..config import Config, load_config
-from .hub import REGISTRY, download, get_entry, known_names, release_for_preset
+from ..classes import load_class_names
+from ..config import Config, ConfigError, _apply_override, _source, config_from_dict, load_config
+from .atomic import atomic_write
+from .checkpoint import FORMAT, CheckpointError, read_checkpoint
+from .hub import REGISTRY, cache_dir, download, get_entry, known_names, release_for_preset
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME
 
 NO_WEIGHTS = ("none", "random")  # arguments that mean "no weights" (random initialisation)
 # A missing argument with one of these suffixes, or with a directory part, is a path that
 # does not exist, never a registered name to look up.
 WEIGHT_SUFFIXES = (".pth", ".pt", ".bin", ".safetensors", ".ckpt")
+CHECKPOINT_NAME = re.compile(r"^iter_(\d+)\.pth$")  # the trainer's checkpoints in a work dir
 
 
 def is_url(text: str) -> bool:
@@ -112,3 +122,129 @@ def resolve_pretrained(name_or_dir: str | os.PathLike[str], *,
                                 f"directory nor a release name; releases: "
                                 f"{', '.join(releases)}")
     return load_config(entry.preset), download(entry, progress=progress)
+
+
+# ---------------------------------------------------------------------------- self-describing
+@dataclass
+class Described:
+    """A model named by one argument: its weights file, the config they were trained with
+    and, where the checkpoint records them, the trained class names."""
+
+    checkpoint: Path
+    config: Config
+    classes: list[str] | None
+    kind: str  # "work dir", "checkpoint" or "saved model"
+
+
+def newest_checkpoint(work_dir: str | os.PathLike[str]) -> Path | None:
+    """The ``iter_N.pth`` in ``work_dir`` with the largest N, if any."""
+    found = [(int(m[1]), p) for p in Path(work_dir).glob("iter_*.pth")
+             if (m := CHECKPOINT_NAME.match(p.name)) and p.is_file()]
+    return max(found)[1] if found else None
+
+
+def describe(spec: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Described | None:
+    """What a model argument that describes itself means, or ``None`` when ``spec`` is not
+    one (a preset name or a YAML file, which need weights next to them).
+
+    Self-describing are: a work dir of ``denseclip train`` (its ``config.yaml`` and newest
+    ``iter_N.pth``), one of our training checkpoints (an existing file other than YAML:
+    the resolved config it stores under ``config``) and a
+    :func:`~denseclip.weights.pretrained.save_pretrained` directory (``config.yaml`` and
+    ``model.safetensors``). ``overrides`` (``section.key=value``) apply to that config.
+    The trained class names stored in a training checkpoint (``classes``) come with it,
+    so a moved or deleted data folder does not matter. An existing directory or file that
+    is none of these raises :class:`FileNotFoundError` / :class:`CheckpointError` saying
+    what is missing."""
+    text = os.fspath(spec)
+    path = Path(text).expanduser()
+    overrides = list(overrides)
+    if os.path.isdir(path):
+        config_file = path / CONFIG_NAME
+        if (path / WEIGHTS_NAME).is_file() and config_file.is_file():
+            return Described(path / WEIGHTS_NAME, load_config(config_file, overrides), None,
+                             "saved model")
+        checkpoint = newest_checkpoint(path)
+        if checkpoint is None or not config_file.is_file():
+            missing = " and ".join(n for n, ok in ((CONFIG_NAME, config_file.is_file()),
+                                                   ("a checkpoint iter_N.pth",
+                                                    checkpoint is not None)) if not ok)
+            raise FileNotFoundError(
+                f"{path} is a directory but neither a work dir of `denseclip train` "
+                f"(config.yaml and iter_N.pth) nor a saved model (config.yaml and "
+                f"model.safetensors): {missing} missing")
+        cfg = load_config(config_file, overrides)
+        classes = _stored_classes(read_checkpoint(checkpoint), checkpoint)
+        return Described(checkpoint, with_classes(cfg, classes), classes, "work dir")
+    if not os.path.isfile(path) or path.suffix in (".yaml", ".yml"):
+        return None
+    payload = read_checkpoint(path)
+    ours = isinstance(payload, dict) and payload.get("format") == FORMAT
+    stored = payload.get("config") if ours else None
+    if not isinstance(stored, dict):
+        raise CheckpointError(
+            f"{path} does not describe itself (it stores no config: not a checkpoint of "
+            f"`denseclip train`); name its config first: PRESET {path}")
+    classes = _stored_classes(payload, path)
+    return Described(path, with_classes(_config_of(stored, path, overrides), classes),
+                     classes, "checkpoint")
+
+
+def _stored_classes(payload: object, path: Path) -> list[str] | None:
+    classes = payload.get("classes") if isinstance(payload, dict) else None
+    if classes is None:
+        return None
+    if not isinstance(classes, list) or not classes or not all(
+            isinstance(c, str) and c.strip() for c in classes):
+        raise CheckpointError(f"{path}: 'classes' is not a list of class names")
+    return classes
+
+
+def _config_of(stored: dict, path: Path, overrides: list[str]) -> Config:
+    """The config a checkpoint stores, with ``overrides`` applied."""
+    data = copy.deepcopy(stored)
+    for override in overrides:
+        _apply_override(data, override)
+    try:
+        return config_from_dict(data, str(path))
+    except ConfigError as e:
+        where = _source(path, overrides, e.key)
+        message = str(e).removeprefix(f"{path}: ")
+        raise ConfigError(f"{where}: {message}", e.key) from None
+
+
+def with_classes(cfg: Config, classes: list[str] | None) -> Config:
+    """``cfg`` with ``model.classes`` naming ``classes`` (a training checkpoint's class
+    names): kept when it already lists them, else a class file of them written once into
+    the cache (``$DENSECLIP_CACHE/classes``, keyed by their content)."""
+    if classes is None:
+        return cfg
+    try:
+        if load_class_names(cfg.model.classes) == classes:
+            return cfg
+    except (OSError, ValueError):
+        pass  # e.g. the training data's classes.txt is gone: the checkpoint's names serve
+    cfg.model.classes = str(_classes_file(classes))
+    return cfg
+
+
+def _classes_file(classes: list[str]) -> Path:
+    bad = [c for c in classes if ":" in c or "\n" in c or c.strip().startswith("#")]
+    if bad:
+        raise CheckpointError(f"class name {bad[0]!r} cannot be written to a class file; "
+                              f"give model.classes=FILE")
+    text = "".join(f"{c.strip()}\n" for c in classes)
+    name = f"classes-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
+    for folder in (cache_dir() / "classes", None):
+        try:
+            if folder is None:
+                folder = Path(tempfile.mkdtemp(prefix="denseclip-classes-"))
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / name
+            if not (path.is_file() and path.read_text(encoding="utf-8") == text):
+                atomic_write(path, lambda p: p.write_text(text, encoding="utf-8"),
+                             by_name=True)
+            return path
+        except (OSError, RuntimeError):  # e.g. a read-only cache, a full disk
+            continue
+    raise CheckpointError("cannot write the checkpoint's class names to a class file")
