@@ -18,6 +18,8 @@ from ..tasks import Task, build_model, get_task
 from ..tasks.base import OpenVocabulary
 from ..tasks.results import PredictionError, Prepared
 from ..weights.checkpoint import load_checkpoint
+from ..weights.provenance import UntrainedPartsWarning, untrained_message
+from ..weights.resolver import describe
 from .inputs import to_rgb
 
 __all__ = ["Predictor"]
@@ -27,7 +29,10 @@ class Predictor:
     """Run a DenseCLIP model on images the way the test pipeline does.
 
     Args:
-        config: a preset name, a YAML file or a :class:`~denseclip.config.Config`.
+        config: a preset name, a YAML file or a :class:`~denseclip.config.Config`; or,
+            without ``checkpoint``, a model that describes itself: a work dir of
+            ``denseclip train`` (newest checkpoint), one of its checkpoints or a saved
+            model directory (:func:`denseclip.weights.resolver.describe`).
         checkpoint: weights in any format :func:`denseclip.weights.load_checkpoint`
             accepts; ``None`` keeps random weights (with a warning: the predictions are
             then meaningless; ``model.pretrained`` of the config is still loaded if set).
@@ -53,7 +58,12 @@ class Predictor:
     def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None,
                  device: str | torch.device = "cpu", classes: Any = None,
                  batch_size: int = 8, precision: str | None = None) -> None:
-        cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
+        described = None if isinstance(config, Config) or checkpoint is not None \
+            else describe(config)
+        if described is not None:  # a work dir, our checkpoint or a saved model alone
+            cfg, checkpoint = described.config, described.checkpoint
+        else:
+            cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
         if checkpoint is not None:
             cfg.model.pretrained = None  # the checkpoint holds every weight
         model = build_model(cfg)
@@ -96,6 +106,7 @@ class Predictor:
         self.batch_size = int(batch_size)
         self.class_names: list[str] = self.task_object.model_class_names(model)
         self.open_vocabulary: OpenVocabulary | None = None
+        self._warned: set[str] = set()
         self.set_classes(classes)
 
     # -------------------------------------------------------------- class lists
@@ -124,8 +135,24 @@ class Predictor:
         The trained class list behind the decode head is never changed."""
         if classes is None:
             self.open_vocabulary = None
-            return
-        self.open_vocabulary = self.task_object.open_vocabulary(self.model, classes)
+        else:
+            self.open_vocabulary = self.task_object.open_vocabulary(self.model, classes)
+        message = self.untrained_message()
+        if message and message not in self._warned:  # once per predictor and message
+            self._warned.add(message)
+            warnings.warn(message, UntrainedPartsWarning, stacklevel=2)
+
+    def untrained_message(self, open_vocabulary: bool | None = None) -> str | None:
+        """One line naming the parts the outputs depend on that were never trained or
+        loaded (see :mod:`denseclip.weights.provenance`), or ``None``. ``open_vocabulary``:
+        whether the outputs include scores of typed class names (default: whether open
+        classes are set). Emitted as an :class:`UntrainedPartsWarning` when the classes
+        are set; unknown (``None``) for :meth:`from_model` and without a checkpoint, which
+        warns on its own."""
+        if open_vocabulary is None:
+            open_vocabulary = self.open_vocabulary is not None
+        return untrained_message(self.load_report, open_vocabulary,
+                                 num_classes=self.num_classes)
 
     def clear_cache(self) -> None:
         """Forget the cached text embeddings of both class lists (the trained ones and the

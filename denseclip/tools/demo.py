@@ -150,6 +150,10 @@ def render_page(predictor: Predictor, classes: str = "", result: Any = None,
     if predictor.load_report is None:
         parts.append("<p class='warning'>No checkpoint: the weights are random, so the "
                      "predictions are meaningless.</p>")
+    untrained = predictor.untrained_message(task.supports_open_vocabulary)
+    if untrained:  # parts the outputs (typed class names included) depend on, never trained
+        parts.append(f"<p class='warning' id='untrained'>Warning: {html.escape(untrained)}"
+                     f"</p>")
     parts += [
         "<form id='form' method='post' action='/predict' enctype='multipart/form-data'>",
         "<label>Image <input type='file' id='image' name='image' accept='image/*' required>"
