@@ -79,7 +79,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     if extra:
         # argparse stops filling a "*" positional at the first option, so overrides given
         # after options arrive here.
-        if hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        # Commands with _positionals_anywhere sort out their positionals themselves.
+        anywhere = getattr(args, "_positionals_anywhere", False)
+        if hasattr(args, "overrides") and all(("=" in a or anywhere) and not a.startswith("-")
+                                              for a in extra):
             args.overrides = list(args.overrides) + extra
         else:
             sub.error(f"unrecognized arguments: {' '.join(extra)}")

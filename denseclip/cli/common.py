@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 import warnings
+from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
-from ..config import Config, load_config
+from ..config import Config, ConfigError, load_config
 from ..inference import Predictor, read_open_classes
 from ..runtime import PRECISIONS
 from ..weights import resolve
+from ..weights.checkpoint import CheckpointError, ClassMismatchError
+from ..weights.resolver import describe
+
+MODEL_HELP = ("the model: a work dir of `denseclip train` (its newest iter_N.pth and "
+              "config.yaml), one of its checkpoints alone, a saved model directory "
+              "(save_pretrained), or a preset name / YAML file followed by CHECKPOINT")
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,6 +28,85 @@ def add_config_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
     parser.add_argument("overrides", nargs="*", metavar="key=value",
                         help="config overrides, e.g. data.crop_size=[256,256]")
+
+
+def is_override(item: str) -> bool:
+    """Whether a positional argument is a ``section.key=value`` override (an existing path
+    of that shape stays a path)."""
+    return bool(_OVERRIDE.match(item)) and not Path(item).exists()
+
+
+def set_model_epilog(parser: argparse.ArgumentParser, command: str, rest: str = "") -> None:
+    """The ways to name a model, as examples at the end of ``denseclip COMMAND --help``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    tail = f" {rest}" if rest else ""
+    parser.epilog = "\n".join([
+        "the model, three ways:",
+        f"  denseclip {command} work_dirs/quickstart{tail}",
+        "      a work dir: its newest checkpoint, config.yaml and trained classes",
+        f"  denseclip {command} work_dirs/quickstart/iter_150.pth{tail}",
+        "      a checkpoint of `denseclip train` alone: it stores its config and classes",
+        f"  denseclip {command} PRESET_OR_YAML CHECKPOINT{tail}",
+        "      a config, then weights (official releases, weights names, 'pretrained')",
+        *([parser.epilog] if parser.epilog else [])])
+
+
+def add_model_arguments(parser: argparse.ArgumentParser, weights_help: str,
+                        command: str) -> None:
+    """``MODEL [CHECKPOINT] [key=value ...]``: see :func:`model_config`. Positionals may
+    also follow options (the CLI hands them to ``overrides``)."""
+    set_model_epilog(parser, command)
+    parser.add_argument("config", metavar="MODEL", help=MODEL_HELP)
+    parser.add_argument("overrides", nargs="*", metavar="[CHECKPOINT] key=value",
+                        help=f"CHECKPOINT, after a preset or YAML file: {weights_help}; then "
+                             f"config overrides, e.g. data.root=DIR")
+    parser.set_defaults(_positionals_anywhere=True)
+
+
+def model_config(args: argparse.Namespace, items: Sequence[str], command: str,
+                 extra_overrides: Sequence[str] = ()) -> tuple[Config, list[str]]:
+    """The config of a command's ``MODEL`` argument (``args.config``) and the positional
+    ``items`` after it that are not overrides; sets ``args.checkpoint``.
+
+    A ``MODEL`` that describes itself (:func:`~denseclip.weights.resolver.describe`: a
+    work dir, one of our checkpoints, a saved model directory) brings its weights, config
+    and trained classes; a preset name or YAML file takes the first non-override item as
+    its checkpoint (``predict PRESET CKPT photo.jpg``, as before). The overrides in
+    ``items`` and ``extra_overrides`` apply to the config either way."""
+    overrides = [i for i in items if is_override(i)] + list(extra_overrides)
+    rest = [i for i in items if not is_override(i)]
+    described = describe(args.config, overrides)
+    if described is not None:
+        args.checkpoint = str(described.checkpoint)
+        return described.config, rest
+    if not rest:
+        raise ConfigError(f"{args.config} needs weights after it: denseclip {command} "
+                          f"{args.config} CHECKPOINT …, or give a work dir or one of its "
+                          f"checkpoints alone: denseclip {command} work_dirs/NAME …")
+    args.checkpoint = rest[0]
+    return load_config(args.config, overrides), rest[1:]
+
+
+def model_config_only(args: argparse.Namespace, command: str,
+                      extra_overrides: Sequence[str] = ()) -> Config:
+    """:func:`model_config` for commands whose positionals after ``MODEL`` are only the
+    checkpoint and overrides (``test``, ``demo``, ``export``)."""
+    cfg, rest = model_config(args, args.overrides, command, extra_overrides)
+    if rest:
+        raise ConfigError(f"unexpected argument {rest[0]!r} (the weights are "
+                          f"{args.checkpoint}; overrides look like section.key=value)")
+    return cfg
+
+
+def checkpoint_message(error: CheckpointError, command: str) -> str:
+    """A checkpoint problem in words, its example written for ``denseclip COMMAND``."""
+    return error.for_command(command) if isinstance(error, ClassMismatchError) else str(error)
+
+
+def warn_untrained(message: str | None, command: str) -> None:
+    """The one stderr line about untrained parts (:mod:`denseclip.weights.provenance`)."""
+    if message:
+        print(f"denseclip {command}: warning: {message}", file=sys.stderr)
 
 
 def load_cli_config(args: argparse.Namespace) -> Config:
@@ -76,11 +165,18 @@ def predictor_from_args(args: argparse.Namespace, cfg: Config, command: str,
         classes = read_open_classes(args.classes_file)
     checkpoint = resolve(args.checkpoint, cfg.name)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)
-        predictor = Predictor(cfg, checkpoint, precision=getattr(args, "precision", None),
-                              **kwargs)
+        warnings.simplefilter("ignore", UserWarning)  # said below, as one line each
+        try:
+            predictor = Predictor(cfg, checkpoint, precision=getattr(args, "precision", None),
+                                  **kwargs)
+        except ClassMismatchError as e:
+            raise CheckpointError(e.for_command(command)) from None
+        predictor.set_classes(classes)
     if checkpoint is None:
         print(f"denseclip {command}: warning: no checkpoint, {cfg.name} has random weights; "
               f"its outputs are meaningless", file=sys.stderr)
-    predictor.set_classes(classes)
+    # the demo takes class names on its page: its warning covers them from the start
+    typed = classes is not None or (command == "demo"
+                                    and predictor.task_object.supports_open_vocabulary)
+    warn_untrained(predictor.untrained_message(typed), command)
     return predictor

@@ -6,14 +6,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import load_config
 from ..inference import PredictionError
 from ..tools.demo import MAX_CONNECTIONS, REQUEST_TIMEOUT, make_server
 from ..weights.checkpoint import CheckpointError
 from .common import (
     add_max_pixels_argument,
+    add_model_arguments,
     add_precision_argument,
+    checkpoint_message,
     max_pixels_overrides,
+    model_config_only,
     predictor_from_args,
 )
 
@@ -22,10 +24,8 @@ HELP = "serve a local web page to try a model on your own images"
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``denseclip demo``."""
-    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
-    parser.add_argument("checkpoint", help="weights to serve (a file, a weights name or "
-                        "'pretrained'); 'none' for random weights")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_model_arguments(parser, "weights to serve (a file, a weights name or 'pretrained'); "
+                                "'none' for random weights", "demo")
     parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any)")
     parser.add_argument("--host", default="127.0.0.1",
                         help="address to listen on (default 127.0.0.1, this machine only)")
@@ -44,17 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``denseclip demo``: serve until interrupted (Ctrl-C); 2 if the model cannot load."""
+    if not 0 <= args.port <= 65535:
+        print(f"denseclip demo: error: --port must be 0..65535, got {args.port}",
+              file=sys.stderr)
+        return 2
     if args.timeout <= 0 or args.max_connections < 1:
         print(f"denseclip demo: error: --timeout and --max-connections must be positive, got "
               f"{args.timeout:g} and {args.max_connections}", file=sys.stderr)
         return 2
-    cfg = load_config(args.config, [*args.overrides, *max_pixels_overrides(args)])
     try:
+        cfg = model_config_only(args, "demo", max_pixels_overrides(args))
         predictor = predictor_from_args(args, cfg, "demo", device=args.device)
         server = make_server(predictor, args.host, args.port, args.max_side,
                              request_timeout=args.timeout, max_connections=args.max_connections)
     except (CheckpointError, FileNotFoundError, PredictionError, OSError) as e:
-        print(f"denseclip demo: error: {e}", file=sys.stderr)
+        print(f"denseclip demo: error: {checkpoint_message(e, 'demo')}", file=sys.stderr)
         return 2
     print(f"DenseCLIP demo for {cfg.name} on {server.url} (Ctrl-C to stop)", flush=True)
     try:

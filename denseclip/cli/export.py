@@ -7,7 +7,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..config import Config, load_config
+from ..config import Config
 from ..inference import PredictionError
 from ..tasks import build_model
 from ..tools.export import ExportError, export_precision, export_predictor
@@ -16,7 +16,10 @@ from ..weights.checkpoint import CheckpointError, load_checkpoint
 from ..weights.pretrained import save_pretrained
 from .common import (
     add_class_arguments,
+    add_model_arguments,
     add_precision_argument,
+    checkpoint_message,
+    model_config_only,
     predictor_from_args,
 )
 
@@ -26,11 +29,8 @@ HELP = ("export a model: ONNX (segmentation, text features baked in) or a safete
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``denseclip export``."""
-    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
-    parser.add_argument("checkpoint", help="weights to export (a file, a weights name or "
-                        "'pretrained'); 'none' for random weights")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. evaluation.crop_size=[640,640]")
+    add_model_arguments(parser, "weights to export (a file, a weights name or "
+                                "'pretrained'); 'none' for random weights", "export")
     parser.add_argument("--format", default="onnx", choices=["onnx", "safetensors"],
                         help="onnx (default), or safetensors: a directory with "
                              "model.safetensors, config.yaml, classes.txt and a model card")
@@ -47,7 +47,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """``denseclip export``: 0 on success, 2 when the model cannot be exported as asked."""
-    cfg = load_config(args.config, args.overrides)
+    try:
+        cfg = model_config_only(args, "export")
+    except CheckpointError as e:
+        print(f"denseclip export: error: {e}", file=sys.stderr)
+        return 2
     if args.format == "safetensors":
         return _export_safetensors(args, cfg)
     try:
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
         predictor = predictor_from_args(args, cfg, "export", device="cpu")
         path = export_predictor(predictor, args.out, args.opset, precision=stored)
     except (ExportError, PredictionError, CheckpointError, FileNotFoundError) as e:
-        print(f"denseclip export: error: {e}", file=sys.stderr)
+        print(f"denseclip export: error: {checkpoint_message(e, 'export')}", file=sys.stderr)
         return 2
     outputs = "logits" + (", open_scores" if predictor.open_class_names else "")
     print(f"wrote {path} ({stored}): images (B, 3, H, W) -> {outputs}")
@@ -73,7 +77,8 @@ def _export_safetensors(args: argparse.Namespace, cfg: Config) -> int:
         try:
             print(load_checkpoint(model, checkpoint))
         except CheckpointError as e:
-            print(f"denseclip export: error: {e}", file=sys.stderr)
+            print(f"denseclip export: error: {checkpoint_message(e, 'export')}",
+                  file=sys.stderr)
             return 2
     out = save_pretrained(model, args.out, cfg, metrics=args.metrics)
     print(f"wrote {out}: model.safetensors, config.yaml, classes.txt, README.md")

@@ -5,39 +5,39 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 from pathlib import Path
 
 from tqdm import tqdm
 
-from ..config import load_config
 from ..inference import PredictionError, collect_inputs
 from ..weights.checkpoint import CheckpointError
 from .common import (
+    MODEL_HELP,
     add_class_arguments,
     add_max_pixels_argument,
     add_precision_argument,
+    is_override,
     max_pixels_overrides,
+    model_config,
     predictor_from_args,
+    set_model_epilog,
 )
 
 HELP = "segment or detect images: overlays, label maps, heatmaps, JSON"
 
-_OVERRIDE = re.compile(r"^[A-Za-z_][\w]*(\.[A-Za-z_]\w*)+=")
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``denseclip predict``."""
-    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
-    parser.add_argument("checkpoint",
-                        help="weights: our checkpoint, a state dict, an official release, a "
-                             "weights name (`denseclip download --list`) or 'pretrained' (the "
-                             "preset's release); 'none' for random weights (meaningless output, "
-                             "for trying out)")
+    parser.add_argument("config", metavar="MODEL", help=MODEL_HELP)
+    set_model_epilog(parser, "predict", "photo.jpg --out out/")
     parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="image files, folders (searched recursively) or glob patterns "
-                             "(quote them); section.key=value items are config overrides")
+                        help="after a preset or YAML file, first its CHECKPOINT: our "
+                             "checkpoint, a state dict, an official release, a weights name "
+                             "(`denseclip download --list`) or 'pretrained' (the preset's "
+                             "release); 'none' for random weights (meaningless output, for "
+                             "trying out). Then image files, folders (searched recursively) "
+                             "or glob patterns (quote them); section.key=value items are "
+                             "config overrides")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=4,
@@ -50,7 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--score-thr", type=float, default=0.3,
                         help="detection: draw and list detections scoring at least this")
     add_max_pixels_argument(parser)
-    parser.set_defaults(overrides=[])
+    parser.set_defaults(overrides=[], _positionals_anywhere=True)
 
 
 def _error(message: str) -> int:
@@ -59,21 +59,20 @@ def _error(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``denseclip predict``: exit status 0 when every image was written, 1 when some
-    failed (each listed with its reason on stderr), 2 for a bad config, checkpoint or class
-    list (nothing is predicted)."""
-    specs, overrides = [], list(getattr(args, "overrides", []))
-    for item in args.inputs:
-        if _OVERRIDE.match(item) and not Path(item).exists():
-            overrides.append(item)
-        else:
-            specs.append(item)
-    if not specs:
-        return _error("no input images given")
+    """``denseclip predict MODEL [CHECKPOINT] INPUT...``: exit status 0 when every image was
+    written, 1 when some failed (each listed with its reason on stderr), 2 for a bad
+    config, checkpoint or class list (nothing is predicted)."""
     if args.batch_size < 1:
         return _error(f"--batch-size must be positive, got {args.batch_size}")
-    overrides += max_pixels_overrides(args)
-    cfg = load_config(args.config, overrides)  # ConfigError → exit status 2 in the CLI
+    given = [*args.inputs, *getattr(args, "overrides", [])]  # the latter: after options
+    items = [i for i in given if not is_override(i)]
+    overrides = [*(i for i in given if is_override(i)), *max_pixels_overrides(args)]
+    try:  # the checkpoint, then images (a work dir or our checkpoint: images only)
+        cfg, specs = model_config(args, items, "predict", overrides)  # ConfigError → 2
+    except (CheckpointError, FileNotFoundError) as e:
+        return _error(str(e))
+    if not specs:
+        return _error("no input images given")
     try:
         predictor = predictor_from_args(args, cfg, "predict", device=args.device,
                                         batch_size=args.batch_size)

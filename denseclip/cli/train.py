@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 
 from ..config import load_config
@@ -15,11 +16,17 @@ from ..engine.guard import TrainingStopped
 from ..engine.trainer import test, train
 from ..runtime import PRECISIONS
 from ..weights import resolve
+from ..weights.checkpoint import CheckpointError, ClassMismatchError
+from ..weights.provenance import UntrainedPartsWarning
 from .common import (
     add_config_arguments,
     add_max_pixels_argument,
+    add_model_arguments,
     add_precision_argument,
     load_cli_config,
+    max_pixels_overrides,
+    model_config_only,
+    warn_untrained,
 )
 
 TRAIN_HELP = "train a model (single process, or many under torchrun)"
@@ -73,10 +80,9 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_test_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="preset name or a YAML file")
-    parser.add_argument("checkpoint", help="our checkpoint, a state dict, an official release, "
-                        "a weights name (`denseclip download --list`) or 'pretrained'")
-    parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides")
+    add_model_arguments(parser, "our checkpoint, a state dict, an official release, a "
+                                "weights name (`denseclip download --list`) or 'pretrained'",
+                        "test")
     parser.add_argument("--aug-test", action="store_true",
                         help="multi-scale + flip test-time augmentation")
     parser.add_argument("--out-dir", help="write predicted label PNGs and metrics.json here")
@@ -91,18 +97,28 @@ def add_test_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_test(args: argparse.Namespace) -> int:
-    cfg = load_cli_config(args)
+    cfg = model_config_only(args, "test", max_pixels_overrides(args))
     checkpoint = resolve(args.checkpoint, cfg.name)
     if checkpoint is None:
         raise ValueError(f"denseclip test needs weights, got {args.checkpoint!r}")
     env = init_distributed(args.device)
     try:
-        metrics = test(cfg, checkpoint, aug_test=args.aug_test, out_dir=args.out_dir,
-                       env=env, progress=not args.no_progress, precision=args.precision)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", UntrainedPartsWarning)
+            metrics = test(cfg, checkpoint, aug_test=args.aug_test, out_dir=args.out_dir,
+                           env=env, progress=not args.no_progress, precision=args.precision)
+        for warning in caught:  # one line; other warnings as Python shows them
+            if issubclass(warning.category, UntrainedPartsWarning):
+                warn_untrained(str(warning.message), "test")
+            else:
+                warnings.warn_explicit(warning.message, warning.category, warning.filename,
+                                       warning.lineno)
         other = None
         if args.compare_precision:
             other = test(cfg, checkpoint, aug_test=args.aug_test, env=env,
                          progress=not args.no_progress, precision=args.compare_precision)
+    except ClassMismatchError as e:
+        raise CheckpointError(e.for_command("test")) from None
     finally:
         cleanup()
     if env.is_main:
