@@ -110,6 +110,11 @@ def warn_untrained(message: str | None, command: str) -> None:
 
 
 def load_cli_config(args: argparse.Namespace) -> Config:
+    """The config of a command's arguments: its config (or, for commands that take a
+    ``MODEL``, :func:`model_config_only`), overrides and ``--max-image-pixels``."""
+    if getattr(args, "_positionals_anywhere", False):
+        return model_config_only(args, getattr(args, "command", None) or "test",
+                                 max_pixels_overrides(args))
     return load_config(args.config, [*args.overrides, *max_pixels_overrides(args)])
 
 
