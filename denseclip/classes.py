@@ -1,4 +1,5 @@
-"""Class lists: the bundled ADE20K and COCO names, class files and typed class lists.
+"""Class lists: the bundled ADE20K, COCO, Cityscapes and Pascal VOC names, class files and
+typed class lists.
 
 One format serves every place that reads a class file (``model.classes=FILE``, the folder
 dataset's ``classes.txt``, ``--classes-file`` of ``predict``/``export``):
@@ -23,6 +24,8 @@ from typing import Any
 BUNDLED = {
     "ade20k": Path(__file__).parent / "data" / "ade20k_classes.txt",
     "coco": Path(__file__).parent / "data" / "coco_classes.txt",
+    "cityscapes": Path(__file__).parent / "data" / "cityscapes_classes.txt",  # 19 train ids
+    "voc": Path(__file__).parent / "data" / "voc_classes.txt",  # background + 20
 }
 
 
@@ -67,7 +70,8 @@ def read_classes(path: str | Path) -> dict[str, str]:
 
 
 def load_class_names(spec: str | Path) -> list[str]:
-    """The class names of a bundled list (``ade20k``, ``coco``) or of a class file."""
+    """The class names of a bundled list (a key of :data:`BUNDLED`: ``ade20k``, ``coco``,
+    ``cityscapes``, ``voc``) or of a class file."""
     return list(read_classes(BUNDLED.get(str(spec), spec)))
 
 
