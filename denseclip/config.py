@@ -36,7 +36,7 @@ Task = Literal["segmentation", "retinanet", "mask_rcnn"]
 PosEmbed = Literal["interpolate", "crop"]
 Prompting = Literal["post", "pre"]
 LossAverage = Literal["all", "valid"]
-DatasetKind = Literal["ade20k", "folder", "coco"]
+DatasetKind = Literal["ade20k", "folder", "coco", "cityscapes", "voc"]
 LrPolicy = Literal["poly", "step"]
 EvalMode = Literal["slide", "whole"]
 AmpMode = Literal["none", "bf16", "fp16"]
@@ -228,7 +228,7 @@ class ModelConfig:
     # denseclip.models.zeroshot): no neck, head or training; the classes' prompt-ensemble
     # embeddings score CLIP's dense embeddings. Needs task: segmentation.
     zeroshot: bool = False
-    classes: str = "ade20k"  # a bundled list name ("ade20k", "coco") or a file, one per line
+    classes: str = "ade20k"  # a bundled list (ade20k, coco, cityscapes, voc) or a file
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     text: TextConfig = field(default_factory=TextConfig)
     guidance: GuidanceConfig = field(default_factory=GuidanceConfig)
@@ -249,7 +249,7 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: DatasetKind = "ade20k"  # "ade20k", "folder" or "coco"
+    dataset: DatasetKind = "ade20k"  # "ade20k", "folder", "coco", "cityscapes" or "voc"
     root: str = "data/ade/ADEChallengeData2016"
     # ADE20K/folder: images/<split>, annotations/<split>; COCO: <split>/ images with
     # annotations/instances_<split>.json.

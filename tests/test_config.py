@@ -186,7 +186,7 @@ CHOICES = {
     "model.backbone.act": ("quick_gelu", "gelu"),
     "model.text.act": ("quick_gelu", "gelu"),
     "model.guidance.prompting": ("post", "pre"),
-    "data.dataset": ("ade20k", "folder", "coco"),
+    "data.dataset": ("ade20k", "folder", "coco", "cityscapes", "voc"),
     "schedule.policy": ("poly", "step"),
     "evaluation.mode": ("slide", "whole"),
     "amp": ("none", "bf16", "fp16"),

@@ -1,5 +1,5 @@
-"""Data: image decoding, datasets (ADE20K, your own folders, COCO), augmentation pipelines,
-samplers and loaders."""
+"""Data: image decoding, datasets (ADE20K, your own folders, Cityscapes, Pascal VOC, COCO),
+augmentation pipelines, samplers and loaders."""
 
 from .io import DatasetError, load_image, load_label_map, pil_to_rgb
 from .samplers import (
@@ -15,8 +15,10 @@ from .samplers import (
 from .segmentation import (
     ADE20K_CLASSES_FILE,
     ADE20KDataset,
+    CityscapesDataset,
     FolderDataset,
     SegmentationDataset,
+    VOCDataset,
     build_segmentation_dataset,
 )
 from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_sample
@@ -29,6 +31,7 @@ from .transforms import (
 __all__ = [
     "ADE20K_CLASSES_FILE",
     "ADE20KDataset",
+    "CityscapesDataset",
     "DatasetError",
     "FolderDataset",
     "IGNORE_INDEX",
@@ -37,6 +40,7 @@ __all__ = [
     "SeededSampler",
     "SegmentationDataset",
     "ShardedSampler",
+    "VOCDataset",
     "build_segmentation_dataset",
     "build_test_loader",
     "build_test_transforms",

@@ -1,6 +1,8 @@
 """Semantic-segmentation datasets: image + PNG label-map pairs.
 
-Both datasets read the ADE20K release layout::
+:class:`CityscapesDataset` and :class:`VOCDataset` read those releases' layouts
+(:mod:`denseclip.data.layouts`: Cityscapes' 19 training ids, VOC's 21 palette indices, 255
+ignored in both, no ``reduce_zero_label``). The other two read the ADE20K release layout::
 
     ROOT/images/<split>/<name>.jpg         RGB images
     ROOT/annotations/<split>/<name>.png    label maps (same name, single channel)
@@ -62,6 +64,14 @@ from torch.utils.data import Dataset
 from ..classes import BUNDLED, load_class_names
 from ..config import DataConfig
 from .io import DatasetError, load_image, load_label_map
+from .layouts import (
+    CITYSCAPES_IMG_SUFFIX,
+    CITYSCAPES_SEG_SUFFIX,
+    VOC_IMG_SUFFIX,
+    VOC_SEG_SUFFIX,
+    cityscapes_dirs,
+    voc_files,
+)
 from .transforms import (
     IGNORE_INDEX,
     apply_seeded,
@@ -73,9 +83,11 @@ from .transforms import (
 __all__ = [
     "ADE20KDataset",
     "ADE20K_CLASSES_FILE",
+    "CityscapesDataset",
     "DatasetError",
     "FolderDataset",
     "SegmentationDataset",
+    "VOCDataset",
     "build_segmentation_dataset",
     "load_image",
     "load_label_map",
@@ -118,6 +130,8 @@ class SegmentationDataset(Dataset):
         max_image_pixels: images and label maps with more pixels are refused undecoded
             (:class:`~denseclip.data.io.ImageTooLargeError`); None: the default limit
             (:func:`~denseclip.data.io.max_image_pixels`).
+        names: the items, as names relative to ``img_dir`` without suffix, instead of
+            every image found there (a split file's list, checked by its reader).
 
     Raises ``FileNotFoundError`` for a missing directory and :class:`DatasetError` for an
     empty image directory or an image without its label map (both at construction).
@@ -136,6 +150,7 @@ class SegmentationDataset(Dataset):
         transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
         test_mode: bool = False,
         max_image_pixels: int | None = None,
+        names: Sequence[str] | None = None,
     ):
         self.img_dir = Path(img_dir)
         self.ann_dir = Path(ann_dir)
@@ -152,7 +167,11 @@ class SegmentationDataset(Dataset):
         for kind, directory in (("image", self.img_dir), ("label", self.ann_dir)):
             if not directory.is_dir():
                 raise FileNotFoundError(f"{kind} directory {directory} does not exist")
-        self._names = self._scan()
+        if names is None:
+            self._names = self._scan()
+        else:
+            self._names = list(names)
+            self._img_paths = [self.img_dir / (n + img_suffix) for n in self._names]
 
     def _scan(self) -> list[str]:
         suffix = self.img_suffix.lower()
@@ -360,25 +379,93 @@ class FolderDataset(SegmentationDataset):
         self.classes_file = Path(classes_file)
 
 
+def _existing_root(root: str | Path) -> Path:
+    root = Path(root)
+    if not root.is_dir():
+        raise FileNotFoundError(f"dataset root {root} does not exist")
+    return root
+
+
+class CityscapesDataset(SegmentationDataset):
+    """Cityscapes (``gtFine``) in its release layout (:func:`~.layouts.cityscapes_dirs`):
+    ``root/leftImg8bit/<split>/<city>/<name>_leftImg8bit.png`` with
+    ``root/gtFine/<split>/<city>/<name>_gtFine_labelTrainIds.png``. Items are named
+    ``<city>/<name>``. Labels are the 19 training ids (0..18) as stored, 255 = ignore;
+    ``class_names`` defaults to the bundled list."""
+
+    def __init__(self, root: str | Path, split: str = "train", *,
+                 class_names: Sequence[str] | None = None,
+                 transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 test_mode: bool = False, max_image_pixels: int | None = None):
+        self.root, self.split = _existing_root(root), split
+        img_dir, ann_dir = cityscapes_dirs(self.root, split)
+        super().__init__(
+            img_dir, ann_dir, class_names or load_class_names("cityscapes"),
+            reduce_zero_label=False, ignore_value=IGNORE_INDEX,
+            img_suffix=CITYSCAPES_IMG_SUFFIX, seg_suffix=CITYSCAPES_SEG_SUFFIX,
+            transforms=transforms, test_mode=test_mode, max_image_pixels=max_image_pixels)
+
+
+class VOCDataset(SegmentationDataset):
+    """Pascal VOC 2012 segmentation in its release layout (:func:`~.layouts.voc_files`):
+    the names of ``root/ImageSets/Segmentation/<split>.txt``, images
+    ``root/JPEGImages/<name>.jpg`` and palette PNGs ``root/<ann_name>/<name>.png`` whose
+    palette index is the class (0 = background .. 20), 255 = boundary, ignored.
+    ``class_names`` defaults to the bundled 21 names."""
+
+    def __init__(self, root: str | Path, split: str = "train", *,
+                 class_names: Sequence[str] | None = None,
+                 ann_name: str = "SegmentationClass",
+                 transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
+                 test_mode: bool = False, max_image_pixels: int | None = None):
+        self.root, self.split = _existing_root(root), split
+        img_dir, ann_dir, names, self.split_file = voc_files(self.root, split, ann_name)
+        super().__init__(
+            img_dir, ann_dir, class_names or load_class_names("voc"),
+            reduce_zero_label=False, ignore_value=IGNORE_INDEX,
+            img_suffix=VOC_IMG_SUFFIX, seg_suffix=VOC_SEG_SUFFIX, transforms=transforms,
+            test_mode=test_mode, max_image_pixels=max_image_pixels, names=names)
+
+
+# data.dataset → (what messages call it, dataset class) of the fixed release layouts.
+_RELEASES = {"cityscapes": ("Cityscapes", CityscapesDataset),
+             "voc": ("Pascal VOC", VOCDataset)}
+
+
 def build_segmentation_dataset(
     cfg: DataConfig, split: str, num_classes: int, train: bool
 ) -> SegmentationDataset:
     """The dataset for ``split`` (e.g. ``cfg.train_split``) with the training (``train=True``)
     or test pipeline.
 
-    Both ``cfg.dataset`` kinds read ``cfg.root/images/<split>`` and
+    ``"ade20k"`` and ``"folder"`` read ``cfg.root/images/<split>`` and
     ``cfg.root/annotations/<split>``, with ``cfg.img_suffix``/``cfg.seg_suffix`` and
     ``cfg.reduce_zero_label``; raw value 255 is ignore.
 
     * ``"ade20k"``: class names are the bundled ADE20K list when ``num_classes`` is 150,
       otherwise ``cfg.root/classes.txt`` (e.g. the synthetic quickstart data).
     * ``"folder"``: class names always come from ``cfg.root/classes.txt``.
+    * ``"cityscapes"`` (:class:`CityscapesDataset`), ``"voc"`` (:class:`VOCDataset`): the
+      release layouts, with the bundled class names (19, 21) and their fixed label
+      encodings (stored class indices, 255 = ignore); ``cfg.reduce_zero_label`` and the
+      suffixes do not apply to them. Splits are folder or split-file names (``train``,
+      ``val``); a wrong layout is a :class:`DatasetError` naming the path.
 
     ``num_classes`` (the model's K) must equal the number of class names.
     """
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} (data.root) does not exist")
+    transforms = build_train_transforms(cfg) if train else build_test_transforms(cfg)
+    if cfg.dataset in _RELEASES:
+        title, layout = _RELEASES[cfg.dataset]
+        class_names = load_class_names(cfg.dataset)
+        if len(class_names) != num_classes:
+            raise DatasetError(
+                f"the model has {num_classes} classes but {title} has {len(class_names)} "
+                f"(model.classes={cfg.dataset} names them)")
+        return layout(root, split, class_names=class_names, transforms=transforms,
+                      test_mode=not train, max_image_pixels=cfg.max_image_pixels)
     classes_file = root / "classes.txt"
     if cfg.dataset == "ade20k":
         if num_classes == 150:
@@ -393,12 +480,12 @@ def build_segmentation_dataset(
     elif cfg.dataset == "folder":
         class_names = load_class_names(classes_file)
     else:
-        raise ValueError(f"unknown data.dataset {cfg.dataset!r}; expected 'ade20k' or 'folder'")
+        raise ValueError(f"unknown data.dataset {cfg.dataset!r}; expected 'ade20k', "
+                         "'folder', 'cityscapes' or 'voc'")
     if len(class_names) != num_classes:
         raise DatasetError(
             f"the model has {num_classes} classes but {classes_file} names {len(class_names)}"
         )
-    transforms = build_train_transforms(cfg) if train else build_test_transforms(cfg)
     common: dict[str, Any] = dict(
         reduce_zero_label=cfg.reduce_zero_label,
         img_suffix=cfg.img_suffix,
