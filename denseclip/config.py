@@ -26,6 +26,8 @@ from typing import Any, Literal
 import yaml
 
 PRESET_DIR = Path(__file__).parent / "configs"
+# what `denseclip presets` lists, precomputed (denseclip.tools.presets writes it)
+PRESET_TABLE = PRESET_DIR / "presets.json"
 
 # CLIP's image normalisation in 0..1 units: the defaults of ``data.mean``/``data.std``.
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -183,3 +183,43 @@ def test_the_package_root_holds_only_foundations():
                   if p.name not in ("__init__.py", "__main__.py"))
     assert len(root) <= 8, root
     assert {"config.py", "classes.py", "runtime.py", "utils.py", "optional.py"} <= set(root)
+
+
+# Modules that import by name at run time (not with an import statement), and why:
+# denseclip.optional loads optional dependencies; the packages denseclip and
+# denseclip.weights load their torch-backed names on first use (PEP 562 __getattr__); the
+# command line loads a command's module only when that command runs (cli.load_run).
+DEFERRED_IMPORTERS = {"denseclip", "denseclip.weights", "denseclip.optional", "denseclip.cli"}
+
+
+def _import_module_calls(tree: ast.AST) -> list[int]:
+    return [node.lineno for node in ast.walk(tree) if isinstance(node, ast.Call)
+            and isinstance(node.func, ast.Attribute) and node.func.attr == "import_module"]
+
+
+def test_only_the_known_places_import_by_name():
+    assert _import_module_calls(ast.parse("importlib.import_module('x')")) == [1]
+    found = {name for name, path in modules().items()
+             if _import_module_calls(ast.parse(path.read_text(encoding="utf-8")))
+             or "__import__" in path.read_text(encoding="utf-8")}
+    assert found <= DEFERRED_IMPORTERS, sorted(found - DEFERRED_IMPORTERS)
+
+
+def test_the_lazy_names_and_commands_point_at_real_code():
+    """What the deferred imports name exists: the packages' lazy names, and every
+    command's ``module:function``, a module of denseclip.cli (so the layering above, which
+    sees only import statements, still holds for them)."""
+    import importlib
+
+    import denseclip
+    import denseclip.weights
+    from denseclip.cli import COMMANDS, load_run
+
+    for package in (denseclip, denseclip.weights):
+        for name, module in package._LAZY.items():
+            assert hasattr(importlib.import_module(module, package.__name__), name)
+        assert set(package._LAZY) <= set(package.__all__)
+    known = modules()
+    for command in COMMANDS:
+        assert f"denseclip.cli.{command.run.partition(':')[0]}" in known
+        assert callable(load_run(command))

@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 import denseclip
-from denseclip.cli import demo
+from denseclip.cli import arguments, demo
 from denseclip.inference import Predictor
 from denseclip.tools.demo import make_server
 from tests.helpers.bombs import png_bomb_bytes
@@ -173,7 +173,7 @@ def test_cli_run_refuses_a_bad_checkpoint(tmp_path, capsys):
     path = tmp_path / "vit.pth"
     torch.save(vit.state_dict(), path)
     parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
+    arguments.add_demo_arguments(parser)
     status = demo.run(parser.parse_args(["tiny_denseclip_res", str(path), "--port", "0"]))
     assert status == 2 and "does not match the model" in capsys.readouterr().err
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import denseclip
-from denseclip.cli import export
+from denseclip.cli import arguments, export
 from denseclip.inference import Predictor
 from denseclip.tools.export import ExportError, SegmentorForExport, export_onnx, export_predictor
 from denseclip.weights import save_checkpoint
@@ -135,7 +135,7 @@ def test_pre_model_prompting_is_refused(tmp_path):
 
 def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="denseclip export")
-    export.add_arguments(parser)
+    arguments.add_export_arguments(parser)
     return export.run(parser.parse_args(list(argv)))
 
 

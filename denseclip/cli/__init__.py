@@ -1,23 +1,28 @@
 """The ``denseclip`` command line (also ``python -m denseclip``).
 
-One module per command (:mod:`.train` for train/test/quickstart, :mod:`.predict`,
-:mod:`.export`, :mod:`.demo`, :mod:`.flops` for flops/presets, :mod:`.bench`), each with an
-``add_arguments``-style function that fills its subparser and a ``run`` function that returns
-the exit status; :data:`COMMANDS` lists them. Subcommands that take a config also accept
-trailing ``section.key=value`` overrides, anywhere after the config name. Library modules
-log through :mod:`logging`; :func:`main` sends the package's INFO messages to stdout.
+:data:`COMMANDS` is the table of commands. Each names its help and the function that fills
+its subparser, both in :mod:`.arguments` (which imports no PyTorch), and its ``run`` function
+as ``"module:function"`` below this package (:mod:`.train` for train/test/quickstart,
+:mod:`.predict`, :mod:`.export`, :mod:`.demo`, :mod:`.flops` for flops/presets, :mod:`.bench`,
+:mod:`.plot`, :mod:`.download`). :func:`load_run` is the one place that imports a command's
+module, and only for the command that runs: ``denseclip --help``, ``denseclip CMD --help``,
+``presets`` and ``download --list`` start without importing torch or the models (see
+``benchmarks/startup.py``). ``run`` returns the exit status. Subcommands that take a config
+also accept trailing ``section.key=value`` overrides, anywhere after the config name. Library
+modules log through :mod:`logging`; :func:`main` sends the package's INFO messages to stdout.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from ..config import ConfigError
-from . import bench, demo, download, export, flops, plot, predict, train
+from . import arguments as a
 
 EXIT_USAGE = 2  # bad arguments or config, like argparse's own errors
 
@@ -27,23 +32,29 @@ class Command:
     name: str
     help: str
     add_arguments: Callable[[argparse.ArgumentParser], None]
-    run: Callable[[argparse.Namespace], int]
+    run: str  # "module:function" in this package, imported when the command runs (load_run)
 
 
 COMMANDS: list[Command] = [
-    Command("train", train.TRAIN_HELP, train.add_train_arguments, train.run_train),
-    Command("test", train.TEST_HELP, train.add_test_arguments, train.run_test),
-    Command("quickstart", train.QUICKSTART_HELP, train.add_quickstart_arguments,
-            train.run_quickstart),
-    Command("predict", predict.HELP, predict.add_arguments, predict.run),
-    Command("export", export.HELP, export.add_arguments, export.run),
-    Command("demo", demo.HELP, demo.add_arguments, demo.run),
-    Command("flops", flops.HELP, flops.add_arguments, flops.run),
-    Command("presets", flops.PRESETS_HELP, flops.add_presets_arguments, flops.run_presets),
-    Command("bench", bench.HELP, bench.add_arguments, bench.run),
-    Command("plot", plot.HELP, plot.add_arguments, plot.run),
-    Command("download", download.HELP, download.add_arguments, download.run),
+    Command("train", a.TRAIN_HELP, a.add_train_arguments, "train:run_train"),
+    Command("test", a.TEST_HELP, a.add_test_arguments, "train:run_test"),
+    Command("quickstart", a.QUICKSTART_HELP, a.add_quickstart_arguments, "train:run_quickstart"),
+    Command("predict", a.PREDICT_HELP, a.add_predict_arguments, "predict:run"),
+    Command("export", a.EXPORT_HELP, a.add_export_arguments, "export:run"),
+    Command("demo", a.DEMO_HELP, a.add_demo_arguments, "demo:run"),
+    Command("flops", a.FLOPS_HELP, a.add_flops_arguments, "flops:run"),
+    Command("presets", a.PRESETS_HELP, a.add_presets_arguments, "presets:run"),
+    Command("bench", a.BENCH_HELP, a.add_bench_arguments, "bench:run"),
+    Command("plot", a.PLOT_HELP, a.add_plot_arguments, "plot:run"),
+    Command("download", a.DOWNLOAD_HELP, a.add_download_arguments, "download:run"),
 ]
+
+
+def load_run(command: Command) -> Callable[[argparse.Namespace], int]:
+    """Import ``command``'s module and return its run function: the command line's only
+    deferred import, so that parsing arguments and ``--help`` never load PyTorch."""
+    module, _, function = command.run.partition(":")
+    return getattr(importlib.import_module(f"{__name__}.{module}"), function)
 
 
 def configure_logging() -> None:
@@ -66,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     for command in COMMANDS:
         p = sub.add_parser(command.name, help=command.help, description=command.help)
         command.add_arguments(p)
-        p.set_defaults(_run=command.run, _parser=p)
+        p.set_defaults(_command=command, _parser=p)
     return parser
 
 
@@ -87,7 +98,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         else:
             sub.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
-        return args._run(args)
+        return load_run(args._command)(args)
     except ConfigError as e:
         print(f"{sub.prog}: error: {e}", file=sys.stderr)
         return EXIT_USAGE

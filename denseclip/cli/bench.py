@@ -10,37 +10,7 @@ from typing import Any
 from tqdm import tqdm
 
 from ..tools.bench import BenchOptions, check_options, measurement_labels, ratio, run_benchmark
-from .common import add_config_arguments, add_precision_argument, load_cli_config
-
-HELP = "time eval forward, training step and slide inference in fp32 and in the fast mode"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    add_config_arguments(parser)
-    parser.add_argument("--size", nargs=2, type=int, metavar=("H", "W"),
-                        help="input size (default: data.crop_size for segmentation, "
-                             "model.detection min_size x max_size for detection)")
-    parser.add_argument("--batch", type=int, default=2, help="images per call (default 2)")
-    parser.add_argument("--device", default=None,
-                        help="cpu or cuda (default: cuda if available, else cpu)")
-    add_precision_argument(parser, note="; the precision of the fast mode (fp32 and "
-                                        "fp32_fast always run in fp32)")
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="timed calls per measurement; the median is reported (default 3)")
-    parser.add_argument("--warmup", type=int, default=1,
-                        help="untimed calls before each measurement (default 1)")
-    parser.add_argument("--compile", action="store_true",
-                        help="also measure the fast mode under torch.compile (compile time "
-                             "reported separately)")
-    parser.add_argument("--no-train", dest="train", action="store_false",
-                        help="skip the training steps")
-    parser.add_argument("--no-slide", dest="slide", action="store_false",
-                        help="skip the sliding-window inference (segmentation)")
-    parser.add_argument("--no-pipeline", dest="pipeline", action="store_false",
-                        help="skip the data-pipeline throughput")
-    parser.add_argument("--pipeline-images", type=int, default=16,
-                        help="generated images the data pipeline is timed on (default 16)")
-    parser.add_argument("--json", action="store_true", help="print one JSON line")
+from .common import load_cli_config
 
 
 def run(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Arguments and set-up shared by several commands."""
+"""Set-up shared by several commands (their arguments are in :mod:`.arguments`)."""
 
 from __future__ import annotations
 
@@ -12,55 +12,17 @@ from typing import Any
 
 from ..config import Config, ConfigError, load_config
 from ..inference import Predictor, read_open_classes
-from ..runtime import PRECISIONS
 from ..weights import resolve
 from ..weights.checkpoint import CheckpointError, ClassMismatchError
 from ..weights.resolver import describe
 
-MODEL_HELP = ("the model: a work dir of `denseclip train` (its newest iter_N.pth and "
-              "config.yaml), one of its checkpoints alone, a saved model directory "
-              "(save_pretrained), or a preset name / YAML file followed by CHECKPOINT")
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
-
-
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """The config (preset name or YAML file) and its dotted overrides."""
-    parser.add_argument("config", help="preset name (see `denseclip presets`) or a YAML file")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="config overrides, e.g. data.crop_size=[256,256]")
 
 
 def is_override(item: str) -> bool:
     """Whether a positional argument is a ``section.key=value`` override (an existing path
     of that shape stays a path)."""
     return bool(_OVERRIDE.match(item)) and not Path(item).exists()
-
-
-def set_model_epilog(parser: argparse.ArgumentParser, command: str, rest: str = "") -> None:
-    """The ways to name a model, as examples at the end of ``denseclip COMMAND --help``."""
-    parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    tail = f" {rest}" if rest else ""
-    parser.epilog = "\n".join([
-        "the model, three ways:",
-        f"  denseclip {command} work_dirs/quickstart{tail}",
-        "      a work dir: its newest checkpoint, config.yaml and trained classes",
-        f"  denseclip {command} work_dirs/quickstart/iter_150.pth{tail}",
-        "      a checkpoint of `denseclip train` alone: it stores its config and classes",
-        f"  denseclip {command} PRESET_OR_YAML CHECKPOINT{tail}",
-        "      a config, then weights (official releases, weights names, 'pretrained')",
-        *([parser.epilog] if parser.epilog else [])])
-
-
-def add_model_arguments(parser: argparse.ArgumentParser, weights_help: str,
-                        command: str) -> None:
-    """``MODEL [CHECKPOINT] [key=value ...]``: see :func:`model_config`. Positionals may
-    also follow options (the CLI hands them to ``overrides``)."""
-    set_model_epilog(parser, command)
-    parser.add_argument("config", metavar="MODEL", help=MODEL_HELP)
-    parser.add_argument("overrides", nargs="*", metavar="[CHECKPOINT] key=value",
-                        help=f"CHECKPOINT, after a preset or YAML file: {weights_help}; then "
-                             f"config overrides, e.g. data.root=DIR")
-    parser.set_defaults(_positionals_anywhere=True)
 
 
 def model_config(args: argparse.Namespace, items: Sequence[str], command: str,
@@ -118,46 +80,10 @@ def load_cli_config(args: argparse.Namespace) -> Config:
     return load_config(args.config, [*args.overrides, *max_pixels_overrides(args)])
 
 
-def _positive_int(text: str) -> int:
-    value = int(text.replace("_", ""))
-    if value < 1:
-        raise ValueError(text)
-    return value
-
-
-_positive_int.__name__ = "positive whole number"  # what argparse's error message says
-
-
-def add_max_pixels_argument(parser: argparse.ArgumentParser) -> None:
-    """``--max-image-pixels N``: the ``data.max_image_pixels`` override."""
-    parser.add_argument("--max-image-pixels", type=_positive_int, metavar="N",
-                        help="refuse images (and label maps) with more pixels, width x height, "
-                             "before decoding them (default: data.max_image_pixels, else "
-                             "$DENSECLIP_MAX_IMAGE_PIXELS, else 89478485)")
-
-
 def max_pixels_overrides(args: argparse.Namespace) -> list[str]:
     """The config override of ``--max-image-pixels``, if given."""
     value = getattr(args, "max_image_pixels", None)
     return [] if value is None else [f"data.max_image_pixels={value}"]
-
-
-def add_class_arguments(parser: argparse.ArgumentParser, help_names: str) -> None:
-    """``--classes`` / ``--classes-file`` (mutually exclusive)."""
-    group = parser.add_mutually_exclusive_group()
-    group.add_argument("--classes", metavar="NAMES", help=help_names)
-    group.add_argument("--classes-file", metavar="FILE",
-                       help="open-vocabulary classes, one 'name' or 'name: text to embed' "
-                            "per line")
-
-
-def add_precision_argument(parser: argparse.ArgumentParser, default: str | None = None,
-                           note: str = "") -> None:
-    """``--precision fp32|bf16|fp16|auto``."""
-    what = f"default {default}" if default else "default: the config's precision, auto"
-    parser.add_argument("--precision", default=default, choices=PRECISIONS,
-                        help=f"inference precision; auto = the fastest one this hardware runs "
-                             f"natively ({what}){note}")
 
 
 def predictor_from_args(args: argparse.Namespace, cfg: Config, command: str,

@@ -7,39 +7,14 @@ import argparse
 import sys
 
 from ..inference import PredictionError
-from ..tools.demo import MAX_CONNECTIONS, REQUEST_TIMEOUT, make_server
+from ..tools.demo import make_server
 from ..weights.checkpoint import CheckpointError
 from .common import (
-    add_max_pixels_argument,
-    add_model_arguments,
-    add_precision_argument,
     checkpoint_message,
     max_pixels_overrides,
     model_config_only,
     predictor_from_args,
 )
-
-HELP = "serve a local web page to try a model on your own images"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``denseclip demo``."""
-    add_model_arguments(parser, "weights to serve (a file, a weights name or 'pretrained'); "
-                                "'none' for random weights", "demo")
-    parser.add_argument("--port", type=int, default=7860, help="port (default 7860; 0: any)")
-    parser.add_argument("--host", default="127.0.0.1",
-                        help="address to listen on (default 127.0.0.1, this machine only)")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    add_precision_argument(parser)
-    parser.add_argument("--max-side", type=int, default=1024,
-                        help="uploads larger than this (pixels, longer side) are reduced")
-    add_max_pixels_argument(parser)
-    parser.add_argument("--timeout", type=float, default=REQUEST_TIMEOUT, metavar="SECONDS",
-                        help="drop a connection whose client sends nothing for this long "
-                             f"(default {REQUEST_TIMEOUT:g})")
-    parser.add_argument("--max-connections", type=int, default=MAX_CONNECTIONS, metavar="N",
-                        help="connections served at once; more are answered 503 "
-                             f"(default {MAX_CONNECTIONS})")
 
 
 def run(args: argparse.Namespace) -> int:

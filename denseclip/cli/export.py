@@ -14,35 +14,7 @@ from ..tools.export import ExportError, export_precision, export_predictor
 from ..weights import resolve
 from ..weights.checkpoint import CheckpointError, load_checkpoint
 from ..weights.pretrained import save_pretrained
-from .common import (
-    add_class_arguments,
-    add_model_arguments,
-    add_precision_argument,
-    checkpoint_message,
-    model_config_only,
-    predictor_from_args,
-)
-
-HELP = ("export a model: ONNX (segmentation, text features baked in) or a safetensors "
-        "directory")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``denseclip export``."""
-    add_model_arguments(parser, "weights to export (a file, a weights name or "
-                                "'pretrained'); 'none' for random weights", "export")
-    parser.add_argument("--format", default="onnx", choices=["onnx", "safetensors"],
-                        help="onnx (default), or safetensors: a directory with "
-                             "model.safetensors, config.yaml, classes.txt and a model card")
-    parser.add_argument("--out", required=True, metavar="PATH",
-                        help="the .onnx file, or the directory for safetensors")
-    parser.add_argument("--metrics", metavar="FILE",
-                        help="safetensors: a metrics.json of `denseclip test` for the model card")
-    add_class_arguments(parser, "also output score maps for these comma-separated classes")
-    add_precision_argument(parser, "fp32", note="; the file stores fp32 or fp16 (auto "
-                                                "means fp32 for a portable file; bf16 is "
-                                                "refused)")
-    parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+from .common import checkpoint_message, model_config_only, predictor_from_args
 
 
 def run(args: argparse.Namespace) -> int:

@@ -12,45 +12,7 @@ from tqdm import tqdm
 
 from ..inference import PredictionError, collect_inputs
 from ..weights.checkpoint import CheckpointError
-from .common import (
-    MODEL_HELP,
-    add_class_arguments,
-    add_max_pixels_argument,
-    add_precision_argument,
-    is_override,
-    max_pixels_overrides,
-    model_config,
-    predictor_from_args,
-    set_model_epilog,
-)
-
-HELP = "segment or detect images: overlays, label maps, heatmaps, JSON"
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Arguments of ``denseclip predict``."""
-    parser.add_argument("config", metavar="MODEL", help=MODEL_HELP)
-    set_model_epilog(parser, "predict", "photo.jpg --out out/")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
-                        help="after a preset or YAML file, first its CHECKPOINT: our "
-                             "checkpoint, a state dict, an official release, a weights name "
-                             "(`denseclip download --list`) or 'pretrained' (the preset's "
-                             "release); 'none' for random weights (meaningless output, for "
-                             "trying out). Then image files, folders (searched recursively) "
-                             "or glob patterns (quote them); section.key=value items are "
-                             "config overrides")
-    parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
-    parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
-    parser.add_argument("--batch-size", type=int, default=4,
-                        help="images and sliding windows per forward call (default 4)")
-    add_class_arguments(parser, "open-vocabulary classes, comma-separated: 'cat,dog,grass'")
-    parser.add_argument("--heatmaps", action="store_true",
-                        help="also write <stem>_heatmap_<class>.png per open class (or per "
-                             "trained class present, without open classes)")
-    add_precision_argument(parser)
-    parser.add_argument("--score-thr", type=float, default=0.3,
-                        help="detection: draw and list detections scoring at least this")
-    add_max_pixels_argument(parser)
-    parser.set_defaults(overrides=[], _positionals_anywhere=True)
+from .common import is_override, max_pixels_overrides, model_config, predictor_from_args
 
 
 def _error(message: str) -> int:

@@ -14,47 +14,15 @@ from ..data.synthetic import make_synthetic_dataset
 from ..dist import DistEnv, cleanup, init_distributed
 from ..engine.guard import TrainingStopped
 from ..engine.trainer import test, train
-from ..runtime import PRECISIONS
 from ..weights import resolve
 from ..weights.checkpoint import CheckpointError, ClassMismatchError
 from ..weights.provenance import UntrainedPartsWarning
 from .common import (
-    add_config_arguments,
-    add_max_pixels_argument,
-    add_model_arguments,
-    add_precision_argument,
     load_cli_config,
     max_pixels_overrides,
     model_config_only,
     warn_untrained,
 )
-
-TRAIN_HELP = "train a model (single process, or many under torchrun)"
-TRAIN_EPILOG = ("SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop training after the current iteration "
-                "with a checkpoint; the exit status is then 128 + the signal's number (143, "
-                "130, 138) and --resume continues exactly where it stopped. A work dir takes "
-                "one training at a time.")
-TEST_HELP = "evaluate a checkpoint on the validation split"
-QUICKSTART_HELP = "generate synthetic data, train a tiny DenseCLIP on CPU, evaluate"
-
-
-def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.epilog = TRAIN_EPILOG
-    add_config_arguments(parser)
-    parser.add_argument("--work-dir", help="checkpoints and logs (default: work_dirs/<config>)")
-    parser.add_argument("--resume", action="store_true",
-                        help="continue from the newest checkpoint in the work dir; overrides "
-                             "may change only the schedule's length and intervals, "
-                             "evaluation, logging and data.num_workers")
-    parser.add_argument("--load-from", metavar="CKPT",
-                        help="initialise weights only: OpenAI CLIP (RN50.pt, or the name "
-                             "RN50), an ImageNet torchvision/timm state dict, a release or "
-                             "our checkpoint")
-    parser.add_argument("--text-weights", metavar="CKPT",
-                        help="load only CLIP's text tower from this OpenAI CLIP file (for "
-                             "ImageNet backbones; its image tower is ignored)")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_train(args: argparse.Namespace) -> int:
@@ -77,23 +45,6 @@ def run_train(args: argparse.Namespace) -> int:
     if metrics and env.is_main:
         print(metrics["table"])
     return 0
-
-
-def add_test_arguments(parser: argparse.ArgumentParser) -> None:
-    add_model_arguments(parser, "our checkpoint, a state dict, an official release, a "
-                                "weights name (`denseclip download --list`) or 'pretrained'",
-                        "test")
-    parser.add_argument("--aug-test", action="store_true",
-                        help="multi-scale + flip test-time augmentation")
-    parser.add_argument("--out-dir", help="write predicted label PNGs and metrics.json here")
-    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
-    add_precision_argument(parser, "fp32", note=", so that reproduced numbers are "
-                                               "reproducible")
-    parser.add_argument("--compare-precision", metavar="PRECISION", choices=PRECISIONS,
-                        help="evaluate again in this precision and print how far it moves "
-                             "each metric")
-    add_max_pixels_argument(parser)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_test(args: argparse.Namespace) -> int:
@@ -138,15 +89,6 @@ def precision_comparison(base: dict, other: dict) -> str:
         lines.append(f"  {key}: {value:.2f} ({a}) {other['summary'][key]:.2f} ({b}) "
                      f"delta {delta:+.2f}")
     return "\n".join(lines)
-
-
-def add_quickstart_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="overrides of the quickstart preset")
-    parser.add_argument("--work-dir", default="work_dirs/quickstart")
-    parser.add_argument("--num-train", type=int, default=200)
-    parser.add_argument("--num-val", type=int, default=50)
-    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def run_quickstart(args: argparse.Namespace) -> int:

@@ -11,27 +11,51 @@
 * :mod:`.atomic`: :func:`atomic_write`, the one way files are written.
 
 Building a model from weights (:func:`denseclip.from_pretrained`) lives with the tasks.
+
+Importing the package is cheap: each name loads from its module on first use (:pep:`562`),
+so :mod:`.hub` (no PyTorch) serves ``denseclip download`` without importing torch.
 """
 
-from .atomic import TEMP_PATTERN, DiskFullError, atomic_write
-from .checkpoint import (
-    ENV_ALLOW_TORCHSCRIPT,
-    TEXT_PREFIX,
-    CheckpointError,
-    ClassMismatchError,
-    LoadReport,
-    convert_state_dict,
-    load_checkpoint,
-    load_checkpoint_object,
-    load_text_weights,
-    read_checkpoint,
-    rename_key,
-    save_checkpoint,
-)
-from .hub import DownloadError, OfflineError, WeightsEntry, download, known_names, register
-from .pretrained import SavePretrained, save_pretrained
-from .provenance import UntrainedPartsWarning
-from .resolver import Described, describe, resolve, resolve_pretrained
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what the lazy names below are, for type checkers and readers
+    from .atomic import TEMP_PATTERN, DiskFullError, atomic_write
+    from .checkpoint import (
+        ENV_ALLOW_TORCHSCRIPT,
+        TEXT_PREFIX,
+        CheckpointError,
+        ClassMismatchError,
+        LoadReport,
+        convert_state_dict,
+        load_checkpoint,
+        load_checkpoint_object,
+        load_text_weights,
+        read_checkpoint,
+        rename_key,
+        save_checkpoint,
+    )
+    from .hub import DownloadError, OfflineError, WeightsEntry, download, known_names, register
+    from .pretrained import SavePretrained, save_pretrained
+    from .provenance import UntrainedPartsWarning
+    from .resolver import Described, describe, resolve, resolve_pretrained
+
+# module → the names it exports here
+_SOURCES = {
+    ".atomic": ("TEMP_PATTERN", "DiskFullError", "atomic_write"),
+    ".checkpoint": ("ENV_ALLOW_TORCHSCRIPT", "TEXT_PREFIX", "CheckpointError",
+                    "ClassMismatchError", "LoadReport",
+                    "convert_state_dict", "load_checkpoint", "load_checkpoint_object",
+                    "load_text_weights", "read_checkpoint", "rename_key", "save_checkpoint"),
+    ".hub": ("DownloadError", "OfflineError", "WeightsEntry", "download", "known_names",
+             "register"),
+    ".pretrained": ("SavePretrained", "save_pretrained"),
+    ".provenance": ("UntrainedPartsWarning",),
+    ".resolver": ("Described", "describe", "resolve", "resolve_pretrained"),
+}
+_LAZY = {name: module for module, names in _SOURCES.items() for name in names}
 
 __all__ = ["ENV_ALLOW_TORCHSCRIPT", "TEMP_PATTERN", "TEXT_PREFIX", "CheckpointError",
            "ClassMismatchError", "Described", "DiskFullError", "DownloadError", "LoadReport",
@@ -40,3 +64,16 @@ __all__ = ["ENV_ALLOW_TORCHSCRIPT", "TEMP_PATTERN", "TEXT_PREFIX", "CheckpointEr
            "load_checkpoint", "load_checkpoint_object", "load_text_weights", "read_checkpoint",
            "register", "rename_key", "resolve", "resolve_pretrained", "save_checkpoint",
            "save_pretrained"]
+
+
+def __getattr__(name: str) -> Any:
+    """Load an exported name from its module on first use (:pep:`562`)."""
+    if name not in _LAZY:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+    globals()[name] = value  # later look-ups skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})

@@ -79,8 +79,9 @@ def test_commands_registered_once(capsys):
     assert len(names) == len(set(names)) and "flops" in names
     help_text = build_parser().format_help()
     assert all(name in help_text for name in names)
-    assert main(["presets"]) == 0
-    assert capsys.readouterr().out.split() == denseclip.available_presets()
+    assert main(["presets", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["name"] for r in rows] == denseclip.available_presets()
 
 
 def test_python_m_denseclip(capsys):

@@ -13,7 +13,7 @@ from PIL import Image
 import denseclip
 from denseclip import cli
 from denseclip.classes import load_class_names
-from denseclip.cli import predict
+from denseclip.cli import arguments, predict
 from denseclip.tasks.writers import safe_name
 from denseclip.weights import save_checkpoint
 from tests.helpers.images import random_image
@@ -23,7 +23,7 @@ PRESET = "tiny_denseclip_res"
 
 def run_cli(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="denseclip predict")
-    predict.add_arguments(parser)
+    arguments.add_predict_arguments(parser)
     return predict.run(parser.parse_args(list(argv)))
 
 

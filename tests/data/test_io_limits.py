@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from denseclip.cli import predict
+from denseclip.cli import arguments, predict
 from denseclip.config import DataConfig, load_config
 from denseclip.data.coco import CocoDetection, build_coco_dataset
 from denseclip.data.io import (
@@ -132,7 +132,7 @@ def test_predictor_uses_the_config_limit():
 
 def _predict(*argv: str) -> int:
     parser = argparse.ArgumentParser(prog="denseclip predict")
-    predict.add_arguments(parser)
+    arguments.add_predict_arguments(parser)
     return predict.run(parser.parse_args(list(argv)))
 
 
