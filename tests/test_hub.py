@@ -350,10 +350,11 @@ def test_cli_download_and_list(server, tmp_path, capsys):
     assert main(["download", "--list", "--cache-dir", str(target)]) == 0
     lines = capsys.readouterr().out.splitlines()
     assert lines[0] == f"cache: {target}"
-    assert lines[1].split() == ["name", "preset", "source", "checksum", "licence", "cached"]
+    assert lines[1].split() == ["name", "preset", "cached", "size", "checksum", "licence", "url"]
     rows = {line.split()[0]: line for line in lines[2:]}
     assert set(rows) == set(hub.known_names())
-    assert "sha256 (verified)" in rows["RN50"] and rows["RN50"].endswith("no")
+    assert "(verified)" in rows["RN50"] and rows["RN50"].endswith(hub.REGISTRY["RN50"].url)
+    assert " no " in rows["RN50"] and " unknown " in rows["RN50"]
     assert "not published" in rows["mask_rcnn_denseclip_r101_fpn_1x_coco"]
     assert rows["test-weights"].endswith("yes")
 
