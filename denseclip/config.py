@@ -16,6 +16,7 @@ tiny.yaml): data.batch_size=0: must be >= 1``.
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import math
 import types
 import typing
@@ -483,10 +484,13 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     unknown = sorted(set(data) - set(names))
-    if unknown:
-        raise ConfigError(
-            f"{where}: unknown key(s) {', '.join(unknown)}; valid keys: {', '.join(names)}"
-        )
+    if unknown:  # the key lets load_config blame the override that set it
+        prefix = f"{where}." if where else ""
+        close = [f"{prefix}{m[0]}" for u in unknown
+                 if (m := difflib.get_close_matches(u, names, n=1, cutoff=0.6))]
+        guess = f"; did you mean {' or '.join(close)}?" if close else ""
+        raise ConfigError(f"{where or 'config'}: unknown key(s) {', '.join(unknown)}{guess} "
+                          f"(valid keys: {', '.join(names)})", prefix + unknown[0])
     kwargs = {}
     for k, v in data.items():
         key = f"{where}.{k}" if where else k
