@@ -6,22 +6,13 @@ import argparse
 import sys
 from pathlib import Path
 
-from ..evaluation.plots import plot_training_curves, read_metrics_log
-
-HELP = "draw the loss, learning rate and validation metrics of a training run (PNG files)"
-LOG_NAME = "metrics.jsonl"
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("work_dir", metavar="WORK_DIR",
-                        help=f"a training work dir holding {LOG_NAME} (or that file itself)")
-    parser.add_argument("--out", metavar="DIR", default=None,
-                        help="where the PNGs go (default: WORK_DIR/plots)")
+from ..evaluation.plots import plot_training_curves, read_metrics_log, skipped_figures
+from .arguments import METRICS_LOG
 
 
 def run(args: argparse.Namespace) -> int:
     source = Path(args.work_dir)
-    log_path = source if source.is_file() else source / LOG_NAME
+    log_path = source if source.is_file() else source / METRICS_LOG
     out = Path(args.out) if args.out else log_path.parent / "plots"
     records = read_metrics_log(log_path)
     try:
@@ -33,4 +24,6 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"{log_path}: {e}") from e
     for path in written:
         print(path)
+    for name, reason in skipped_figures(records):
+        print(f"denseclip plot: skipped {name}: {reason}", file=sys.stderr)
     return 0

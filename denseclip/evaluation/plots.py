@@ -340,3 +340,26 @@ def plot_training_curves(records: list[dict[str, Any]], out_dir: str | Path) -> 
     if not written:
         raise ValueError("the records hold no loss, learning rate or metric to draw")
     return written
+
+
+def skipped_figures(records: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The figures :func:`plot_training_curves` leaves out for ``records``, each with the
+    reason in words: ``loss.png`` and ``lr.png`` without training records, ``val.png``
+    without evaluation records (a run with ``schedule.eval_interval=0``, or stopped before
+    its first evaluation), and any mode whose values are all missing or not finite."""
+    train = metric_series(records, "train")
+    skipped = []
+    if not any(k.startswith("loss") for k in train):
+        skipped.append(("loss.png", "no training loss was logged"))
+    if "lr" not in train:
+        skipped.append(("lr.png", "no learning rate was logged"))
+    modes = {r["mode"] for r in records} - {"train"}
+    if "val" not in modes:
+        skipped.append(("val.png", "the log has no evaluation ('val' record): the run "
+                                   "evaluated nothing (schedule.eval_interval=0) or stopped "
+                                   "before its first evaluation"))
+    for mode in sorted(modes):
+        if not any(math.isfinite(v) for _, ys in metric_series(records, mode).values()
+                   for v in ys):
+            skipped.append((f"{mode}.png", f"no finite value in the '{mode}' records"))
+    return skipped
