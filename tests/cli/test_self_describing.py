@@ -17,7 +17,7 @@ import pytest
 from PIL import Image
 
 import denseclip
-from denseclip.cli import demo, main
+from denseclip.cli import arguments, main
 from denseclip.cli.common import model_config_only, predictor_from_args
 from denseclip.data.synthetic import SYNTHETIC_CLASSES
 from denseclip.tools.demo import render_page
@@ -107,7 +107,7 @@ def test_test_from_a_work_dir_or_a_checkpoint_alone(run, capsys, which):
 
 def test_demo_page_from_a_checkpoint_alone(run):
     parser = argparse.ArgumentParser()
-    demo.add_arguments(parser)
+    arguments.add_demo_arguments(parser)
     args = parser.parse_args([str(run["alone"])])
     cfg = model_config_only(args, "demo")
     predictor = predictor_from_args(args, cfg, "demo")
