@@ -40,7 +40,7 @@ class DetectionTask(Task):
 
     name = "detection"
     official_batch_size = 16  # 8 GPUs x 2 images (DESIGN §9)
-    main_metric = "bbox_mAP"
+    main_metric = "bbox_AP"
     summary_keys = tuple(f"bbox_{k}" for k in METRIC_NAMES)
 
     @staticmethod
