@@ -48,6 +48,8 @@ Kernels = Literal["fast", "reference"]
 NonfiniteLoss = Literal["stop", "skip"]
 DropPathMode = Literal["token", "sample"]
 Activation = Literal["quick_gelu", "gelu"]
+Tracker = Literal["tensorboard", "mlflow", "wandb"]
+WandbMode = Literal["auto", "online", "offline"]
 
 
 class ConfigError(ValueError):
@@ -329,6 +331,9 @@ class ScheduleConfig:
     # Keep only the newest N ``iter_*.pth`` of the work dir (0: keep all); ``best.pth`` and
     # ``latest.pth`` are never deleted. May change on resume.
     keep_checkpoints: int = bounded(0, ge=0)
+    # At the end of a completed run, write ``work_dir/model/`` (save_pretrained: weights of
+    # ``best.pth`` when evaluation ran, else the final ones, config, classes, model card).
+    save_model: bool = True
 
 
 @dataclass
@@ -342,6 +347,22 @@ class EvalConfig:
 
 
 @dataclass
+class LogConfig:
+    """Where the metrics stream goes besides ``metrics.jsonl`` (denseclip.engine.trackers):
+    each backend also records the resolved config and the final model card."""
+
+    # "tensorboard" (work_dir/tb), "mlflow" and "wandb" (extras denseclip[mlflow] / [wandb])
+    backends: list[Tracker] = field(default_factory=lambda: ["tensorboard"])
+    # MLflow tracking URI; None: a file store in work_dir/mlruns
+    mlflow_uri: str | None = None
+    mlflow_experiment: str = "denseclip"
+    wandb_project: str = "denseclip"
+    # "auto": $WANDB_MODE if set, else online when an API key is configured
+    # ($WANDB_API_KEY or ~/.netrc), else offline (files in work_dir/wandb)
+    wandb_mode: WandbMode = "auto"
+
+
+@dataclass
 class Config:
     name: str = "custom"
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -349,6 +370,7 @@ class Config:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     evaluation: EvalConfig = field(default_factory=EvalConfig)
+    log: LogConfig = field(default_factory=LogConfig)
     seed: int = bounded(0, ge=0, le=2**32 - 1)
     amp: AmpMode = "none"  # training autocast: "none", "bf16" or "fp16" (+ loss scaling)
     # Inference precision (predict, demo, the Predictor): "auto" is the fastest one the

@@ -39,7 +39,8 @@ RESUMABLE = (
     "name",  # a label
     "schedule.max_iters", "schedule.max_epochs",  # train longer (poly lr follows)
     "schedule.checkpoint_interval", "schedule.eval_interval", "schedule.log_interval",
-    "schedule.keep_checkpoints",
+    "schedule.keep_checkpoints", "schedule.save_model",
+    "log.",  # where metrics are reported
     "evaluation.",  # how validation runs, not training
     "precision",  # inference only
     "data.num_workers",  # augmentation seeds depend on the sample's position only
