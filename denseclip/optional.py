@@ -11,6 +11,8 @@ module             used for                         install
 ``onnx``           ONNX export                      ``pip install 'denseclip[export]'``
 ``matplotlib``     figures of results               ``pip install 'denseclip[plot]'``
 ``timm``           timm backbones                   ``pip install timm``
+``mlflow``         ``log.backends: [mlflow]``       ``pip install 'denseclip[mlflow]'``
+``wandb``          ``log.backends: [wandb]``        ``pip install 'denseclip[wandb]'``
 =================  ===============================  ==============================
 """
 
@@ -21,7 +23,8 @@ from types import ModuleType
 
 __all__ = ["require"]
 
-EXTRAS = {"pycocotools": "coco", "onnx": "export", "matplotlib": "plot"}
+EXTRAS = {"pycocotools": "coco", "onnx": "export", "matplotlib": "plot", "mlflow": "mlflow",
+          "wandb": "wandb"}
 
 
 def require(module: str, purpose: str) -> ModuleType:
