@@ -32,7 +32,6 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.utils.tensorboard import SummaryWriter
 
 from ..config import Config, ConfigError, config_from_dict, save_config
 from ..data.samplers import build_train_loader
@@ -63,8 +62,16 @@ from .guard import (
     remove_stale_temporaries,
     resume_config,
 )
-from .hooks import CheckpointHook, EvalHook, HookBase, LoggingHook
+from .hooks import (
+    BestCheckpointHook,
+    CheckpointHook,
+    EvalHook,
+    HookBase,
+    LoggingHook,
+    SaveModelHook,
+)
 from .optim import build_optimizer, build_scheduler, freeze_text_encoder, param_groups
+from .trackers import Tracker, build_trackers
 
 _log = logging.getLogger(__name__)
 
@@ -102,31 +109,30 @@ def seed_everything(seed: int) -> None:
 
 
 class MetricLogger:
-    """JSON-lines file plus TensorBoard event files (main process only)."""
+    """The JSON-lines file ``metrics.jsonl``, each record also handed to ``trackers``
+    (:mod:`.trackers`: TensorBoard, MLflow, W&B) (main process only)."""
 
-    def __init__(self, work_dir: Path, enabled: bool) -> None:
+    def __init__(self, work_dir: Path, enabled: bool, trackers: Sequence[Tracker] = ()) -> None:
         self.enabled = enabled
+        self.trackers = list(trackers)
         self.file = None
-        self.tb = None
         if enabled:
             self.file = open(work_dir / "metrics.jsonl", "a", encoding="utf-8")  # noqa: SIM115
-            self.tb = SummaryWriter(str(work_dir / "tb"))
 
     def log(self, step: int, mode: str, values: dict[str, float]) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps({"mode": mode, "iter": step, **values}) + "\n")
         self.file.flush()
-        if self.tb is not None:
-            for key, value in values.items():
-                if isinstance(value, (int, float)) and math.isfinite(value):
-                    self.tb.add_scalar(f"{mode}/{key}", value, step)
+        for tracker in self.trackers:
+            tracker.log_metrics(step, mode, values)
 
     def close(self) -> None:
+        """Close the file, and any tracker still open (after a failure) as failed."""
         if self.file:
             self.file.close()
-        if self.tb is not None:
-            self.tb.close()
+        for tracker in self.trackers:
+            tracker.close()
 
 
 def _train_mode(cfg: Config, device: torch.device):
@@ -169,6 +175,9 @@ class Trainer:
         self.stop_signal, self.stop_requested, self._saved_at = 0, False, -1
         self.writer: MetricLogger | None = None
         self.init_loaded: dict[str, str] | None = {}  # part → weights file (None: unknown)
+        self.trackers: list[Tracker] = []  # log.backends, main process
+        self.finished = False  # the loop ended without an error or a stop signal
+        self.saved_model: Path | None = None  # work_dir/model, once written
         start, state = self._resume_point(cfg, resume)
         seed_everything(self.cfg.seed + env.rank)
         model = build_model(self.cfg).train()  # a model that cannot train says so before data
@@ -306,12 +315,21 @@ class Trainer:
                                                         model.state_dict(), learning)
 
     def default_hooks(self) -> list[HookBase]:
-        """Logging, checkpoints and (with ``schedule.eval_interval``) evaluation."""
+        """Logging, checkpoints, (with ``schedule.eval_interval``) evaluation and
+        ``best.pth``, (with ``schedule.save_model``) ``work_dir/model/``, and the trackers
+        of ``log.backends`` on the main process."""
         schedule = self.cfg.schedule
         hooks: list[HookBase] = [LoggingHook(schedule.log_interval, self.progress),
                                  CheckpointHook(schedule.checkpoint_interval)]
+        best = None
         if self.val_set is not None:
-            hooks.append(EvalHook(schedule.eval_interval, self.val_set))
+            best = BestCheckpointHook(self.task.main_metric)
+            hooks += [EvalHook(schedule.eval_interval, self.val_set), best]
+        if schedule.save_model:
+            hooks.append(SaveModelHook(best))
+        if self.env.is_main:
+            self.trackers = build_trackers(self.cfg, self.work_dir)
+            hooks += self.trackers
         return hooks
 
     def register_hooks(self, hooks: Sequence[HookBase]) -> None:
@@ -327,7 +345,8 @@ class Trainer:
             _log.info(message)
 
     def write_metrics(self, mode: str, values: dict[str, float]) -> None:
-        """One ``mode`` record of the current iteration in metrics.jsonl and TensorBoard."""
+        """One ``mode`` record of the current iteration in metrics.jsonl and the trackers
+        of ``log.backends`` (TensorBoard by default)."""
         self.writer.log(self.iteration, mode, values)
 
     def poll_stop(self) -> int:
@@ -405,7 +424,7 @@ class Trainer:
         the step's hooks and a checkpoint; :meth:`request_stop` returns after them."""
         if self.complete:
             return {}
-        self.writer = MetricLogger(self.work_dir, self.env.is_main)
+        self.writer = MetricLogger(self.work_dir, self.env.is_main, self.trackers)
         self.model.train()
         try:
             self._call("before_train")
@@ -420,6 +439,7 @@ class Trainer:
                     if self.stop_signal:
                         raise TrainingStopped(self.stop_signal, saved, self.iteration)
                     break
+            self.finished = True
         finally:
             try:
                 self._call("after_train")
