@@ -193,6 +193,7 @@ CHOICES = {
     "precision": ("fp32", "bf16", "fp16", "auto"),
     "kernels": ("fast", "reference"),
     "nonfinite_loss": ("stop", "skip"),
+    "log.wandb_mode": ("auto", "online", "offline"),
 }
 
 

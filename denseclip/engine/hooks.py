@@ -14,9 +14,11 @@ The default hooks run in this order each step: :class:`LoggingHook`, :class:`Che
 process); hooks passed to ``train(..., hooks=[...])`` run after them. The graceful
 stop on signals is the trainer's own (every rank must agree on it): it polls after each step
 and after each evaluation, skips an evaluation that is due once a signal arrived, and ends
-with a checkpoint. New behaviour is a hook: a best-checkpoint hook, for instance, compares
-``last_metrics[task.main_metric]`` in ``after_step`` whenever ``last_eval_iteration`` equals
-``iteration``.
+with a checkpoint. New behaviour is a hook: :class:`BestCheckpointHook`, for instance,
+compares ``last_metrics[task.main_metric]`` in ``after_step`` whenever
+``last_eval_iteration`` equals ``iteration``. ``finished`` (the loop ended without an error
+or a stop signal) and ``saved_model`` (``work_dir/model`` once written) serve the
+``after_train`` hooks.
 """
 
 from __future__ import annotations

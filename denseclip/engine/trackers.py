@@ -38,6 +38,8 @@ from .hooks import HookBase
 
 __all__ = ["MLflowTracker", "TensorBoardTracker", "Tracker", "WandbTracker", "build_trackers"]
 
+PURPOSE = "the {} entry of log.backends"
+
 
 def _finite(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()
@@ -133,8 +135,8 @@ class MLflowTracker(Tracker):
 
     def __init__(self, cfg: Config, work_dir: Path) -> None:
         super().__init__(cfg, work_dir)
-        self.mlflow = require("mlflow.tracking", "log.backends: mlflow")
-        self.entities = require("mlflow.entities", "log.backends: mlflow")
+        self.mlflow = require("mlflow.tracking", PURPOSE.format("mlflow"))
+        self.entities = require("mlflow.entities", PURPOSE.format("mlflow"))
         self.uri = cfg.log.mlflow_uri or (self.work_dir / "mlruns").resolve().as_uri()
 
     def start(self, config_yaml: str) -> None:
@@ -195,7 +197,7 @@ class WandbTracker(Tracker):
 
     def __init__(self, cfg: Config, work_dir: Path) -> None:
         super().__init__(cfg, work_dir)
-        self.wandb = require("wandb", "log.backends: wandb")
+        self.wandb = require("wandb", PURPOSE.format("wandb"))
 
     def mode(self) -> str | None:
         """The mode passed to ``wandb.init`` (None: ``$WANDB_MODE`` decides)."""
@@ -241,5 +243,5 @@ def build_trackers(cfg: Config, work_dir: Path) -> list[Tracker]:
         try:
             trackers.append(TRACKERS[name](cfg, work_dir))
         except ImportError as e:
-            raise ConfigError(f"log.backends: {e}", "log.backends") from None
+            raise ConfigError(str(e), "log.backends") from None
     return trackers

@@ -8,7 +8,10 @@ a batch → forward under autocast → (non-finite check) → backward (scaled f
 repeated ``optim.accumulate`` times → optional gradient clipping → optimiser step →
 scheduler step. Checkpoints are written atomically every ``schedule.checkpoint_interval``
 iterations and at the end; ``resume`` continues from the newest one in the work dir with
-the same data stream, RNG states and optimiser state.
+the same data stream, RNG states and optimiser state. With evaluation, ``best.pth`` keeps
+the weights of the best evaluation by the task's main metric; a finished run writes
+``work_dir/model/`` (``schedule.save_model``); the records of ``metrics.jsonl`` also go to
+the trackers of ``log.backends`` (:mod:`.trackers`).
 
 The guards of :mod:`.guard` surround a run: one training per work dir (a lock), stale
 temporaries of interrupted writes removed, a graceful stop with a checkpoint on SIGTERM /
