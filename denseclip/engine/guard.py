@@ -189,11 +189,13 @@ def prune_checkpoints(work_dir: Path, keep: int) -> list[Path]:
     return doomed
 
 
-def _flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"a": {"b": 1}}`` → ``{"a.b": 1}``: a config dict (``Config.to_dict``) as its
+    dotted keys, the names overrides use (an empty section stays one value)."""
     out: dict[str, Any] = {}
     for key, value in data.items():
         if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
+            out.update(flatten(value, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -208,7 +210,7 @@ def resume_config(saved: Config, requested: Config, source: str) -> tuple[Config
     with the :data:`RESUMABLE` settings of ``requested`` that differ, plus one
     ``key old → new`` line per change. Any other difference raises :class:`ConfigError`
     listing both values."""
-    old, new = _flatten(saved.to_dict()), _flatten(requested.to_dict())
+    old, new = flatten(saved.to_dict()), flatten(requested.to_dict())
     if requested.schedule.max_epochs > 0:  # max_iters is derived from the epochs
         new["schedule.max_iters"] = old.get("schedule.max_iters")
     changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]

@@ -34,6 +34,7 @@ from torch.utils.tensorboard import SummaryWriter
 
 from ..config import Config, ConfigError
 from ..optional import require
+from .guard import flatten
 from .hooks import HookBase
 
 __all__ = ["MLflowTracker", "TensorBoardTracker", "Tracker", "WandbTracker", "build_trackers"]
@@ -44,17 +45,6 @@ PURPOSE = "the {} entry of log.backends"
 def _finite(values: dict[str, Any]) -> dict[str, float]:
     return {k: float(v) for k, v in values.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
-
-
-def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (the config's dotted keys)."""
-    out: dict[str, Any] = {}
-    for key, value in data.items():
-        if isinstance(value, dict) and value:
-            out.update(flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 class Tracker(HookBase):
