@@ -13,10 +13,10 @@ importing torch where a command does not need it.
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from .config import Config, ConfigError, available_presets, load_config
+from .optional import lazy_exports
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers and readers
     from .inference import Predictor
@@ -40,14 +40,5 @@ __all__ = ["Config", "ConfigError", "Predictor", "available_presets", "build_mod
            "__version__"]
 
 
-def __getattr__(name: str) -> Any:
-    """Load a torch-backed name of the public API on first use (:pep:`562`)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+# each name of _LAZY loads from its module on first use (PEP 562)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())

@@ -19,9 +19,11 @@ module             used for                         install
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable, Mapping
 from types import ModuleType
+from typing import Any
 
-__all__ = ["require"]
+__all__ = ["lazy_exports", "require"]
 
 EXTRAS = {"pycocotools": "coco", "onnx": "export", "matplotlib": "plot", "mlflow": "mlflow",
           "wandb": "wandb"}
@@ -37,3 +39,22 @@ def require(module: str, purpose: str) -> ModuleType:
         extra = EXTRAS.get(top)
         hint = f"pip install 'denseclip[{extra}]'" if extra else f"pip install {top}"
         raise ImportError(f"{top} is needed for {purpose}: {hint}") from e
+
+
+def lazy_exports(package: str, lazy: Mapping[str, str], namespace: dict[str, Any]
+                 ) -> tuple[Callable[[str], Any], Callable[[], list[str]]]:
+    """A package's ``__getattr__`` and ``__dir__`` (:pep:`562`) that load each name of
+    ``lazy`` (name → module, relative to ``package``) on first use and keep it in the
+    package's ``namespace``, so importing the package does not import what they need."""
+
+    def __getattr__(name: str) -> Any:  # noqa: N807 - the module-level hook's name
+        if name not in lazy:
+            raise AttributeError(f"module {package!r} has no attribute {name!r}")
+        value = getattr(importlib.import_module(lazy[name], package), name)
+        namespace[name] = value  # later look-ups skip this function
+        return value
+
+    def __dir__() -> list[str]:  # noqa: N807
+        return sorted({*namespace, *lazy})
+
+    return __getattr__, __dir__

@@ -186,8 +186,8 @@ def test_the_package_root_holds_only_foundations():
 
 
 # Modules that import by name at run time (not with an import statement), and why:
-# denseclip.optional loads optional dependencies; the packages denseclip and
-# denseclip.weights load their torch-backed names on first use (PEP 562 __getattr__); the
+# denseclip.optional loads optional dependencies, and (lazy_exports) the torch-backed names
+# of the packages denseclip and denseclip.weights on first use (PEP 562 __getattr__); the
 # command line loads a command's module only when that command runs (cli.load_run).
 DEFERRED_IMPORTERS = {"denseclip", "denseclip.weights", "denseclip.optional", "denseclip.cli"}
 

@@ -18,8 +18,9 @@ so :mod:`.hub` (no PyTorch) serves ``denseclip download`` without importing torc
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from ..optional import lazy_exports
 
 if TYPE_CHECKING:  # what the lazy names below are, for type checkers and readers
     from .atomic import TEMP_PATTERN, DiskFullError, atomic_write
@@ -66,14 +67,5 @@ __all__ = ["ENV_ALLOW_TORCHSCRIPT", "TEMP_PATTERN", "TEXT_PREFIX", "CheckpointEr
            "save_pretrained"]
 
 
-def __getattr__(name: str) -> Any:
-    """Load an exported name from its module on first use (:pep:`562`)."""
-    if name not in _LAZY:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    value = getattr(importlib.import_module(_LAZY[name], __name__), name)
-    globals()[name] = value  # later look-ups skip this function
-    return value
-
-
-def __dir__() -> list[str]:
-    return sorted({*globals(), *_LAZY})
+# each name of _LAZY loads from its module on first use (PEP 562)
+__getattr__, __dir__ = lazy_exports(__name__, _LAZY, globals())
