@@ -256,11 +256,17 @@ def _cityscapes_cases(root: Path) -> list[tuple[str, str, str]]:
 
 
 def _apply(root: Path, action: str) -> None:
+    """``rm GLOB`` (files or folders under ``root``) or ``write NAME TEXT`` (a VOC split
+    file); an empty action changes nothing."""
     if not action:
         return
-    verb, pattern = action.split(" ", 1)
+    verb, rest = action.split(" ", 1)
+    if verb == "write":
+        name, text = rest.split(" ", 1)
+        (root / "ImageSets/Segmentation" / name).write_text(text)
+        return
     assert verb == "rm"
-    for path in sorted(root.glob(pattern)):
+    for path in sorted(root.glob(rest)):
         _remove(path) if path.is_dir() else path.unlink()
 
 
@@ -316,11 +322,7 @@ def _voc_cases(root: Path) -> list[tuple[str, str, str]]:
 def test_wrong_voc_layouts_are_reported_by_path(case, voc):
     root, _ = voc
     action, split, message = _voc_cases(root)[case]
-    if action.startswith("write "):
-        name, text = action[len("write "):].split(" ", 1)
-        (root / "ImageSets/Segmentation" / name).write_text(text)
-    else:
-        _apply(root, action)
+    _apply(root, action)
     with pytest.raises(DatasetError) as info:
         VOCDataset(root, split)
     assert str(info.value) == message

@@ -17,26 +17,15 @@ from PIL import Image
 from safetensors.torch import load_file
 
 import denseclip
-from denseclip.data import make_synthetic_dataset
 from denseclip.dist import DistEnv
 from denseclip.engine import trainer
 from denseclip.inference import Predictor
 from denseclip.tasks.detection import DetectionTask
 from denseclip.tasks.segmentation import SegmentationTask
 from denseclip.weights import read_checkpoint, save_checkpoint
-from tests.engine.test_training import ENV, overrides
+from tests.engine.test_training import ENV, config
 
 MODEL_FILES = ["README.md", "classes.txt", "config.yaml", "model.safetensors"]
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=8, num_val=2,
-                                  size=(64, 80), seed=0)
-
-
-def config(root: Path, *extra: str):
-    return denseclip.load_config("tiny_denseclip_res", overrides(root, *extra))
 
 
 def val_records(work: Path) -> dict[int, float]:

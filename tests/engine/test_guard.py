@@ -17,7 +17,6 @@ import torch
 
 import denseclip
 from denseclip.config import ConfigError
-from denseclip.data import make_synthetic_dataset
 from denseclip.dist import DistEnv
 from denseclip.engine import trainer
 from denseclip.engine.guard import (
@@ -29,12 +28,6 @@ from denseclip.engine.guard import (
 )
 from denseclip.weights import read_checkpoint
 from tests.engine.test_training import ENV, cli, overrides, wait_for_iteration
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=8, num_val=2,
-                                  size=(64, 80), seed=0)
 
 
 def config(root: Path, *extra: str):

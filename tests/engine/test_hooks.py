@@ -11,23 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-import denseclip
-from denseclip.data import make_synthetic_dataset
 from denseclip.dist import DistEnv
 from denseclip.engine import trainer
 from denseclip.engine.guard import TrainingStopped, lock_work_dir
 from denseclip.engine.hooks import HookBase
-from tests.engine.test_training import model_state, overrides
-
-
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory) -> Path:
-    return make_synthetic_dataset(tmp_path_factory.mktemp("synth"), num_train=8, num_val=2,
-                                  size=(64, 80), seed=0)
-
-
-def config(root: Path, *extra: str):
-    return denseclip.load_config("tiny_denseclip_res", overrides(root, *extra))
+from tests.engine.test_training import config, model_state
 
 
 def records(work: Path) -> list[tuple[str, int]]:

@@ -35,6 +35,11 @@ def data_root(tmp_path_factory) -> Path:
                                   size=(64, 80), seed=0)
 
 
+def config(root: Path, *extra: str):
+    """``tiny_denseclip_res`` on the data at ``root``, with :func:`overrides`."""
+    return denseclip.load_config("tiny_denseclip_res", overrides(root, *extra))
+
+
 def overrides(root: Path, *extra: str) -> list[str]:
     return [f"data.root={root}", f"model.classes={root}/classes.txt", "data.batch_size=2",
             "data.num_workers=0", "schedule.log_interval=1", "evaluation.mode=whole", *extra]
