@@ -133,6 +133,10 @@ def _check_ids(data: dict[str, Any], path: Path) -> None:
     outside the file, so giving each annotation its own id loses nothing."""
     for key, what in (("images", "image"), ("categories", "category")):
         ids = [e.get("id") for e in data[key] if isinstance(e, dict)]
+        bad = next((i for i, v in enumerate(ids) if not isinstance(v, (int, str))), None)
+        if bad is not None:
+            raise DatasetError(f"{path}: {what} #{bad} has id {ids[bad]!r}; ids must be "
+                               f"integers")
         repeated = _repeated(ids)
         if repeated:
             raise DatasetError(f"{path}: {what} ids must be unique; repeated: "

@@ -44,6 +44,7 @@ from ..tasks import build_model, get_task
 from ..utils import unwrap_model
 from ..weights.checkpoint import (
     TEXT_PREFIX,
+    CheckpointError,
     load_checkpoint,
     load_checkpoint_object,
     load_text_weights,
@@ -155,6 +156,10 @@ def iterations_per_epoch(dataset_size: int, cfg: Config, world_size: int,
     return max(1, math.ceil(samples / (batch * max(1, cfg.optim.accumulate))))
 
 
+# what a checkpoint needs to be resumed from (besides the weights)
+RESUME_STATE = ("iteration", "optimizer", "scheduler", "scaler", "rng")
+
+
 class Trainer:
     """One training run: the model, optimiser, schedule, grad scaler, data stream and task,
     the step counter ``iteration``, and the hooks of :mod:`.hooks` around each step.
@@ -208,6 +213,13 @@ class Trainer:
         if start is None:
             return None, {}
         state = read_checkpoint(start)
+        missing = [k for k in RESUME_STATE if k not in state] if isinstance(state, dict) \
+            else list(RESUME_STATE)
+        if missing:
+            raise CheckpointError(
+                f"{start} is not a checkpoint of denseclip train (no {', '.join(missing)}), "
+                f"so training cannot resume from it; move it out of {self.work_dir}, or start "
+                f"a new run from its weights with --load-from {start}")
         stored = state.get("provenance")  # older checkpoints: unknown
         self.init_loaded = dict(stored["loaded"]) if isinstance(stored, dict) else None
         if "config" in state:

@@ -268,6 +268,16 @@ def test_repeated_image_or_category_ids_are_refused(coco_root, coco_json):
         dataset(coco_root)
 
 
+def test_an_image_id_that_is_no_number_is_named(coco_root, coco_json):
+    path = coco_root / "annotations" / "instances_train.json"
+    images = [dict(im) for im in coco_json["images"]]
+    images[1]["id"] = [20]  # a list: pycocotools would fail deep inside with a TypeError
+    rewrite(coco_root, {**coco_json, "images": images})
+    with pytest.raises(DatasetError, match=rf"{path}: image #1 has id \[20\]; ids must be "
+                                           r"integers$"):
+        dataset(coco_root)
+
+
 def test_repeated_and_missing_annotation_ids_are_renumbered_with_a_warning(coco_root,
                                                                            coco_json):
     ann(coco_json, 105)["id"] = 102  # image 40's second object takes image 20's first id

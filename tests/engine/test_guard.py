@@ -26,7 +26,7 @@ from denseclip.engine.guard import (
     remove_stale_temporaries,
     resume_config,
 )
-from denseclip.weights import read_checkpoint
+from denseclip.weights import CheckpointError, read_checkpoint, save_checkpoint
 from tests.engine.test_training import ENV, cli, overrides, wait_for_iteration
 
 
@@ -209,3 +209,14 @@ def test_full_disk_while_checkpointing_says_so_and_keeps_the_previous_one(tmp_pa
     after = read_checkpoint(work / "iter_2.pth")
     assert all(torch.equal(after["model"][k], v) for k, v in before["model"].items())
     assert json.loads((work / "metrics.jsonl").read_text().splitlines()[-1])["iter"] == 4
+
+
+def test_resuming_from_a_file_that_is_not_a_training_checkpoint_says_so(tmp_path, data_root):
+    work = tmp_path / "w"
+    work.mkdir()
+    cfg = config(data_root)
+    save_checkpoint(work / "iter_3.pth", denseclip.build_model(cfg))  # weights only
+    with pytest.raises(CheckpointError, match=r"iter_3.pth is not a checkpoint of denseclip "
+                                              r"train \(no iteration, optimizer, scheduler, "
+                                              r"scaler, rng\).*--load-from"):
+        trainer.train(cfg, work, resume=True, env=DistEnv(), progress=False)
