@@ -65,3 +65,11 @@ def resize_grid(pos: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
 def unwrap_model(model: nn.Module) -> nn.Module:
     """The model inside a ``DistributedDataParallel`` (or similar ``.module``) wrapper."""
     return model.module if isinstance(getattr(model, "module", None), nn.Module) else model
+
+
+def model_device(model: object) -> torch.device:
+    """Where ``model``'s first parameter lives: the CPU for a model without any, or for a
+    plain callable."""
+    parameters = getattr(model, "parameters", None)
+    first = next(iter(parameters()), None) if callable(parameters) else None
+    return torch.device("cpu") if first is None else first.device

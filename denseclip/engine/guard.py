@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import socket
 import sys
@@ -21,13 +20,13 @@ from typing import Any
 from ..config import Config, ConfigError, config_from_dict
 from ..dist import DistEnv, all_reduce_max, broadcast_object
 from ..weights.atomic import TEMP_PATTERN
+from ..weights.resolver import CHECKPOINT_NAME, training_checkpoints
 
 try:
     import fcntl
 except ImportError:  # not POSIX: no lock
     fcntl = None  # type: ignore[assignment]
 
-CKPT_PATTERN = re.compile(r"^iter_(\d+)\.pth$")
 KEPT_NAMES = ("latest.pth", "best.pth")  # never pruned
 LOCK_NAME = ".lock"
 # SIGUSR1: what cluster schedulers (Slurm --signal, ...) send ahead of a preemption.
@@ -170,7 +169,7 @@ def remove_stale_temporaries(work_dir: Path) -> list[Path]:
     removed = []
     for path in work_dir.iterdir():
         m = TEMP_PATTERN.match(path.name)
-        if m and (CKPT_PATTERN.match(m["name"]) or m["name"] in KEPT_NAMES) and path.is_file():
+        if m and (CHECKPOINT_NAME.match(m["name"]) or m["name"] in KEPT_NAMES) and path.is_file():
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -181,9 +180,7 @@ def prune_checkpoints(work_dir: Path, keep: int) -> list[Path]:
     none); ``latest.pth``/``best.pth`` are never touched. Returns the deleted files."""
     if keep <= 0:
         return []
-    found = sorted((int(m[1]), p) for p in work_dir.glob("iter_*.pth")
-                   if (m := CKPT_PATTERN.match(p.name)))
-    doomed = [p for _, p in found[:-keep]]
+    doomed = training_checkpoints(work_dir)[:-keep]
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed

@@ -32,7 +32,7 @@ import torch
 from ..config import CLIP_MEAN, CLIP_STD, Config, ConfigError
 from ..data.image_ops import imrescale
 from ..data.transforms import Normalize255, to_chw_tensor
-from ..utils import resize
+from ..utils import model_device, resize
 
 Model = Callable[[torch.Tensor], torch.Tensor]
 Size = Sequence[int]
@@ -188,15 +188,6 @@ def aug_views(image: np.ndarray, test_scale: Size, ratios: Sequence[float],
         yield to_chw_tensor(normalize.normalize(imrescale(image, bounds)))
 
 
-def _model_device(model: Model) -> torch.device:
-    parameters = getattr(model, "parameters", None)
-    if callable(parameters):
-        first = next(iter(parameters()), None)
-        if first is not None:
-            return first.device
-    return torch.device("cpu")
-
-
 @torch.no_grad()
 def aug_inference(
     model: Model,
@@ -236,7 +227,7 @@ def aug_inference(
     ratios = list(eval_cfg.aug_ratios)
     if not ratios:
         raise ValueError("eval_cfg.aug_ratios is empty")
-    device = _model_device(model) if device is None else torch.device(device)
+    device = model_device(model) if device is None else torch.device(device)
     total: torch.Tensor | None = None
     views = 0
     for view in aug_views(image, test_scale, ratios, mean, std):

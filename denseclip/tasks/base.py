@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -128,10 +129,15 @@ class Task:
         predictor does for a model it is handed); returns ``model``."""
         return model
 
+    @cached_property
+    def class_names(self) -> list[str]:
+        """The names of ``cfg.model.classes`` (read once per task)."""
+        return load_class_names(self.cfg.model.classes)
+
     def model_class_names(self, model: nn.Module) -> list[str]:
         """The names of ``model``'s classes: its own list, else ``cfg.model.classes``."""
         names = getattr(model, "class_names", None)
-        return list(names) if names else load_class_names(self.cfg.model.classes)
+        return list(names) if names else list(self.class_names)
 
     def open_vocabulary(self, model: nn.Module, classes: Any) -> OpenVocabulary:
         """``classes`` (a comma-separated string, a list of names or a mapping ``{name: text
@@ -178,9 +184,3 @@ def check_test_size(H: int, W: int, scale: Sequence[int]) -> None:
             f"{list(scale)} it becomes {h}x{w}, smaller than the network stride "
             f"{MIN_INPUT_SIZE} on one side: the image is too elongated for this model"
         )
-
-
-def model_device(model: nn.Module) -> torch.device:
-    """Where ``model``'s first parameter lives (the CPU for a model without any)."""
-    first = next(iter(model.parameters()), None)
-    return torch.device("cpu") if first is None else first.device

@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..classes import load_class_names
 from ..config import Config, ConfigError
 from ..data.coco import (
     CocoDetection,
@@ -25,8 +24,8 @@ from ..dist import DistEnv
 from ..evaluation.coco import METRIC_NAMES, evaluate_detection, format_per_category_table
 from ..models.build import build_detector
 from ..models.detection import DETECTORS
-from ..utils import resize
-from .base import OpenVocabulary, Task, check_test_size, model_device
+from ..utils import model_device, resize
+from .base import OpenVocabulary, Task, check_test_size
 from .results import DetectionPrediction, Prepared
 from .writers import write_detection
 
@@ -55,7 +54,6 @@ class DetectionTask(Task):
         self.with_masks = DETECTORS[cfg.model.task].WITH_MASKS
         if self.with_masks:
             self.summary_keys = (*self.summary_keys, *(f"segm_{k}" for k in METRIC_NAMES))
-        self.class_names = load_class_names(cfg.model.classes)
 
     def build_model(self) -> nn.Module:
         if self.cfg.model.zeroshot:

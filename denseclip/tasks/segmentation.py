@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..classes import ClassListError, as_class_dict, load_class_names
+from ..classes import ClassListError, as_class_dict
 from ..config import Config, ConfigError
 from ..data.generated import write_ade20k_set
 from ..data.samplers import collate_segmentation
@@ -25,8 +25,8 @@ from ..evaluation.segmentation import evaluate
 from ..models.build import build_segmentor
 from ..models.seg_inference import InferenceSettings
 from ..models.zeroshot import build_zeroshot_segmentor
-from ..utils import resize
-from .base import OpenVocabulary, Task, check_test_size, model_device
+from ..utils import model_device, resize
+from .base import OpenVocabulary, Task, check_test_size
 from .results import PredictionError, Prepared, SegmentationPrediction
 from .writers import write_segmentation
 
@@ -51,7 +51,7 @@ class SegmentationTask(Task):
 
     def __init__(self, cfg: Config) -> None:
         super().__init__(cfg)
-        self.num_classes = len(load_class_names(cfg.model.classes))
+        self.num_classes = len(self.class_names)
 
     def build_model(self) -> nn.Module:
         if self.cfg.model.zeroshot:

@@ -136,11 +136,17 @@ class Described:
     kind: str  # "work dir", "checkpoint" or "saved model"
 
 
-def newest_checkpoint(work_dir: str | os.PathLike[str]) -> Path | None:
-    """The ``iter_N.pth`` in ``work_dir`` with the largest N, if any."""
+def training_checkpoints(work_dir: str | os.PathLike[str]) -> list[Path]:
+    """The ``iter_N.pth`` files of ``work_dir``, oldest (smallest N) first."""
     found = [(int(m[1]), p) for p in Path(work_dir).glob("iter_*.pth")
              if (m := CHECKPOINT_NAME.match(p.name)) and p.is_file()]
-    return max(found)[1] if found else None
+    return [p for _, p in sorted(found)]
+
+
+def newest_checkpoint(work_dir: str | os.PathLike[str]) -> Path | None:
+    """The ``iter_N.pth`` in ``work_dir`` with the largest N, if any."""
+    found = training_checkpoints(work_dir)
+    return found[-1] if found else None
 
 
 def describe(spec: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Described | None:
