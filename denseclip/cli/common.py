@@ -33,7 +33,7 @@ def model_config(args: argparse.Namespace, items: Sequence[str], command: str,
     A ``MODEL`` that describes itself (:func:`~denseclip.weights.resolver.describe`: a
     work dir, one of our checkpoints, a saved model directory) brings its weights, config
     and trained classes; a preset name or YAML file takes the first non-override item as
-    its checkpoint (``predict PRESET CKPT photo.jpg``, as before). The overrides in
+    its checkpoint (``predict PRESET CKPT photo.jpg``). The overrides in
     ``items`` and ``extra_overrides`` apply to the config either way."""
     overrides = [i for i in items if is_override(i)] + list(extra_overrides)
     rest = [i for i in items if not is_override(i)]

@@ -346,9 +346,7 @@ class ADE20KDataset(SegmentationDataset):
         test_mode: bool = False,
         max_image_pixels: int | None = None,
     ):
-        root = Path(root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"dataset root {root} does not exist")
+        root = _existing_root(root)
         if class_names is None:
             class_names = load_class_names("ade20k")
         self.root = root
@@ -380,6 +378,7 @@ class FolderDataset(SegmentationDataset):
 
 
 def _existing_root(root: str | Path) -> Path:
+    """``root`` as a path, refused unless it is a folder."""
     root = Path(root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} does not exist")

@@ -137,7 +137,8 @@ def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | No
                           output_names=outputs, dynamic_axes=axes, opset_version=opset,
                           dynamo=False)
     proto = onnx.load(str(path))
-    _set_class_dims(proto, wrapper, example)
+    _set_class_dims(proto, [model.num_classes] + ([] if open_text is None
+                                                  else [open_text.shape[1]]))
     for key, value in {**(metadata or {}), "precision": stored}.items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, json.dumps(value)
@@ -146,18 +147,15 @@ def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | No
     return path
 
 
-def _set_class_dims(proto, wrapper: nn.Module, example: torch.Tensor) -> None:
-    """Give each output's class axis its fixed size (K for ``logits``, K' for
+def _set_class_dims(proto, sizes: list[int]) -> None:
+    """Give each output's class axis its fixed size (``sizes``: K for ``logits``, K' for
     ``open_scores``). The tracer names it after the resize that made it, the same name for
     both outputs, which claims ``open_scores`` has as many channels as ``logits``. The
     batch, height and width keep the input's names: they are the input's."""
-    with torch.no_grad(), reference_kernels():
-        results = wrapper(example)
-    results = results if isinstance(results, tuple) else (results,)
-    for value, result in zip(proto.graph.output, results, strict=True):
+    for value, size in zip(proto.graph.output, sizes, strict=True):
         dim = value.type.tensor_type.shape.dim[1]
         dim.ClearField("dim_param")
-        dim.dim_value = int(result.shape[1])
+        dim.dim_value = int(size)
 
 
 def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17,

@@ -23,6 +23,7 @@ import torch
 from ..classes import load_class_names
 from ..config import PRESET_TABLE, Config, available_presets, load_config
 from ..tasks import build_model
+from .flops import count_parameters
 
 # CLIP ResNets by blocks per stage (at base width 64)
 _CLIP_RESNETS = {(3, 4, 6, 3): "RN50", (3, 4, 23, 3): "RN101"}
@@ -44,11 +45,11 @@ def backbone_label(cfg: Config) -> str:
     return f"{b.type} {b.name}".strip()
 
 
-def count_parameters(cfg: Config) -> int:
+def preset_parameters(cfg: Config) -> int:
     """Parameters of ``cfg``'s model, built on the meta device (no weights loaded)."""
     with torch.device("meta"):
         model = build_model(cfg)
-    return sum(p.numel() for p in model.parameters())
+    return count_parameters(model)["total"]
 
 
 def measure_preset(name: str) -> dict[str, Any]:
@@ -57,7 +58,7 @@ def measure_preset(name: str) -> dict[str, Any]:
     cfg = load_config(name, ["model.pretrained=null"])
     return {"task": cfg.model.task, "backbone": backbone_label(cfg),
             "dataset": cfg.data.dataset, "classes": len(load_class_names(cfg.model.classes)),
-            "parameters": count_parameters(cfg)}
+            "parameters": preset_parameters(cfg)}
 
 
 def read_table(path: Path = PRESET_TABLE) -> dict[str, dict[str, Any]]:
