@@ -220,6 +220,10 @@ class DataConfig:
     # Images and label maps whose header declares more pixels (width x height) are refused
     # before decoding; None: $DENSECLIP_MAX_IMAGE_PIXELS, else 89_478_485 (Pillow's limit).
     max_image_pixels: int | None = bounded(None, ge=1)
+    # > 0: hold this fraction of data.train_split out of training (round(fraction x N),
+    # at least 1, drawn with the run's seed: the same images every run); a data.val_split
+    # equal to data.train_split then validates on exactly those (denseclip.data.holdout).
+    holdout_fraction: float = bounded(0.0, ge=0, lt=1)
 
 
 @dataclass

@@ -77,6 +77,7 @@ from torchvision.transforms import v2
 
 from ..config import DataConfig
 from ..optional import require
+from .holdout import split_holdout
 from .image_ops import imresize
 from .io import DatasetError, open_image
 from .transforms import KeepRatioResize, apply_seeded
@@ -230,13 +231,18 @@ class CocoDetection(Dataset):
         keep_ground_truth: keep the raw JSON for :attr:`coco` (default: not ``train``).
         max_image_pixels: images with more pixels are refused undecoded; None: the default
             limit (:func:`~denseclip.data.io.max_image_pixels`).
+        holdout: ``(fraction, seed)``: keep only one part of the images (and their
+            annotations, also in :attr:`coco`) cut by
+            :func:`~denseclip.data.holdout.split_holdout` on the image ids: the training
+            part when ``train``, else the held-out part.
     """
 
     def __init__(self, img_dir: str | Path, ann_file: str | Path, *, train: bool = False,
                  with_masks: bool = False,
                  transforms: Callable[[dict[str, Any]], dict[str, Any]] | None = None,
                  filter_empty: bool | None = None, keep_ground_truth: bool | None = None,
-                 max_image_pixels: int | None = None):
+                 max_image_pixels: int | None = None,
+                 holdout: tuple[float, int] | None = None):
         self.img_dir = Path(img_dir)
         self.max_image_pixels = max_image_pixels
         self.ann_file = Path(ann_file)
@@ -246,6 +252,8 @@ class CocoDetection(Dataset):
         if not self.img_dir.is_dir():
             raise FileNotFoundError(f"image directory {self.img_dir} does not exist")
         data = read_coco_json(self.ann_file)
+        if holdout is not None:
+            data = _holdout_part(data, *holdout, train)
         self._parse(data)
         filter_empty = train if filter_empty is None else filter_empty
         if filter_empty:
@@ -468,18 +476,34 @@ class CocoDetection(Dataset):
                 f"with_masks={self.with_masks})")
 
 
+def _holdout_part(data: dict[str, Any], fraction: float, seed: int,
+                  train: bool) -> dict[str, Any]:
+    """``data`` with only the kept (``train``) or held-out images of
+    :func:`~denseclip.data.holdout.split_holdout` and their annotations."""
+    ids = [img.get("id") for img in data["images"] if isinstance(img, dict)]
+    kept, held = split_holdout(ids, fraction, seed)
+    chosen = set(kept if train else held)
+    return {**data,
+            "images": [i for i in data["images"] if isinstance(i, dict) and i.get("id") in chosen],
+            "annotations": [a for a in data["annotations"]
+                            if not isinstance(a, dict) or a.get("image_id") in chosen]}
+
+
 def _same_names(a: Sequence[str], b: Sequence[str]) -> bool:
     return [s.strip().lower() for s in a] == [s.strip().lower() for s in b]
 
 
 def build_coco_dataset(cfg: DataConfig, split: str, train: bool, *, with_masks: bool = False,
                        class_names: Sequence[str] | None = None,
-                       test_scale: Sequence[int] | None = None) -> CocoDetection:
+                       test_scale: Sequence[int] | None = None,
+                       seed: int = 0) -> CocoDetection:
     """``cfg.root/<split>`` with ``cfg.root/annotations/instances_<split>.json``; the
     training pipeline (resize to ``cfg.scale``, flip) when ``train``, else the test
     pipeline (resize to ``test_scale``, default ``cfg.test_scale``; the detection task
     passes the model's (max_size, min_size)). With ``class_names`` (the model's classes),
-    the JSON's categories (sorted by id) must carry the same names in the same order."""
+    the JSON's categories (sorted by id) must carry the same names in the same order. With
+    ``cfg.holdout_fraction`` > 0, ``cfg.train_split`` is cut with ``seed`` (see
+    :class:`CocoDetection`'s ``holdout``)."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} (data.root) does not exist")
@@ -490,7 +514,9 @@ def build_coco_dataset(cfg: DataConfig, split: str, train: bool, *, with_masks: 
                                                 else test_scale)
     dataset = CocoDetection(root / split, root / "annotations" / f"instances_{split}.json",
                             train=train, with_masks=with_masks, transforms=transforms,
-                            max_image_pixels=cfg.max_image_pixels)
+                            max_image_pixels=cfg.max_image_pixels,
+                            holdout=((cfg.holdout_fraction, seed) if cfg.holdout_fraction > 0
+                                     and split == cfg.train_split else None))
     if class_names is not None and not _same_names(dataset.class_names, class_names):
         raise DatasetError(
             f"{dataset.ann_file}: its {dataset.num_classes} categories "

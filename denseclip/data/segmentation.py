@@ -63,6 +63,7 @@ from torch.utils.data import Dataset
 
 from ..classes import BUNDLED, load_class_names
 from ..config import DataConfig
+from .holdout import split_holdout
 from .io import DatasetError, load_image, load_label_map
 from .layouts import (
     CITYSCAPES_IMG_SUFFIX,
@@ -203,6 +204,14 @@ class SegmentationDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self._names)
+
+    def keep_only(self, names: Sequence[str]) -> None:
+        """Keep only the items named in ``names`` (in item order), e.g. one part of a
+        :func:`~denseclip.data.holdout.split_holdout`."""
+        wanted = set(names)
+        pairs = [(n, p) for n, p in zip(self._names, self._img_paths, strict=True)
+                 if n in wanted]
+        self._names, self._img_paths = [n for n, _ in pairs], [p for _, p in pairs]
 
     def image_path(self, index: int) -> Path:
         return self._img_paths[index]
@@ -432,7 +441,7 @@ _RELEASES = {"cityscapes": ("Cityscapes", CityscapesDataset),
 
 
 def build_segmentation_dataset(
-    cfg: DataConfig, split: str, num_classes: int, train: bool
+    cfg: DataConfig, split: str, num_classes: int, train: bool, *, seed: int = 0
 ) -> SegmentationDataset:
     """The dataset for ``split`` (e.g. ``cfg.train_split``) with the training (``train=True``)
     or test pipeline.
@@ -450,8 +459,21 @@ def build_segmentation_dataset(
       suffixes do not apply to them. Splits are folder or split-file names (``train``,
       ``val``); a wrong layout is a :class:`DatasetError` naming the path.
 
-    ``num_classes`` (the model's K) must equal the number of class names.
+    ``num_classes`` (the model's K) must equal the number of class names. With
+    ``cfg.holdout_fraction`` > 0, ``cfg.train_split`` is cut by
+    :func:`~denseclip.data.holdout.split_holdout` with ``seed``: its training set
+    (``train``) is the kept part, its test set the held-out part.
     """
+    dataset = _segmentation_split(cfg, split, num_classes, train)
+    if cfg.holdout_fraction > 0 and split == cfg.train_split:
+        kept, held = split_holdout(dataset.names, cfg.holdout_fraction, seed)
+        dataset.keep_only(kept if train else held)
+    return dataset
+
+
+def _segmentation_split(cfg: DataConfig, split: str, num_classes: int,
+                        train: bool) -> SegmentationDataset:
+    """:func:`build_segmentation_dataset` before any holdout: the whole ``split``."""
     root = Path(cfg.root)
     if not root.is_dir():
         raise FileNotFoundError(f"dataset root {root} (data.root) does not exist")

@@ -70,7 +70,8 @@ class DetectionTask(Task):
         return build_coco_dataset(self.cfg.data, split, train,
                                   with_masks=self.with_masks and train,
                                   class_names=self.class_names,
-                                  test_scale=(det.max_size, det.min_size))
+                                  test_scale=(det.max_size, det.min_size),
+                                  seed=self.cfg.seed)
 
     def group_flags(self, dataset) -> list[int] | None:
         """Aspect-ratio flags for the training loader's group sampler (mmdet's

@@ -59,7 +59,8 @@ class SegmentationTask(Task):
         return self.configure_model(build_segmentor(self.cfg.model))
 
     def dataset(self, split: str, train: bool):
-        return build_segmentation_dataset(self.cfg.data, split, self.num_classes, train)
+        return build_segmentation_dataset(self.cfg.data, split, self.num_classes, train,
+                                          seed=self.cfg.seed)
 
     def group_flags(self, dataset) -> list[int] | None:
         return None  # mmseg samples without grouping
