@@ -3,6 +3,7 @@
 :data:`COMMANDS` is the table of commands. Each names its help and the function that fills
 its subparser, both in :mod:`.arguments` (which imports no PyTorch), and its ``run`` function
 as ``"module:function"`` below this package (:mod:`.train` for train/test/quickstart,
+:mod:`.finetune`,
 :mod:`.predict`, :mod:`.export`, :mod:`.demo`, :mod:`.flops` for flops/presets, :mod:`.bench`,
 :mod:`.plot`, :mod:`.download`). :func:`load_run` is the one place that imports a command's
 module, and only for the command that runs: ``denseclip --help``, ``denseclip CMD --help``,
@@ -37,6 +38,7 @@ class Command:
 
 COMMANDS: list[Command] = [
     Command("train", a.TRAIN_HELP, a.add_train_arguments, "train:run_train"),
+    Command("finetune", a.FINETUNE_HELP, a.add_finetune_arguments, "finetune:run"),
     Command("test", a.TEST_HELP, a.add_test_arguments, "train:run_test"),
     Command("quickstart", a.QUICKSTART_HELP, a.add_quickstart_arguments, "train:run_quickstart"),
     Command("predict", a.PREDICT_HELP, a.add_predict_arguments, "predict:run"),

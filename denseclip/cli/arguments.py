@@ -26,6 +26,8 @@ TRAIN_EPILOG = ("SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 stop training after the cur
                 "with a checkpoint; the exit status is then 128 + the signal's number (143, "
                 "130, 138) and --resume continues exactly where it stopped. A work dir takes "
                 "one training at a time.")
+FINETUNE_HELP = ("train on your own data folder with the official recipe fitted to it "
+                 "(layout, task, classes and splits read from the folder)")
 TEST_HELP = "evaluate a checkpoint on the validation split"
 QUICKSTART_HELP = "generate synthetic data, train a tiny DenseCLIP on CPU, evaluate"
 PREDICT_HELP = "segment or detect images: overlays, label maps, heatmaps, JSON"
@@ -135,6 +137,37 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--text-weights", metavar="CKPT",
                         help="load only CLIP's text tower from this OpenAI CLIP file (for "
                              "ImageNet backbones; its image tower is ignored)")
+    parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def add_finetune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``denseclip finetune``."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.epilog = "\n".join([
+        "DATA layouts (each with classes.txt: one 'name' or 'name: description' per line):",
+        "  folder  images/{training,validation}/*.jpg|png, annotations/{...}/*.png",
+        "  COCO    train/, val/, annotations/instances_{train,val}.json (or train2017...)",
+        "  also the Cityscapes and Pascal VOC release layouts (bundled classes)",
+        "without a validation split, a seeded 10 % of the training images is held out",
+        "", TRAIN_EPILOG])
+    parser.add_argument("data", metavar="DATA", help="the data folder")
+    parser.add_argument("overrides", nargs="*", metavar="[PRESET] key=value",
+                        help="PRESET: a preset name or YAML file of the data's task "
+                             "(default: denseclip_fpn_res50_512x512_80k for label maps, "
+                             "retinanet_denseclip_r50_fpn_1x_coco for COCO boxes, "
+                             "mask_rcnn_denseclip_r50_fpn_1x_coco for COCO masks); then "
+                             "config overrides, applied last")
+    parser.set_defaults(_positionals_anywhere=True)
+    parser.add_argument("--work-dir", required=True,
+                        help="checkpoints, logs, best.pth and the trained model/")
+    parser.add_argument("--load-from", metavar="W", default="pretrained",
+                        help="initial weights: 'pretrained' (default: the CLIP release of "
+                             "the preset's backbone, e.g. RN50), 'none' (random), or any "
+                             "file or name `denseclip train --load-from` takes")
+    parser.add_argument("--epochs", type=_positive_int, metavar="N",
+                        help="train N passes over the training images: ceil(N x images / "
+                             "effective batch) iterations (default: the preset's schedule)")
     parser.add_argument("--device", help="cpu or cuda (default: cuda when available)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
