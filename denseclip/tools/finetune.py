@@ -302,14 +302,15 @@ class Recipe:
         else:
             batch_note = (f"not the official {self.official}: {self.official} is not a "
                           f"multiple of {b} × {w}; the learning rate stays the official one")
-        epoch = max(1, math.ceil(self.train_images / self.effective))
+        passes = self.iterations * self.effective / max(1, self.train_images)
         length = (f"{s.max_epochs} epochs ≈ {self.iterations} iterations"
                   if s.max_epochs > 0 else
-                  f"{self.iterations} iterations ≈ {self.iterations / epoch:.1f} epochs")
+                  f"{self.iterations} iterations ≈ {passes:.1f} epochs")
         length += (f" (--epochs {self.epochs}: ceil({self.epochs} × {self.train_images} / "
                    f"{self.effective}))" if self.epochs and s.max_epochs == 0 else "")
         size = (f"crop {cfg.data.crop_size[0]}×{cfg.data.crop_size[1]} (H×W)"
-                if issubclass(TASKS[cfg.model.task], SegmentationTask) else f"images resized to fit {cfg.data.scale[0]}×{cfg.data.scale[1]}")
+                if issubclass(TASKS[cfg.model.task], SegmentationTask)
+                else f"images resized to fit {cfg.data.scale[0]}×{cfg.data.scale[1]}")
         evaluation = (f"every {s.eval_interval} iterations and at the end; best.pth keeps "
                       f"the best {TASKS[cfg.model.task].main_metric}"
                       if s.eval_interval else "off (schedule.eval_interval=0)")
