@@ -15,6 +15,7 @@ tiny.yaml): data.batch_size=0: must be >= 1``.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import types
@@ -51,6 +52,29 @@ DropPathMode = Literal["token", "sample"]
 Activation = Literal["quick_gelu", "gelu"]
 Tracker = Literal["tensorboard", "mlflow", "wandb"]
 WandbMode = Literal["auto", "online", "offline"]
+
+
+def _template_problem(templates: list[str]) -> str | None:
+    """Why a ``model.text.templates`` list is unusable: each needs exactly one ``{}``."""
+    for i, template in enumerate(templates):
+        try:
+            template.format("")
+            ok = template.count("{}") == 1
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            return (f"template [{i}] {template!r} must hold exactly one {{}} (where the class "
+                    f"text goes) and no other braces")
+    return None
+
+
+# Keys renamed since: old dotted key → (new dotted key, old value → new value). Configs,
+# checkpoints and saved models that use the old key still load; a mapping that gives both
+# with contradicting values is an error.
+RENAMED_KEYS: dict[str, tuple[str, Any]] = {
+    "model.backbone.class_embedding_quirk": ("model.backbone.cls_embed_once",
+                                             lambda quirk: not quirk),
+}
 
 
 class ConfigError(ValueError):
@@ -102,8 +126,9 @@ class BackboneConfig:
     # ("token", official); "sample" drops it per image (the usual stochastic depth).
     drop_path_mode: DropPathMode = "token"
     # ViT only: the official code adds the class embedding a second time to the class
-    # position (DESIGN §9). Official ViT checkpoints need it; set False for the fix.
-    class_embedding_quirk: bool = True
+    # position (DESIGN §9); official ViT checkpoints need that (False, official). True adds
+    # it once (the fix). Older configs' ``class_embedding_quirk`` (the inverse) still reads.
+    cls_embed_once: bool = False
     # ViT only: the blocks' MLP activation, as the weights were trained: "quick_gelu"
     # (OpenAI's CLIP) or "gelu" (most OpenCLIP releases, e.g. the LAION-2B ViTs).
     act: Activation = "quick_gelu"
@@ -121,6 +146,11 @@ class TextConfig:
     heads: int = bounded(8, ge=1)
     vocab_size: int = bounded(49408, ge=1)
     act: Activation = "quick_gelu"  # as model.backbone.act, for the text tower
+    # Prompt templates, e.g. ["a photo of a {}.", "a sketch of a {}."]: each class text is
+    # put into each (one ``{}`` apiece), embedded behind the learned contexts, and the class
+    # embedding is their ensemble. Empty (official): the class text alone.
+    templates: list[str] = field(default_factory=list,
+                                 metadata={"check": lambda v: _template_problem(v)})
 
 
 @dataclass
@@ -365,7 +395,10 @@ def _merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
 def _load_raw(path: Path, seen: tuple[Path, ...] = ()) -> dict[str, Any]:
     if path in seen:
         raise ConfigError(f"{path}: circular _base_ chain {[str(p) for p in seen]}")
-    data = _read_yaml(path)
+    try:
+        data = _upgrade_keys(_read_yaml(path))
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}", e.key) from None
     base = data.pop("_base_", None)
     if base is None:
         return data
@@ -468,6 +501,8 @@ def _build(cls: type, data: dict[str, Any], where: str) -> Any:
         bounds = f.metadata.get("bounds")
         value = getattr(obj, f.name)
         problem = bounds.problem(value) if bounds is not None else None
+        check = f.metadata.get("check")
+        problem = problem or (check(value) if check is not None else None)
         if problem:
             key = f"{where}.{f.name}" if where else f.name
             raise ConfigError(f"{key}={_show(value)}: {problem}", key)
@@ -479,6 +514,29 @@ def _show(value: Any) -> str:
     return yaml.safe_dump(value, default_flow_style=True).strip().removesuffix("...").strip()
 
 
+def _upgrade_keys(data: dict[str, Any]) -> dict[str, Any]:
+    """``data`` (one file's or one saved config's mapping) with the old keys of
+    :data:`RENAMED_KEYS` replaced by the new ones, in place; both given with contradicting
+    values, or an old value of the wrong type, raise :class:`ConfigError`."""
+    for old, (new, convert) in RENAMED_KEYS.items():
+        *parents, old_name = old.split(".")
+        node: Any = data
+        for part in parents:
+            node = node.get(part) if isinstance(node, dict) else None
+        if not isinstance(node, dict) or old_name not in node:
+            continue
+        value = _coerce(node.pop(old_name), bool, old)
+        new_name = new.rsplit(".", 1)[1]
+        mapped = convert(value)
+        if new_name in node and node[new_name] != mapped:
+            raise ConfigError(
+                f"{old}={_show(value)} contradicts {new}={_show(node[new_name])} "
+                f"({old_name} is the old name of {new_name}, inverted); give only "
+                f"{new}", new)
+        node[new_name] = mapped
+    return data
+
+
 def _apply_override(data: dict[str, Any], override: str) -> None:
     if "=" not in override:
         raise ConfigError(f"override {override!r} must look like section.key=value")
@@ -487,6 +545,13 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"override {override!r}: value is not valid YAML: {e}") from None
+    _upgrade_keys(data)  # an old key already there must not contradict the override
+    if key.strip() in RENAMED_KEYS:  # an old key: set the new one (the override wins)
+        new, convert = RENAMED_KEYS[key.strip()]
+        if not isinstance(value, bool):
+            raise ConfigError(f"override {override}: {key.strip()}: expected bool, got "
+                              f"{value!r}", key.strip())
+        key, value = new, convert(value)
     parts = key.strip().split(".")
     node = data
     for part in parts[:-1]:
@@ -497,9 +562,10 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
 
 
 def config_from_dict(data: dict[str, Any], source: str = "config") -> Config:
-    """Build a validated :class:`Config` from a plain (e.g. saved) dictionary."""
+    """Build a validated :class:`Config` from a plain (e.g. saved) dictionary (keys renamed
+    since, :data:`RENAMED_KEYS`, are read under their new names)."""
     try:
-        return _build(Config, data, "")
+        return _build(Config, _upgrade_keys(copy.deepcopy(data)), "")
     except ConfigError as e:
         raise ConfigError(f"{source}: {e}", e.key) from None
 

@@ -56,7 +56,7 @@ def test_base_inheritance():
     assert baseline.model.guidance.enabled is False
     assert baseline.model.backbone.embeddings is False
     assert baseline.model.backbone.drop_path_rate == 0.0
-    assert baseline.model.backbone.class_embedding_quirk is True  # kept from the base
+    assert baseline.model.backbone.cls_embed_once is False  # kept from the base (official)
 
 
 def test_overrides():

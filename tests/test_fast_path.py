@@ -77,7 +77,7 @@ SIZE = 64  # input side (a multiple of the ViT patch and of the coarsest stride)
 # What the tiny variants keep of each preset (everything but widths and depths).
 KEPT = ["model.task", "model.classes", "model.backbone.type", "model.backbone.embeddings",
         "model.backbone.pos_embed", "model.backbone.patch_size",
-        "model.backbone.class_embedding_quirk", "model.backbone.drop_path_rate",
+        "model.backbone.cls_embed_once", "model.backbone.drop_path_rate",
         "model.backbone.drop_path_mode", "model.text.context_length", "model.text.n_ctx",
         "model.text.vocab_size", "model.guidance.enabled", "model.guidance.prompting",
         "model.guidance.score_level", "model.guidance.tau", "model.guidance.gamma_init",

@@ -47,7 +47,7 @@ def _clip_vit(cfg: BackboneConfig, *, embeddings: bool,
                    patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                    input_resolution=cfg.input_resolution, out_indices=cfg.out_indices,
                    drop_path_rate=cfg.drop_path_rate, embeddings=embeddings,
-                   class_embedding_quirk=cfg.class_embedding_quirk, pos_embed=cfg.pos_embed,
+                   class_embedding_quirk=not cfg.cls_embed_once, pos_embed=cfg.pos_embed,
                    drop_path_mode=cfg.drop_path_mode, levels=levels, act=cfg.act)
 
 

@@ -325,7 +325,7 @@ def _zeroshot_vit(cfg: BackboneConfig, *, embeddings: bool,
     return ZeroShotViT(width=cfg.width, layers=vit_depth(cfg), heads=cfg.heads,
                        patch_size=cfg.patch_size, embed_dim=cfg.embed_dim,
                        input_resolution=cfg.input_resolution,
-                       class_embedding_quirk=cfg.class_embedding_quirk, pos_embed=cfg.pos_embed,
+                       class_embedding_quirk=not cfg.cls_embed_once, pos_embed=cfg.pos_embed,
                        act=cfg.act)
 
 
