@@ -69,10 +69,29 @@ def read_classes(path: str | Path) -> dict[str, str]:
     return classes
 
 
+def load_classes(spec: str | Path) -> dict[str, str]:
+    """``{name: text to embed}`` of a bundled list (a key of :data:`BUNDLED`: ``ade20k``,
+    ``coco``, ``cityscapes``, ``voc``) or of a class file, in label order."""
+    return read_classes(BUNDLED.get(str(spec), spec))
+
+
 def load_class_names(spec: str | Path) -> list[str]:
-    """The class names of a bundled list (a key of :data:`BUNDLED`: ``ade20k``, ``coco``,
-    ``cityscapes``, ``voc``) or of a class file."""
-    return list(read_classes(BUNDLED.get(str(spec), spec)))
+    """The class names of a bundled list (a key of :data:`BUNDLED`) or of a class file."""
+    return list(load_classes(spec))
+
+
+def format_classes(classes: Mapping[str, str]) -> str:
+    """A class file of ``{name: text}`` (read back by :func:`read_classes`): ``name`` lines,
+    ``name: text`` where the text differs. A name that such a line cannot hold (with ``:``,
+    a line break, or starting with ``#``) raises :class:`ClassListError`."""
+    lines = []
+    for name, text in classes.items():
+        name, text = str(name).strip(), str(text).strip()
+        if not name or ":" in name or "\n" in name or name.startswith("#") or "\n" in text:
+            raise ClassListError(f"class name {name!r} (text {text!r}) cannot be written to "
+                                 f"a class file")
+        lines.append(name if text == name else f"{name}: {text}")
+    return "".join(f"{line}\n" for line in lines)
 
 
 def parse_class_list(text: str) -> dict[str, str]:

@@ -6,7 +6,7 @@ Nothing here knows about segmentation or detection: a task passes the visual enc
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -130,10 +130,28 @@ class GuidanceOutput:
     score: torch.Tensor  # (B, K, h, w) cosine pixel-text similarities, no temperature
 
 
+def ensemble(text: torch.Tensor, size: int) -> torch.Tensor:
+    """Prompt-template ensemble: (B, K·size, D) embeddings, ``size`` consecutive ones per
+    class, → (B, K, D). The direction is CLIP's zero-shot recipe (normalise, mean,
+    normalise); the length is the members' mean length, so the context decoder and
+    ``gamma`` meet embeddings of the scale the model trains with (one template gives its
+    embedding back). Computed in float32, returned in the input's dtype."""
+    B, n, D = text.shape
+    x = text.float().reshape(B, n // size, size, D)
+    length = x.norm(dim=-1, keepdim=True)
+    direction = F.normalize((x / length).mean(dim=2), dim=-1)
+    return (direction * length.mean(dim=2)).to(text.dtype)
+
+
 class TextGuidance(nn.Module):
     """Pixel-text matching with context-aware prompting.
 
-    ``prompting="post"`` (official default): class-name embeddings behind learnable
+    The classes are names (each embedded as itself) or ``{name: text to embed}``: the
+    names are what results show, the texts what the text encoder reads. With
+    ``templates`` (e.g. ``["a photo of a {}."]``) each text is put into every template and
+    the class embedding is their :func:`ensemble`.
+
+    ``prompting="post"`` (official default): class-text embeddings behind learnable
     contexts, computed once per class list, are refined by the :class:`ContextDecoder`
     against the visual context and added with a learnable per-channel ``gamma``.
     ``prompting="pre"``: a :class:`PromptGenerator` turns the visual context into
@@ -148,14 +166,19 @@ class TextGuidance(nn.Module):
     it must equal it.
     """
 
-    def __init__(self, text_encoder: CLIPTextEncoder, class_names: Sequence[str], *,
+    def __init__(self, text_encoder: CLIPTextEncoder,
+                 class_names: Sequence[str] | Mapping[str, str], *,
                  embed_dim: int | None = None, n_ctx: int = 8, prompting: str = "post",
                  decoder_width: int = 256, decoder_heads: int = 4, decoder_layers: int = 3,
                  decoder_dropout: float = 0.1, gamma_init: float = 1e-4,
-                 tau: float = 0.07) -> None:
+                 tau: float = 0.07, templates: Sequence[str] = ()) -> None:
         super().__init__()
         if prompting not in ("post", "pre"):
             raise ValueError(f"prompting must be 'post' or 'pre', got {prompting!r}")
+        bad = [t for t in templates if str(t).count("{}") != 1]
+        if bad:
+            raise ValueError(f"prompt template {bad[0]!r} must hold exactly one {{}}")
+        self.templates: tuple[str, ...] = tuple(str(t) for t in templates)
         embed_dim = text_encoder.embed_dim if embed_dim is None else embed_dim
         if text_encoder.embed_dim != embed_dim:
             raise ValueError(
@@ -177,6 +200,7 @@ class TextGuidance(nn.Module):
                 embed_dim, text_encoder.width, n_ctx, **decoder
             )
         self.class_names: list[str] = []
+        self.class_texts: list[str] = []  # what the text encoder embeds for each class
         self._text_cache: tuple | None = None  # (key, (1, K, D) embeddings)
         self._open_cache: tuple | None = None  # (key, (1, K', D)) of the last texts embedded
         self._open_tokens: tuple | None = None  # ((texts, device), (K', T)) of the last texts
@@ -186,13 +210,35 @@ class TextGuidance(nn.Module):
     def num_classes(self) -> int:
         return len(self.class_names)
 
-    def set_classes(self, class_names: Sequence[str]) -> None:
-        """Change the class list the score maps are computed for."""
-        names = [str(n) for n in class_names]
-        tokens = tokenize(names, self.text_length)
+    def set_classes(self, classes: Sequence[str] | Mapping[str, str]) -> None:
+        """Change the class list the score maps are computed for: names (each embedded as
+        itself) or a mapping ``{name: text to embed}``. A text too long for the context
+        raises ``ValueError`` naming it."""
+        if isinstance(classes, Mapping):
+            names = [str(n) for n in classes]
+            texts = [str(t) for t in classes.values()]
+        else:
+            names = [str(n) for n in classes]
+            texts = names
+        tokens = tokenize(self.prompts(texts), self.text_length)
         device = self.text_encoder.token_embedding.weight.device
         self.register_buffer("tokens", tokens.to(device), persistent=False)
         self.class_names = names
+        self.class_texts = texts
+
+    def prompts(self, texts: Sequence[str]) -> list[str]:
+        """What the text encoder reads for class ``texts``: each text, or each put into
+        every template (all of one class's prompts together)."""
+        if not self.templates:
+            return [str(t) for t in texts]
+        return [template.format(text) for text in texts for template in self.templates]
+
+    def encode(self, tokens: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """Class embeddings (B, K, D) from the tokens of :meth:`prompts` (K·templates, T)
+        behind ``contexts`` (B, n_ctx, width): the text encoder's output, ensembled over
+        the templates when there are any."""
+        text = self.text_encoder(tokens, contexts)
+        return ensemble(text, len(self.templates)) if self.templates else text
 
     @property
     def text_length(self) -> int:
@@ -207,7 +253,7 @@ class TextGuidance(nn.Module):
         self._open_cache = None
 
     def cache_key(self, texts: Sequence[str], device: torch.device) -> tuple:
-        """What inference-time text embeddings of ``texts`` depend on: the texts, device,
+        """What inference-time text embeddings of ``texts`` depend on: the texts, templates, device,
         autocast dtype, kernel choice (:mod:`denseclip.runtime`), and the identity and
         version of the contexts and every text-encoder weight (any in-place update, e.g. an
         optimiser step or ``load_state_dict``, bumps a tensor's version counter)."""
@@ -219,29 +265,29 @@ class TextGuidance(nn.Module):
         contexts = getattr(self, "contexts", None)
         own = () if contexts is None else (contexts.data_ptr(), contexts._version)
         weights = tuple((p.data_ptr(), p._version) for p in self.text_encoder.parameters())
-        return (tuple(texts), device, autocast, fast_kernels(), own, weights)
+        return (tuple(texts), self.templates, device, autocast, fast_kernels(), own, weights)
 
     def text_embeddings(self) -> torch.Tensor:
-        """Text embeddings (1, K, D) of the class list behind the learned contexts
+        """Text embeddings (1, K, D) of the class texts behind the learned contexts
         (post-model prompting; they do not depend on the image).
 
         Without autograd (inference) the result is cached and reused across images and
         sliding windows until :meth:`cache_key` changes."""
         if torch.is_grad_enabled():
-            return self.text_encoder(self.tokens, self.contexts)
-        key = self.cache_key(self.class_names, self.tokens.device)
+            return self.encode(self.tokens, self.contexts)
+        key = self.cache_key(self.class_texts, self.tokens.device)
         if self._text_cache is None or self._text_cache[0] != key:
-            self._text_cache = (key, self.text_encoder(self.tokens, self.contexts))
+            self._text_cache = (key, self.encode(self.tokens, self.contexts))
         return self._text_cache[1]
 
     def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
-        """Tokens (K', :attr:`text_length`) of other class texts (open vocabulary), on the
-        text encoder's device; a text too long raises ``ValueError`` naming it and the
-        limit. The last list's tokens are kept."""
+        """Tokens (K'·templates, :attr:`text_length`) of other class texts (open
+        vocabulary, put into the templates), on the text encoder's device; a text too long
+        raises ``ValueError`` naming it and the limit. The last list's tokens are kept."""
         texts = tuple(str(t) for t in texts)
         device = self.text_encoder.token_embedding.weight.device
         if self._open_tokens is None or self._open_tokens[0] != (texts, device):
-            tokens = tokenize(list(texts), self.text_length).to(device)
+            tokens = tokenize(self.prompts(texts), self.text_length).to(device)
             self._open_tokens = ((texts, device), tokens)
         return self._open_tokens[1]
 
@@ -260,7 +306,7 @@ class TextGuidance(nn.Module):
         key = self.cache_key(texts, tokens.device)
         if self._open_cache is None or self._open_cache[0] != key:
             with torch.no_grad():
-                self._open_cache = (key, self.text_encoder(tokens, self.contexts))
+                self._open_cache = (key, self.encode(tokens, self.contexts))
         return self._open_cache[1]
 
     def forward(self, global_embed: torch.Tensor, dense_embed: torch.Tensor,
@@ -270,7 +316,8 @@ class TextGuidance(nn.Module):
 
         By default the scores are for this module's class list. Another list (open
         vocabulary) is scored with the same weights by passing its precomputed post-model
-        embeddings ``text`` (1, K', D) or its ``tokens`` (K', T)."""
+        embeddings ``text`` (1, K', D) or its ``tokens`` (K'·templates, T) from
+        :meth:`tokenize`."""
         B = dense_embed.shape[0]
         # Visual context: [global; every position] → (B, 1+hw, D).
         visual = torch.cat([global_embed[:, :, None], dense_embed.flatten(2)], dim=2)
@@ -278,14 +325,14 @@ class TextGuidance(nn.Module):
         if self.prompting == "post":
             if text is None:
                 text = (self.text_embeddings() if tokens is None
-                        else self.text_encoder(tokens, self.contexts))
+                        else self.encode(tokens, self.contexts))
             text = text.to(visual.dtype).expand(B, -1, -1)  # (B, K, D)
             text = text + self.gamma * self.context_decoder(text, visual)
         else:
             if text is not None:
                 raise ValueError("pre-model prompting computes text per image: pass tokens")
             tokens = self.tokens if tokens is None else tokens
-            text = self.text_encoder(tokens, self.prompt_generator(visual))
+            text = self.encode(tokens, self.prompt_generator(visual))
         with fp32_region(dense_embed.device):  # the cosine in fp32 under autocast
             score = torch.einsum("bchw,bkc->bkhw", F.normalize(dense_embed.float(), dim=1),
                                  F.normalize(text.float(), dim=2))
@@ -346,9 +393,14 @@ class GuidedModel(SavePretrained):
     def class_names(self) -> list[str] | None:
         return None if self.guidance is None else self.guidance.class_names
 
-    def set_classes(self, class_names: Sequence[str]) -> None:
-        """Replace the class names behind the score maps; the heads are tied to
-        ``num_classes``, so the list must keep that length."""
+    @property
+    def class_texts(self) -> list[str] | None:
+        """What the text encoder embeds for each class (the names, unless given texts)."""
+        return None if self.guidance is None else self.guidance.class_texts
+
+    def set_classes(self, class_names: Sequence[str] | Mapping[str, str]) -> None:
+        """Replace the classes behind the score maps: names, or ``{name: text to embed}``;
+        the heads are tied to ``num_classes``, so the list must keep that length."""
         if self.guidance is None:
             raise ValueError("this model has no text guidance, so it has no class names")
         if len(class_names) != self.num_classes:

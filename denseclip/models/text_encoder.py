@@ -43,6 +43,11 @@ def tokenize(names: Sequence[str], length: int) -> torch.Tensor:
     return out
 
 
+def token_positions(text: str) -> int:
+    """Positions ``text`` takes in the text context: its BPE tokens plus SOT and EOT."""
+    return len(_tokenizer().encode(text)) + 2
+
+
 class CLIPTextEncoder(nn.Module):
     """CLIP's text tower; learnable contexts are inserted right after the SOT token.
 

@@ -332,8 +332,9 @@ def _zeroshot_vit(cfg: BackboneConfig, *, embeddings: bool,
 def build_zeroshot_segmentor(cfg: ModelConfig) -> ZeroShotSegmentor:
     """The zero-shot segmentor of ``cfg`` (``model.zeroshot: true``): the CLIP tower of
     ``model.backbone`` (``resnet`` or ``vit``, from :data:`ZEROSHOT_BACKBONES`), the text
-    tower of ``model.text`` and the classes of ``model.classes`` (their texts, where the
-    class file gives them)."""
+    tower of ``model.text``, the classes of ``model.classes`` (their texts, where the
+    class file gives them) and the prompt ensemble ``model.text.templates`` (empty:
+    :data:`PROMPT_TEMPLATES`)."""
     if cfg.head != ModelConfig.head:
         raise ConfigError(f"model.head: the zero-shot segmentor has no head to choose, got "
                           f"{cfg.head!r}")
@@ -342,6 +343,7 @@ def build_zeroshot_segmentor(cfg: ModelConfig) -> ZeroShotSegmentor:
     classes = read_classes(BUNDLED.get(cfg.classes, cfg.classes))
     try:
         return ZeroShotSegmentor(backbone, text_encoder, classes,
+                                 templates=cfg.text.templates or PROMPT_TEMPLATES,
                                  align_corners=cfg.align_corners)
     except ValueError as e:
         raise ConfigError(f"model.classes {cfg.classes!r}: {e}") from None

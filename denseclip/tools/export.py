@@ -71,7 +71,7 @@ class SegmentorForExport(nn.Module):
         text = None
         if guidance is not None:
             with torch.no_grad():
-                text = guidance.text_encoder(guidance.tokens, guidance.contexts).detach()
+                text = guidance.encode(guidance.tokens, guidance.contexts).detach()
         self.register_buffer("text", text)
         self.register_buffer("open_text", None if open_text is None else open_text.detach())
 
