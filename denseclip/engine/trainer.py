@@ -39,6 +39,7 @@ from torch import nn
 from ..config import Config, ConfigError, config_from_dict, save_config
 from ..data.samplers import build_train_loader
 from ..dist import DistEnv, barrier, init_distributed
+from ..models.build import fit_text_context
 from ..runtime import prepare_model, run_mode
 from ..tasks import build_model, get_task
 from ..utils import unwrap_model
@@ -51,6 +52,7 @@ from ..weights.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
+from ..weights.pretrained import class_texts_meta
 from ..weights.provenance import (
     UntrainedPartsWarning,
     loaded_parts,
@@ -224,6 +226,7 @@ class Trainer:
         self.init_loaded = dict(stored["loaded"]) if isinstance(stored, dict) else None
         if "config" in state:
             saved = config_from_dict(state["config"], str(start))
+            fit_text_context(cfg.model)  # as the saved config, which records a grown context
             self.cfg, applied = resume_config(saved, cfg, str(start))
             if applied:
                 self.log("resuming with changed settings: " + ", ".join(applied))
@@ -322,6 +325,7 @@ class Trainer:
                  f"per process x {env.world_size} process(es) x {self.accumulate} accumulation "
                  f"step(s) (the official recipe uses {self.task.official_batch_size})")
         self.meta = self.task.checkpoint_meta(self.train_set)
+        self.meta.update(class_texts_meta(unwrap_model(self.model)))
         if self.init_loaded is not None:  # what initialised each part, what training fixed
             model = unwrap_model(self.model)
             learning = [n for g in param_groups(model, cfg.optim) if g["lr"] > 0

@@ -18,7 +18,7 @@ from typing import Any
 from safetensors.torch import save_file
 from torch import nn
 
-from ..classes import BUNDLED, load_class_names
+from ..classes import BUNDLED, format_classes, load_classes
 from ..config import Config, save_config
 from ..utils import unwrap_model
 from .atomic import atomic_write
@@ -75,10 +75,32 @@ def model_card(cfg: Config, class_names: list[str], metrics: dict[str, float]) -
     return "\n".join(lines)
 
 
+def model_classes(model: nn.Module, cfg: Config) -> dict[str, str]:
+    """``{name: text embedded}`` of ``model``'s classes (its ``class_names`` and
+    ``class_texts``), else of ``cfg.model.classes``."""
+    names = getattr(model, "class_names", None)
+    if not names:
+        return load_classes(cfg.model.classes)
+    texts = getattr(model, "class_texts", None) or names
+    return dict(zip(map(str, names), map(str, texts), strict=True))
+
+
+def class_texts_meta(model: nn.Module) -> dict[str, dict[str, str]]:
+    """What a training checkpoint records of the texts ``model`` embeds for its classes:
+    ``{"class_texts": {name: text}}`` when some text differs from its name, else nothing
+    (read back by :func:`denseclip.weights.resolver.describe`)."""
+    names = getattr(model, "class_names", None)
+    texts = getattr(model, "class_texts", None)
+    if not names or not texts or list(names) == list(texts):
+        return {}
+    return {"class_texts": dict(zip(map(str, names), map(str, texts), strict=True))}
+
+
 def save_pretrained(model: nn.Module, directory: str | Path, cfg: Config | None = None,
                     metrics: Mapping[str, Any] | str | Path | None = None) -> Path:
     """Write ``model`` into ``directory``: ``model.safetensors``, ``config.yaml``,
-    ``classes.txt`` and a ``README.md`` model card (with ``metrics``: a dict or a
+    ``classes.txt`` (``name: text`` where the text the model embeds differs from the
+    name) and a ``README.md`` model card (with ``metrics``: a dict or a
     ``metrics.json`` of ``denseclip test``). ``cfg`` defaults to the config the model was
     built from (:func:`~denseclip.build_model` records it as ``model.config``). Each file
     is written atomically. Returns the directory."""
@@ -89,8 +111,10 @@ def save_pretrained(model: nn.Module, directory: str | Path, cfg: Config | None 
                          "denseclip.build_model, or pass cfg")
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    class_names = list(getattr(model, "class_names", None) or load_class_names(cfg.model.classes))
-    classes = cfg.model.classes if cfg.model.classes in BUNDLED else CLASSES_NAME
+    texts = model_classes(model, cfg)
+    class_names = list(texts)
+    bundled = cfg.model.classes in BUNDLED and load_classes(cfg.model.classes) == texts
+    classes = cfg.model.classes if bundled else CLASSES_NAME
     saved = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, pretrained=None,
                                                                classes=classes))
     # clones: safetensors refuses tensors that share memory
@@ -101,7 +125,7 @@ def save_pretrained(model: nn.Module, directory: str | Path, cfg: Config | None 
         WEIGHTS_NAME: lambda p: save_file(state, str(p), metadata={"format": "denseclip",
                                                                    "preset": cfg.name}),
         CONFIG_NAME: lambda p: save_config(saved, p),
-        CLASSES_NAME: lambda p: p.write_text("\n".join(class_names) + "\n", encoding="utf-8"),
+        CLASSES_NAME: lambda p: p.write_text(format_classes(texts), encoding="utf-8"),
         CARD_NAME: lambda p: p.write_text(card, encoding="utf-8"),
     }
     for name, write in writers.items():  # each file whole or not at all; a full disk: one line

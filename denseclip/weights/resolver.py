@@ -19,7 +19,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
-from ..classes import load_class_names
+from ..classes import ClassListError, format_classes, load_classes
 from ..config import Config, ConfigError, _apply_override, _source, config_from_dict, load_config
 from .atomic import atomic_write
 from .checkpoint import FORMAT, CheckpointError, read_checkpoint
@@ -180,8 +180,10 @@ def describe(spec: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Des
                 f"(config.yaml and iter_N.pth) nor a saved model (config.yaml and "
                 f"model.safetensors): {missing} missing")
         cfg = load_config(config_file, overrides)
-        classes = _stored_classes(read_checkpoint(checkpoint), checkpoint)
-        return Described(checkpoint, with_classes(cfg, classes), classes, "work dir")
+        payload = read_checkpoint(checkpoint)
+        classes = _stored_classes(payload, checkpoint)
+        return Described(checkpoint, with_classes(cfg, classes, _stored_texts(payload, classes)),
+                         classes, "work dir")
     if not os.path.isfile(path) or path.suffix in (".yaml", ".yml"):
         return None
     payload = read_checkpoint(path)
@@ -192,7 +194,8 @@ def describe(spec: str | os.PathLike[str], overrides: Iterable[str] = ()) -> Des
             f"{path} does not describe itself (it stores no config: not a checkpoint of "
             f"`denseclip train`); name its config first: PRESET {path}")
     classes = _stored_classes(payload, path)
-    return Described(path, with_classes(_config_of(stored, path, overrides), classes),
+    return Described(path, with_classes(_config_of(stored, path, overrides), classes,
+                                        _stored_texts(payload, classes)),
                      classes, "checkpoint")
 
 
@@ -204,6 +207,18 @@ def _stored_classes(payload: object, path: Path) -> list[str] | None:
             isinstance(c, str) and c.strip() for c in classes):
         raise CheckpointError(f"{path}: 'classes' is not a list of class names")
     return classes
+
+
+def _stored_texts(payload: object, classes: list[str] | None) -> list[str] | None:
+    """The texts a training checkpoint's model embedded for its classes (``class_texts``:
+    ``{name: text}``), in the order of ``classes``; ``None`` when it records none (the
+    names themselves) or they do not belong to these classes."""
+    texts = payload.get("class_texts") if isinstance(payload, dict) else None
+    if classes is None or not isinstance(texts, dict) or list(texts) != classes:
+        return None
+    if not all(isinstance(t, str) and t.strip() for t in texts.values()):
+        return None
+    return [texts[name] for name in classes]
 
 
 def _config_of(stored: dict, path: Path, overrides: list[str]) -> Config:
@@ -219,27 +234,29 @@ def _config_of(stored: dict, path: Path, overrides: list[str]) -> Config:
         raise ConfigError(f"{where}: {message}", e.key) from None
 
 
-def with_classes(cfg: Config, classes: list[str] | None) -> Config:
+def with_classes(cfg: Config, classes: list[str] | None,
+                 texts: list[str] | None = None) -> Config:
     """``cfg`` with ``model.classes`` naming ``classes`` (a training checkpoint's class
-    names): kept when it already lists them, else a class file of them written once into
-    the cache (``$DENSECLIP_CACHE/classes``, keyed by their content)."""
+    names) and ``texts`` (what its text encoder embedded for them; default: the names):
+    kept when it already lists them, else a class file of them written once into the
+    cache (``$DENSECLIP_CACHE/classes``, keyed by their content)."""
     if classes is None:
         return cfg
+    wanted = dict(zip(classes, texts or classes, strict=True))
     try:
-        if load_class_names(cfg.model.classes) == classes:
+        if load_classes(cfg.model.classes) == wanted:
             return cfg
     except (OSError, ValueError):
         pass  # e.g. the training data's classes.txt is gone: the checkpoint's names serve
-    cfg.model.classes = str(_classes_file(classes))
+    cfg.model.classes = str(_classes_file(wanted))
     return cfg
 
 
-def _classes_file(classes: list[str]) -> Path:
-    bad = [c for c in classes if ":" in c or "\n" in c or c.strip().startswith("#")]
-    if bad:
-        raise CheckpointError(f"class name {bad[0]!r} cannot be written to a class file; "
-                              f"give model.classes=FILE")
-    text = "".join(f"{c.strip()}\n" for c in classes)
+def _classes_file(classes: dict[str, str]) -> Path:
+    try:
+        text = format_classes(classes)
+    except ClassListError as e:
+        raise CheckpointError(f"{e}; give model.classes=FILE") from None
     name = f"classes-{hashlib.sha256(text.encode()).hexdigest()[:16]}.txt"
     for folder in (cache_dir() / "classes", None):
         try:
