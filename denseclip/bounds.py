@@ -69,3 +69,18 @@ def bounded(default: Any = dataclasses.MISSING, *, factory: Any = dataclasses.MI
     (:class:`Bounds` keywords: ``ge``, ``gt``, ``le``, ``lt``, ``length``, ...)."""
     return field(default=default, default_factory=factory,
                  metadata={"bounds": Bounds(**bounds)})
+
+
+def template_problem(templates: list[str]) -> str | None:
+    """Why a list of prompt templates (``model.text.templates``) is unusable, or None:
+    each needs exactly one ``{}`` (a config field's ``check``)."""
+    for i, template in enumerate(templates):
+        try:
+            template.format("")
+            ok = template.count("{}") == 1
+        except (IndexError, KeyError, ValueError):
+            ok = False
+        if not ok:
+            return (f"template [{i}] {template!r} must hold exactly one {{}} (where the class "
+                    f"text goes) and no other braces")
+    return None

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import yaml
 
-from .bounds import bounded
+from .bounds import bounded, template_problem
 
 PRESET_DIR = Path(__file__).parent / "configs"
 # what `denseclip presets` lists, precomputed (denseclip.tools.presets writes it)
@@ -52,20 +52,6 @@ DropPathMode = Literal["token", "sample"]
 Activation = Literal["quick_gelu", "gelu"]
 Tracker = Literal["tensorboard", "mlflow", "wandb"]
 WandbMode = Literal["auto", "online", "offline"]
-
-
-def _template_problem(templates: list[str]) -> str | None:
-    """Why a ``model.text.templates`` list is unusable: each needs exactly one ``{}``."""
-    for i, template in enumerate(templates):
-        try:
-            template.format("")
-            ok = template.count("{}") == 1
-        except (IndexError, KeyError, ValueError):
-            ok = False
-        if not ok:
-            return (f"template [{i}] {template!r} must hold exactly one {{}} (where the class "
-                    f"text goes) and no other braces")
-    return None
 
 
 # Keys renamed since: old dotted key → (new dotted key, old value → new value). Configs,
@@ -150,7 +136,7 @@ class TextConfig:
     # put into each (one ``{}`` apiece), embedded behind the learned contexts, and the class
     # embedding is their ensemble. Empty (official): the class text alone.
     templates: list[str] = field(default_factory=list,
-                                 metadata={"check": lambda v: _template_problem(v)})
+                                 metadata={"check": template_problem})
 
 
 @dataclass
