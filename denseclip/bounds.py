@@ -1,5 +1,7 @@
 """Numeric ranges of config fields: :func:`bounded` declares one on a dataclass field,
-:class:`Bounds` describes and checks it (the config loader reports a value out of range)."""
+:class:`Bounds` describes and checks it (the config loader reports a value out of range).
+Other value checks a field names as its ``check`` (e.g. :func:`template_problem`) live here
+too."""
 
 from __future__ import annotations
 
