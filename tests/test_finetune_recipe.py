@@ -103,6 +103,10 @@ def test_overrides_are_applied_last_and_win(seg):
     text = "\n".join(recipe.lines("x"))
     assert "a 30% holdout" in text and "PNG values 0..4 are the classes" in text
     assert "2 per device × 1 device(s) × 3 accumulation step(s) = 6" in text
+    assert "(not the official 32, by your overrides" in text  # 32 = 2 × 16 was possible
+    assert "not over the 6 of a step (accumulation cannot pool them)" in text
+    single = ft.build_recipe(ft.inspect_data(seg), "tiny_denseclip_res", ["optim.accumulate=1"], 1)
+    assert "cannot pool" not in "\n".join(single.lines("x"))  # one pass is the whole step
 
 
 @pytest.mark.parametrize("break_it, missing", [

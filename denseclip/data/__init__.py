@@ -21,7 +21,13 @@ from .segmentation import (
     VOCDataset,
     build_segmentation_dataset,
 )
-from .synthetic import SYNTHETIC_CLASSES, make_synthetic_dataset, synthetic_sample
+from .synthetic import (
+    SHAPE_CLASSES,
+    SYNTHETIC_CLASSES,
+    make_shapes_dataset,
+    make_synthetic_dataset,
+    synthetic_sample,
+)
 from .transforms import (
     IGNORE_INDEX,
     build_test_transforms,
@@ -36,6 +42,7 @@ __all__ = [
     "FolderDataset",
     "IGNORE_INDEX",
     "InfiniteSampler",
+    "SHAPE_CLASSES",
     "SYNTHETIC_CLASSES",
     "SeededSampler",
     "SegmentationDataset",
@@ -49,6 +56,7 @@ __all__ = [
     "collate_segmentation",
     "load_image",
     "load_label_map",
+    "make_shapes_dataset",
     "make_synthetic_dataset",
     "pil_to_rgb",
     "sample_seed",

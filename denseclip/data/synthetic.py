@@ -6,7 +6,10 @@ has its own shape and a distinct colour and texture (noisy grass, gradient sky, 
 buildings, rippled water, a road with a dashed centre line), so a tiny network learns to
 segment it within minutes on a CPU.
 
-Labels follow the ADE20K convention: 0 = unlabelled/other, 1..5 = the classes of
+:func:`make_shapes_dataset` writes an even easier set for trying ``denseclip finetune``: filled
+circles, squares and triangles in random colours on noise (folder layout, labels 0..3).
+
+Labels of the scenes follow the ADE20K convention: 0 = unlabelled/other, 1..5 = the classes of
 ``classes.txt`` in order. Output is deterministic for a given seed (and Pillow's JPEG encoder).
 """
 
@@ -16,9 +19,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
+from PIL import Image, ImageDraw
 
-__all__ = ["SYNTHETIC_CLASSES", "make_synthetic_dataset", "synthetic_sample"]
+__all__ = ["SHAPE_CLASSES", "SYNTHETIC_CLASSES", "make_shapes_dataset", "make_synthetic_dataset",
+           "shapes_sample", "synthetic_sample"]
 
 SYNTHETIC_CLASSES = ("sky", "grass", "road", "building", "water")
 OTHER, SKY, GRASS, ROAD, BUILDING, WATER = range(6)
@@ -142,4 +146,62 @@ def make_synthetic_dataset(
             Image.fromarray(image).save(img_dir / f"{name}.jpg", quality=95)
             Image.fromarray(label).save(ann_dir / f"{name}.png")
     (root / "classes.txt").write_text("\n".join(SYNTHETIC_CLASSES) + "\n", encoding="utf-8")
+    return root
+
+
+#: the classes of :func:`make_shapes_dataset`, as ``name: text to embed`` lines
+SHAPE_CLASSES = {"noise": "random noise", "circle": "a filled circle",
+                 "square": "a filled square", "triangle": "a filled triangle"}
+
+
+def shapes_sample(rng: np.random.Generator,
+                  size: Sequence[int] = (96, 96)) -> tuple[np.ndarray, np.ndarray]:
+    """One image of one to three filled shapes (circle, square, triangle), each in a random
+    colour, on uniform RGB noise, and its label map (0 noise, 1 circle, 2 square,
+    3 triangle; a later shape covers an earlier one)."""
+    height, width = int(size[0]), int(size[1])
+    image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+    label = Image.new("L", (width, height), 0)
+    paint, mark = ImageDraw.Draw(image), ImageDraw.Draw(label)
+    side = min(height, width)
+    for _ in range(int(rng.integers(1, 4))):
+        kind = int(rng.integers(1, 4))
+        r = float(rng.uniform(0.18, 0.32)) * side  # half the shape's extent
+        cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
+        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        if kind == 1:
+            box = [cx - r, cy - r, cx + r, cy + r]
+            paint.ellipse(box, fill=colour)
+            mark.ellipse(box, fill=kind)
+            continue
+        angle = rng.uniform(0, 2 * np.pi)  # squares and triangles at any rotation
+        corners = 4 if kind == 2 else 3
+        points = [(cx + r * np.cos(angle + 2 * np.pi * k / corners),
+                   cy + r * np.sin(angle + 2 * np.pi * k / corners)) for k in range(corners)]
+        paint.polygon(points, fill=colour)
+        mark.polygon(points, fill=kind)
+    return np.asarray(image), np.asarray(label)
+
+
+def make_shapes_dataset(root: str | Path, num_train: int = 200, num_val: int = 40,
+                        size: Sequence[int] = (96, 96), seed: int = 0) -> Path:
+    """An easy segmentation set in the folder layout (:func:`shapes_sample` images as JPEG
+    quality 95, label PNGs with values 0..3, ``classes.txt`` with a description per class,
+    see :data:`SHAPE_CLASSES`): what ``denseclip finetune`` can be tried on. Deterministic
+    for a seed; returns ``root``."""
+    root = Path(root)
+    if min(int(s) for s in size) < 16:
+        raise ValueError(f"size must be at least 16x16, got {tuple(size)}")
+    for split_id, (split, count) in enumerate((("training", num_train), ("validation", num_val))):
+        if count < 0:
+            raise ValueError(f"image counts must be >= 0, got {num_train}, {num_val}")
+        img_dir, ann_dir = root / "images" / split, root / "annotations" / split
+        img_dir.mkdir(parents=True, exist_ok=True)
+        ann_dir.mkdir(parents=True, exist_ok=True)
+        for i in range(count):
+            image, label = shapes_sample(np.random.default_rng([seed, 7, split_id, i]), size)
+            Image.fromarray(image).save(img_dir / f"shapes_{split}_{i:05d}.jpg", quality=95)
+            Image.fromarray(label).save(ann_dir / f"shapes_{split}_{i:05d}.png")
+    (root / "classes.txt").write_text(
+        "".join(f"{name}: {text}\n" for name, text in SHAPE_CLASSES.items()), encoding="utf-8")
     return root

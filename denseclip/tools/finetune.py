@@ -299,6 +299,9 @@ class Recipe:
         b, w, a = cfg.data.batch_size, self.world_size, cfg.optim.accumulate
         if self.effective == self.official:
             batch_note = f"the official {self.official}"
+        elif self.official % (b * w) == 0:  # the user's overrides chose another batch
+            batch_note = (f"not the official {self.official}, by your overrides; the learning "
+                          f"rate stays the preset's")
         else:
             batch_note = (f"not the official {self.official}: {self.official} is not a "
                           f"multiple of {b} × {w}; the learning rate stays the official one")
@@ -331,13 +334,20 @@ class Recipe:
             f"iterations (intervals fitted to the run: warm-up <= 10 %, evaluation and "
             f"checkpoints about 10 times)",
             f"  weights: {weights}",
-            f"  BatchNorm: statistics over the {b} image(s) of one forward pass per device, "
-            f"not over the {self.effective} of a step (accumulation cannot pool them); "
-            f"closest: a larger data.batch_size, or torchrun on several GPUs (SyncBatchNorm "
-            f"over all of them)",
+            self._batchnorm_line(),
             *([f"  your overrides (applied last): {' '.join(self.overrides)}"]
               if self.overrides else []),
         ]
+
+    def _batchnorm_line(self) -> str:
+        b = self.cfg.data.batch_size
+        if self.cfg.optim.accumulate == 1:
+            return (f"  BatchNorm: statistics over the {b} image(s) of one forward pass per "
+                    f"device (SyncBatchNorm over all devices under torchrun on GPUs)")
+        return (f"  BatchNorm: statistics over the {b} image(s) of one forward pass per device, "
+                f"not over the {self.effective} of a step (accumulation cannot pool them); "
+                f"closest: a larger data.batch_size, or torchrun on several GPUs (SyncBatchNorm "
+                f"over all of them)")
 
     def _label_line(self) -> list[str]:
         if self.info.layout != "folder":

@@ -5,11 +5,14 @@ import pytest
 import torch
 from PIL import Image
 
-from denseclip.classes import load_class_names
+from denseclip.classes import load_class_names, read_classes
 from denseclip.config import DataConfig
 from denseclip.data import (
+    SHAPE_CLASSES,
     SYNTHETIC_CLASSES,
+    FolderDataset,
     build_segmentation_dataset,
+    make_shapes_dataset,
     make_synthetic_dataset,
     synthetic_sample,
 )
@@ -76,3 +79,27 @@ def test_loads_as_a_five_class_dataset(tmp_path, dataset):
 def test_rejects_tiny_sizes(tmp_path):
     with pytest.raises(ValueError, match="16x16"):
         make_synthetic_dataset(tmp_path, 1, 1, size=(8, 8))
+
+
+def test_shapes_dataset_is_deterministic_and_labels_what_is_drawn(tmp_path):
+    a = make_shapes_dataset(tmp_path / "a", num_train=6, num_val=2, size=(48, 64), seed=3)
+    b = make_shapes_dataset(tmp_path / "b", num_train=6, num_val=2, size=(48, 64), seed=3)
+    c = make_shapes_dataset(tmp_path / "c", num_train=6, num_val=2, size=(48, 64), seed=4)
+    files = sorted(p.relative_to(a) for p in a.rglob("*.*"))
+    assert len(files) == 6 * 2 + 2 * 2 + 1
+    assert all((a / f).read_bytes() == (b / f).read_bytes() for f in files)
+    assert any((a / f).read_bytes() != (c / f).read_bytes() for f in files if f.suffix == ".png")
+    assert read_classes(a / "classes.txt") == SHAPE_CLASSES  # names with descriptions
+    labels = np.stack([np.asarray(Image.open(p)) for p in
+                       sorted((a / "annotations" / "training").glob("*.png"))])
+    assert labels.shape == (6, 48, 64) and set(np.unique(labels)) <= {0, 1, 2, 3}
+    assert (labels > 0).any(axis=(1, 2)).all()  # every image has a shape
+    images = np.stack([np.asarray(Image.open(p)) for p in
+                       sorted((a / "images" / "training").glob("*.jpg"))]).astype(float)
+    # a shape is one flat colour, the background noise: the local spread tells them apart
+    spread = np.abs(np.diff(images, axis=2)).mean(axis=-1)
+    inside = (labels[:, :, 1:] > 0) & (labels[:, :, :-1] == labels[:, :, 1:])
+    assert spread[inside].mean() < 0.2 * spread[~inside & (labels[:, :, 1:] == 0)].mean()
+    dataset = FolderDataset(a / "images" / "training", a / "annotations" / "training",
+                            a / "classes.txt", reduce_zero_label=False)
+    assert len(dataset) == 6
