@@ -7,7 +7,8 @@ buildings, rippled water, a road with a dashed centre line), so a tiny network l
 segment it within minutes on a CPU.
 
 :func:`make_shapes_dataset` writes an even easier set for trying ``denseclip finetune``: filled
-circles, squares and triangles in random colours on noise (folder layout, labels 0..3).
+circles, squares and triangles (each class in shades of its own hue) on noise (folder layout,
+labels 0..3).
 
 Labels of the scenes follow the ADE20K convention: 0 = unlabelled/other, 1..5 = the classes of
 ``classes.txt`` in order. Output is deterministic for a given seed (and Pillow's JPEG encoder).
@@ -154,10 +155,13 @@ SHAPE_CLASSES = {"noise": "random noise", "circle": "a filled circle",
                  "square": "a filled square", "triangle": "a filled triangle"}
 
 
+SHAPE_HUES = np.array([[230, 60, 60], [60, 200, 60], [60, 90, 230]])
+
+
 def shapes_sample(rng: np.random.Generator,
                   size: Sequence[int] = (96, 96)) -> tuple[np.ndarray, np.ndarray]:
-    """One image of one to three filled shapes (circle, square, triangle), each in a random
-    colour, on uniform RGB noise, and its label map (0 noise, 1 circle, 2 square,
+    """One image of one to three filled shapes (circle, square, triangle), each in a shade
+    of its class's hue, on uniform RGB noise, and its label map (0 noise, 1 circle, 2 square,
     3 triangle; a later shape covers an earlier one)."""
     height, width = int(size[0]), int(size[1])
     image = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
@@ -168,7 +172,10 @@ def shapes_sample(rng: np.random.Generator,
         kind = int(rng.integers(1, 4))
         r = float(rng.uniform(0.18, 0.32)) * side  # half the shape's extent
         cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
+        # each class in shades of its own hue (reddish circles, greenish squares, bluish
+        # triangles), so that a tiny network learns the set in minutes
+        shade = SHAPE_HUES[kind - 1] * rng.uniform(0.6, 1.1) + rng.integers(-30, 31, 3)
+        colour = tuple(int(c) for c in np.clip(shade, 0, 255))
         if kind == 1:
             box = [cx - r, cy - r, cx + r, cy + r]
             paint.ellipse(box, fill=colour)
