@@ -205,18 +205,29 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``denseclip predict``."""
     parser.add_argument("config", metavar="MODEL", help=MODEL_HELP)
     set_model_epilog(parser, "predict", "photo.jpg --out out/")
-    parser.add_argument("inputs", nargs="+", metavar="INPUT",
+    parser.add_argument("inputs", nargs="*", metavar="INPUT",
                         help="after a preset or YAML file, first its CHECKPOINT: our "
                              "checkpoint, a state dict, an official release, a weights name "
                              "(`denseclip download --list`) or 'pretrained' (the preset's "
                              "release); 'none' for random weights (meaningless output, for "
-                             "trying out). Then image files, folders (searched recursively) "
-                             "or glob patterns (quote them); section.key=value items are "
-                             "config overrides")
+                             "trying out). Then image files, video files (.mp4 .avi .mov "
+                             ".mkv .webm .m4v .mpg .mpeg), folders (searched recursively for "
+                             "images) or glob patterns (quote them); section.key=value items "
+                             "are config overrides")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder")
     parser.add_argument("--device", default="cpu", help="cpu, cuda, cuda:1, ...")
     parser.add_argument("--batch-size", type=int, default=4,
-                        help="images and sliding windows per forward call (default 4)")
+                        help="images and sliding windows per forward call; video frames "
+                             "read and preprocessed together (default 4)")
+    parser.add_argument("--source", metavar="SOURCE",
+                        help="also predict a live source: a camera index (0), a stream URL "
+                             "(rtsp://, http(s)://, ...) or a video file; writes "
+                             "<name>_overlay.mp4 like a video input")
+    parser.add_argument("--save-frames", action="store_true",
+                        help="videos: also write <stem>_frames/<index>_labels.png "
+                             "(detection: <index>.json) for every frame")
+    parser.add_argument("--max-frames", type=_positive_int, metavar="N",
+                        help="videos and --source: read at most N frames of each")
     add_class_arguments(parser, "open-vocabulary classes, comma-separated: 'cat,dog,grass'")
     parser.add_argument("--heatmaps", action="store_true",
                         help="also write <stem>_heatmap_<class>.png per open class (or per "

@@ -1,5 +1,6 @@
-"""``denseclip predict``: segment or detect images, write overlays, label maps, heatmaps
-and JSON (see :mod:`denseclip.inference`)."""
+"""``denseclip predict``: segment or detect images and videos, write overlays, label maps,
+heatmaps and JSON (see :mod:`denseclip.inference`; videos, cameras and streams:
+:mod:`denseclip.inference.video`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ..inference import PredictionError, collect_inputs
+from ..inference.video import (
+    VideoSource,
+    is_video,
+    open_source,
+    open_video,
+    predict_video,
+    quiet_opencv,
+)
 from ..weights.checkpoint import CheckpointError
 from .common import is_override, max_pixels_overrides, model_config, predictor_from_args
 
@@ -21,9 +30,10 @@ def _error(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    """``denseclip predict MODEL [CHECKPOINT] INPUT...``: exit status 0 when every image was
-    written, 1 when some failed (each listed with its reason on stderr), 2 for a bad
-    config, checkpoint or class list (nothing is predicted)."""
+    """``denseclip predict MODEL [CHECKPOINT] INPUT... [--source SOURCE]``: exit status 0
+    when every image and video frame was written, 1 when some failed (each listed with its
+    reason on stderr; an unreadable video frame is skipped), 2 for a bad config,
+    checkpoint, class list or ``--source`` (nothing is predicted)."""
     if args.batch_size < 1:
         return _error(f"--batch-size must be positive, got {args.batch_size}")
     given = [*args.inputs, *getattr(args, "overrides", [])]  # the latter: after options
@@ -33,17 +43,28 @@ def run(args: argparse.Namespace) -> int:
         cfg, specs = model_config(args, items, "predict", overrides)  # ConfigError → 2
     except (CheckpointError, FileNotFoundError) as e:
         return _error(str(e))
-    if not specs:
+    if not specs and not args.source:
         return _error("no input images given")
+    source = None
+    if args.source is not None:
+        quiet_opencv()
+        try:
+            source = open_source(args.source, cfg.data.max_image_pixels)
+        except ValueError as e:  # VideoError, a frame size over the limit
+            return _error(f"--source {e}")
     try:
         predictor = predictor_from_args(args, cfg, "predict", device=args.device,
                                         batch_size=args.batch_size)
     except (PredictionError, CheckpointError, FileNotFoundError) as e:
+        if source is not None:
+            source.close()
         where = f"--classes-file {args.classes_file}: " if args.classes_file and isinstance(
             e, PredictionError) else ""
         return _error(f"{where}{e}")
 
-    paths, failures, skipped = collect_inputs(specs)
+    found, failures, skipped = collect_inputs(specs)
+    paths = [p for p in found if not is_video(p)]
+    videos = [p for p in found if is_video(p)]
     for spec, reason in failures:
         print(f"failed: {spec}: {reason}", file=sys.stderr)
     out = Path(args.out)
@@ -61,7 +82,8 @@ def run(args: argparse.Namespace) -> int:
     want_probs = task.needs_probs(args.heatmaps, bool(predictor.open_class_names))
     stems: set[str] = set()
     written = 0
-    bar = tqdm(total=len(paths), unit="img", desc="predict", dynamic_ncols=True)
+    bar = tqdm(total=len(paths), unit="img", desc="predict", dynamic_ncols=True,
+               disable=not paths)
 
     def fail(path: Path, reason: str) -> None:
         failures.append((str(path), reason))
@@ -109,6 +131,50 @@ def run(args: argparse.Namespace) -> int:
             except (OSError, ValueError) as e:
                 fail(path, f"cannot write outputs: {e}")
     bar.close()
-    print(f"{written} image(s) written to {out}" + (f", {len(failures)} failed" if failures
-                                                    else ""))
+    if videos or source is not None:
+        quiet_opencv()
+    for video in videos:
+        try:
+            opened = open_video(video, cfg.data.max_image_pixels)
+        except ValueError as e:
+            failures.append((str(video), str(e)))
+            print(f"failed: {e}", file=sys.stderr)
+            continue
+        _video(predictor, opened, out, args, failures)
+    if source is not None:
+        _video(predictor, source, out, args, failures)
+    if paths or not (videos or source):
+        print(f"{written} image(s) written to {out}" + (f", {len(failures)} failed"
+                                                        if failures else ""))
     return 1 if failures else 0
+
+
+def _video(predictor, source: VideoSource, out: Path, args: argparse.Namespace,
+           failures: list[tuple[str, str]]) -> None:
+    """Predict one video or live source with a frames/s progress bar; an unreadable frame
+    is one ``failed:`` line with its index, then skipped."""
+    total = source.frame_count
+    if args.max_frames is not None:
+        total = args.max_frames if total is None else min(total, args.max_frames)
+    bar = tqdm(total=total, unit="frame", desc=source.stem, dynamic_ncols=True)
+
+    def skip(index: int, reason: str) -> None:
+        failures.append((f"{source.name} frame {index}", reason))
+        bar.write(f"failed: {source.name}: frame {index}: {reason}", file=sys.stderr)
+        bar.update(1)
+
+    try:
+        with source:
+            summary = predict_video(predictor, source, out, batch_size=args.batch_size,
+                                    save_frames=args.save_frames, max_frames=args.max_frames,
+                                    score_thr=args.score_thr,
+                                    on_frame=lambda _: bar.update(1), on_skip=skip)
+    except (ValueError, OSError, RuntimeError) as e:  # e.g. frames too elongated
+        bar.close()
+        failures.append((source.name, str(e)))
+        print(f"failed: {source.name}: {e}", file=sys.stderr)
+        return
+    bar.close()
+    videos = ", ".join(str(p) for p in summary.written if p.suffix == ".mp4")
+    print(f"{source.name}: {summary.frames} frame(s) written to {videos or out}"
+          + (f", {len(summary.skipped)} skipped" if summary.skipped else ""))

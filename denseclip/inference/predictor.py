@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -188,9 +189,50 @@ class Predictor:
         large images and many classes."""
         return self.predict_prepared([self.prepare(image)], return_probs)[0]
 
-    def predict_batch(self, images: Sequence[Any], return_probs: bool = True) -> list:
-        """Predict several images; images of equal preprocessed size share forward calls."""
-        return self.predict_prepared([self.prepare(im) for im in images], return_probs)
+    def predict_batch(self, images: Sequence[Any] | np.ndarray | torch.Tensor,
+                      return_probs: bool = True, *, exact: bool = True) -> list:
+        """Predict several images, one result each, in order.
+
+        ``images``: a sequence of anything :meth:`predict` takes, or one uint8 RGB batch
+        (numpy array or tensor) ``B × H × W × 3`` or ``B × 3 × H × W`` (a batch whose last
+        axis is 3 is read as ``B × H × W × 3``).
+
+        ``exact=True`` (default): every image gets the forward calls :meth:`predict` gives
+        it, so each result equals ``predict(image)`` bit for bit on every device and
+        precision; several images in one forward call change the last bits in fp32 on CPU
+        (other kernels, other summation order). ``exact=False``: images of equal
+        preprocessed size share forward calls (faster on GPUs; results may differ from
+        :meth:`predict` by rounding)."""
+        items = [self.prepare(im) for im in _batch_images(images)]
+        return self._predict_items(items, return_probs, exact)
+
+    def stream(self, frames: Iterable[Any], batch_size: int | None = None,
+               return_probs: bool = True, *, exact: bool = True) -> Iterator:
+        """Predict an iterable of frames (e.g. a video's), lazily: yields one result per
+        frame, in order, reading at most ``batch_size`` (default :attr:`batch_size`) frames
+        ahead. Each batch is decoded and preprocessed together and then predicted as
+        :meth:`predict_batch` does (``exact``: results equal ``predict(frame)`` bit for
+        bit). The text embeddings of both class lists are computed once, on the first
+        frame, and reused for the whole stream (and later ones) while the class list and
+        weights stay the same (the model's text guidance caches them). A frame that cannot
+        be predicted raises :class:`PredictionError`, which ends the stream."""
+        size = self.batch_size if batch_size is None else int(batch_size)
+        if size < 1:
+            raise ValueError(f"batch_size must be positive, got {batch_size}")
+        batch: list[Prepared] = []
+        for frame in frames:
+            batch.append(self.prepare(frame))
+            if len(batch) == size:
+                yield from self._predict_items(batch, return_probs, exact)
+                batch = []
+        if batch:
+            yield from self._predict_items(batch, return_probs, exact)
+
+    def _predict_items(self, items: Sequence[Prepared], return_probs: bool,
+                       exact: bool) -> list:
+        if not exact:
+            return self.predict_prepared(items, return_probs)
+        return [r for item in items for r in self.predict_prepared([item], return_probs)]
 
     @torch.no_grad()
     def predict_prepared(self, items: Sequence[Prepared], return_probs: bool = True) -> list:
@@ -208,3 +250,23 @@ class Predictor:
         """Logits of the head (N, K, h, w) for normalised crops, followed by the open
         classes' score maps (N, K', h, w) upsampled bilinearly to the crop, if any."""
         return self.model.window_logits(images, self.open_texts)
+
+
+def _batch_images(images: Any) -> Sequence[Any]:
+    """The images of a batch: a 4-D uint8 array or tensor split into ``H × W × 3`` arrays;
+    any other sequence as it is."""
+    if isinstance(images, torch.Tensor):
+        images = images.detach().cpu().numpy()
+    if not isinstance(images, np.ndarray):
+        if isinstance(images, (str, Path)):
+            raise PredictionError("predict_batch takes several images; for one, use predict")
+        return images
+    if images.ndim != 4:
+        raise PredictionError(f"a batch array must be B x H x W x 3 or B x 3 x H x W, got "
+                              f"shape {images.shape}; for one image use predict")
+    if images.shape[3] != 3:
+        if images.shape[1] != 3:
+            raise PredictionError(f"a batch array must be B x H x W x 3 or B x 3 x H x W, "
+                                  f"got shape {images.shape}")
+        images = images.transpose(0, 2, 3, 1)
+    return list(images)

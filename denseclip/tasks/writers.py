@@ -13,7 +13,8 @@ from PIL import Image
 from .render import render_detections, render_heatmap, render_overlay, to_pil
 from .results import DetectionPrediction, SegmentationPrediction
 
-__all__ = ["write_detection", "write_segmentation"]
+__all__ = ["detection_record", "frame_overlays", "write_detection", "write_frame_data",
+           "write_segmentation"]
 
 
 def safe_name(name: str) -> str:
@@ -82,6 +83,16 @@ def write_detection(result: DetectionPrediction, image, out: Path, stem: str,
     overlay = out / f"{stem}_overlay.png"
     render_detections(image, result.boxes, result.labels, result.scores, result.class_names,
                       result.masks, score_thr).save(overlay)
+    record = detection_record(result, score_thr, image.shape[:2])
+    path = out / f"{stem}.json"
+    path.write_text(json.dumps(record, indent=2))
+    return [overlay, path]
+
+
+def detection_record(result: DetectionPrediction, score_thr: float,
+                     image_size: tuple[int, int]) -> dict:
+    """The JSON record of ``result``: ``image_size`` [H, W], ``score_thr`` and the
+    detections scoring at least ``score_thr``, best first."""
     keep = np.flatnonzero(result.scores >= score_thr)
     keep = keep[np.argsort(-result.scores[keep], kind="stable")]
     detections = []
@@ -94,8 +105,42 @@ def write_detection(result: DetectionPrediction, image, out: Path, stem: str,
             "box": [round(float(v), 2) for v in result.boxes[i]],
             **({"mask_area": int(result.masks[i].sum())} if result.masks is not None else {}),
         })
-    H, W = image.shape[:2]
-    record = {"image_size": [H, W], "score_thr": score_thr, "detections": detections}
-    path = out / f"{stem}.json"
-    path.write_text(json.dumps(record, indent=2))
-    return [overlay, path]
+    H, W = image_size
+    return {"image_size": [int(H), int(W)], "score_thr": score_thr, "detections": detections}
+
+
+def frame_overlays(result: SegmentationPrediction | DetectionPrediction, image: np.ndarray,
+                   score_thr: float = 0.3) -> dict[str, np.ndarray]:
+    """Pictures of one video frame's ``result`` at the frame's size (``H × W × 3`` uint8
+    RGB, no legend panel): ``overlay`` (trained classes, or the detections scoring at least
+    ``score_thr``) and, with open classes, ``open_overlay``."""
+    if isinstance(result, DetectionPrediction):
+        picture = render_detections(image, result.boxes, result.labels, result.scores,
+                                    result.class_names, result.masks, score_thr)
+        return {"overlay": np.asarray(picture)}
+    pictures = {"overlay": np.asarray(render_overlay(image, result.labels, result.class_names,
+                                                     legend=False))}
+    if result.open_labels is not None:
+        pictures["open_overlay"] = np.asarray(render_overlay(
+            image, result.open_labels, result.open_class_names, legend=False))
+    return pictures
+
+
+def write_frame_data(result: SegmentationPrediction | DetectionPrediction, out: Path,
+                     name: str, image_size: tuple[int, int],
+                     score_thr: float = 0.3) -> list[Path]:
+    """Write the data of one video frame (``image_size`` [H, W]) in ``out``:
+    ``<name>_labels.png`` (and, with open classes, ``<name>_open_labels.png``) for
+    segmentation, ``<name>.json`` (as :func:`write_detection`'s) for detection; their
+    paths."""
+    out = Path(out)
+    if isinstance(result, DetectionPrediction):
+        path = out / f"{name}.json"
+        path.write_text(json.dumps(detection_record(result, score_thr, image_size), indent=2))
+        return [path]
+    written = [out / f"{name}_labels.png"]
+    _label_png(result.labels, written[0])
+    if result.open_labels is not None:
+        written.append(out / f"{name}_open_labels.png")
+        _label_png(result.open_labels, written[1])
+    return written
