@@ -133,6 +133,7 @@ def run(args: argparse.Namespace) -> int:
     bar.close()
     if videos or source is not None:
         quiet_opencv()
+    video_stems: set[str] = set()  # clip.mp4 and other/clip.mp4: clip, clip_2
     for video in videos:
         try:
             opened = open_video(video, cfg.data.max_image_pixels)
@@ -140,9 +141,9 @@ def run(args: argparse.Namespace) -> int:
             failures.append((str(video), str(e)))
             print(f"failed: {e}", file=sys.stderr)
             continue
-        _video(predictor, opened, out, args, failures)
+        _video(predictor, opened, out, args, failures, video_stems)
     if source is not None:
-        _video(predictor, source, out, args, failures)
+        _video(predictor, source, out, args, failures, video_stems)
     if paths or not (videos or source):
         print(f"{written} image(s) written to {out}" + (f", {len(failures)} failed"
                                                         if failures else ""))
@@ -150,13 +151,18 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _video(predictor, source: VideoSource, out: Path, args: argparse.Namespace,
-           failures: list[tuple[str, str]]) -> None:
+           failures: list[tuple[str, str]], stems: set[str]) -> None:
     """Predict one video or live source with a frames/s progress bar; an unreadable frame
     is one ``failed:`` line with its index, then skipped."""
     total = source.frame_count
     if args.max_frames is not None:
         total = args.max_frames if total is None else min(total, args.max_frames)
-    bar = tqdm(total=total, unit="frame", desc=source.stem, dynamic_ncols=True)
+    stem, n = source.stem, 1
+    while stem in stems:
+        n += 1
+        stem = f"{source.stem}_{n}"
+    stems.add(stem)
+    bar = tqdm(total=total, unit="frame", desc=stem, dynamic_ncols=True)
 
     def skip(index: int, reason: str) -> None:
         failures.append((f"{source.name} frame {index}", reason))
@@ -165,7 +171,7 @@ def _video(predictor, source: VideoSource, out: Path, args: argparse.Namespace,
 
     try:
         with source:
-            summary = predict_video(predictor, source, out, batch_size=args.batch_size,
+            summary = predict_video(predictor, source, out, stem, batch_size=args.batch_size,
                                     save_frames=args.save_frames, max_frames=args.max_frames,
                                     score_thr=args.score_thr,
                                     on_frame=lambda _: bar.update(1), on_skip=skip)

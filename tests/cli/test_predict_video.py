@@ -173,3 +173,18 @@ def test_missing_camera_is_one_clear_line(checkpoint, tmp_path, capfd):
     assert capfd.readouterr().err.splitlines() == [
         f"denseclip predict: error: --source {index}: cannot open camera {index} (no such "
         f"camera, or it is busy or not permitted)"]
+
+
+def test_videos_of_the_same_name_and_images_together(checkpoint, tmp_path, capsys):
+    for folder in ("x", "y"):
+        (tmp_path / folder).mkdir()
+        write_clip(tmp_path / folder / "clip.avi", "MJPG", frames=2)
+    cv2.imwrite(str(tmp_path / "photo.png"), random_image(HEIGHT, WIDTH))
+    out = tmp_path / "out"
+    assert run_cli(PRESET, checkpoint, str(tmp_path / "x" / "clip.avi"),
+                   str(tmp_path / "y" / "clip.avi"), str(tmp_path / "photo.png"),
+                   "--out", str(out)) == 0
+    assert "1 image(s) written" in capsys.readouterr().out
+    assert (out / "photo_overlay.png").exists()
+    for name in ("clip_overlay.mp4", "clip_2_overlay.mp4"):
+        assert len(read_video(out / name)[0]) == 2
