@@ -2,7 +2,8 @@
 writers turn them into overlays, label maps, heatmaps and JSON (``denseclip predict``).
 
 Modules: :mod:`.predictor` (the predictor), :mod:`.open_vocab` (class files of names
-you type), :mod:`.inputs` (images and file lists). What it returns and how results become
+you type), :mod:`.inputs` (images and file lists), :mod:`.video` (video files, cameras and
+streams). What it returns and how results become
 pictures and files belong to the tasks: :mod:`denseclip.tasks.results`,
 :mod:`denseclip.tasks.render`, :mod:`denseclip.tasks.writers` (re-exported here).
 

@@ -89,9 +89,9 @@ def test_batch_equals_single_images(predictor):
     assert [r.labels.shape for r in batch] == [(64, 64), (50, 80), (64, 64)]
     for image, result in zip(images, batch, strict=True):
         single = predictor.predict(image)
-        # Not exact: a batch of 2 and a batch of 1 may take other kernels (summation order);
-        # probabilities differ by <= 4e-8 (AVX-512 and AVX2 kernels), 250x below this bound.
-        np.testing.assert_allclose(result.probs, single.probs, atol=1e-5)
+        # Exact: each image gets predict's own forward calls (exact=False shares them, and
+        # differs by rounding: tests/inference/test_stream.py).
+        np.testing.assert_array_equal(result.probs, single.probs)
 
 
 def test_input_kinds(predictor, tmp_path):
