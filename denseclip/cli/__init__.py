@@ -3,10 +3,10 @@
 :data:`COMMANDS` is the table of commands. Each names its help and the function that fills
 its subparser, both in :mod:`.arguments` (which imports no PyTorch), and its ``run`` function
 as ``"module:function"`` below this package (:mod:`.train` for train/test/quickstart,
-:mod:`.finetune`,
-:mod:`.predict`, :mod:`.export`, :mod:`.demo`, :mod:`.flops` for flops/presets, :mod:`.bench`,
-:mod:`.plot`, :mod:`.download`). :func:`load_run` is the one place that imports a command's
-module, and only for the command that runs: ``denseclip --help``, ``denseclip CMD --help``,
+:mod:`.finetune`, :mod:`.predict`, :mod:`.export`, :mod:`.embed_classes`, :mod:`.demo`,
+:mod:`.flops` for flops/presets, :mod:`.bench`, :mod:`.plot`, :mod:`.download`).
+:func:`load_run` is the one place that imports a command's module, and only for the command
+that runs: ``denseclip --help``, ``denseclip CMD --help``,
 ``presets`` and ``download --list`` start without importing torch or the models (see
 ``benchmarks/startup.py``). ``run`` returns the exit status. Subcommands that take a config
 also accept trailing ``section.key=value`` overrides, anywhere after the config name. Library
@@ -43,6 +43,8 @@ COMMANDS: list[Command] = [
     Command("quickstart", a.QUICKSTART_HELP, a.add_quickstart_arguments, "train:run_quickstart"),
     Command("predict", a.PREDICT_HELP, a.add_predict_arguments, "predict:run"),
     Command("export", a.EXPORT_HELP, a.add_export_arguments, "export:run"),
+    Command("embed-classes", a.EMBED_CLASSES_HELP, a.add_embed_classes_arguments,
+            "embed_classes:run"),
     Command("demo", a.DEMO_HELP, a.add_demo_arguments, "demo:run"),
     Command("flops", a.FLOPS_HELP, a.add_flops_arguments, "flops:run"),
     Command("presets", a.PRESETS_HELP, a.add_presets_arguments, "presets:run"),

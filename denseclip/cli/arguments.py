@@ -33,6 +33,8 @@ QUICKSTART_HELP = "generate synthetic data, train a tiny DenseCLIP on CPU, evalu
 PREDICT_HELP = "segment or detect images: overlays, label maps, heatmaps, JSON"
 EXPORT_HELP = ("export a model: ONNX (segmentation, text features baked in) or a safetensors "
                "directory")
+EMBED_CLASSES_HELP = ("text embeddings of a class list (.npy) for a model exported with "
+                      "--dynamic-classes, and the class names beside them")
 DEMO_HELP = "serve a local web page to try a model on your own images"
 FLOPS_HELP = "count parameters and multiply-adds (GMACs) of a config's model"
 PRESETS_HELP = ("list the bundled config presets: task, backbone, classes, parameters, what "
@@ -255,6 +257,28 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
                                                 "means fp32 for a portable file; bf16 is "
                                                 "refused)")
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    what = parser.add_mutually_exclusive_group()
+    what.add_argument("--dynamic-classes", action="store_true",
+                      help="onnx: take the classes as an input, class_embeddings (K x D) "
+                           "from `denseclip embed-classes`, instead of baking them in; "
+                           "outputs logits and open_scores (post-model prompting only)")
+    what.add_argument("--text-encoder", action="store_true",
+                      help="onnx: export the text encoder alone, learned contexts baked in: "
+                           "tokens (K x L, CLIP BPE ids) -> class_embeddings (K x D)")
+
+
+def add_embed_classes_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``denseclip embed-classes``."""
+    add_model_arguments(parser, "weights (a file, a weights name or 'pretrained'); 'none' "
+                                "for random weights", "embed-classes")
+    group = parser.add_mutually_exclusive_group(required=True)
+    group.add_argument("--classes", metavar="NAMES", help="classes, comma-separated: 'cat,dog'")
+    group.add_argument("--classes-file", metavar="FILE",
+                       help="classes, one 'name' or 'name: text to embed' per line")
+    parser.add_argument("--out", required=True, metavar="FILE.npy",
+                        help="the embeddings (K x D float32, .npy); the class names are "
+                             "written beside it with .txt")
+    add_precision_argument(parser, "fp32", note="; fp32 is what an fp32 ONNX export computes in")
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> None:

@@ -2,10 +2,11 @@
 writers turn them into overlays, label maps, heatmaps and JSON (``denseclip predict``).
 
 Modules: :mod:`.predictor` (the predictor), :mod:`.open_vocab` (class files of names
-you type), :mod:`.inputs` (images and file lists), :mod:`.video` (video files, cameras and
-streams). What it returns and how results become
-pictures and files belong to the tasks: :mod:`denseclip.tasks.results`,
-:mod:`denseclip.tasks.render`, :mod:`denseclip.tasks.writers` (re-exported here).
+you type, and :func:`embed_classes`: their text embeddings for exported models),
+:mod:`.inputs` (images and file lists), :mod:`.video` (video files, cameras and streams).
+What it returns and how results become pictures and files belong to the tasks:
+:mod:`denseclip.tasks.results`, :mod:`denseclip.tasks.render`,
+:mod:`denseclip.tasks.writers` (re-exported here).
 
 Two segmentations, and what to expect from each
 -----------------------------------------------
@@ -43,11 +44,12 @@ from ..tasks.render import render_detections, render_overlay
 from ..tasks.results import DetectionPrediction, PredictionError, Prepared, SegmentationPrediction
 from ..tasks.writers import write_detection, write_segmentation
 from .inputs import IMAGE_SUFFIXES, collect_inputs, to_rgb
-from .open_vocab import OpenVocabulary, read_open_classes
+from .open_vocab import ClassEmbeddings, OpenVocabulary, embed_classes, read_open_classes
 from .predictor import Predictor
 
 __all__ = [
     "IMAGE_SUFFIXES",
+    "ClassEmbeddings",
     "DetectionPrediction",
     "OpenVocabulary",
     "PredictionError",
@@ -55,6 +57,7 @@ __all__ = [
     "Prepared",
     "SegmentationPrediction",
     "collect_inputs",
+    "embed_classes",
     "read_open_classes",
     "render_detections",
     "render_overlay",

@@ -22,6 +22,7 @@ from ..weights.checkpoint import load_checkpoint
 from ..weights.provenance import UntrainedPartsWarning, untrained_message
 from ..weights.resolver import describe
 from .inputs import to_rgb
+from .open_vocab import embed_classes
 
 __all__ = ["Predictor"]
 
@@ -168,6 +169,12 @@ class Predictor:
         if self.open_vocabulary is None:
             raise PredictionError("no open-vocabulary classes are set")
         return self.guidance.embed(self.open_vocabulary.texts)
+
+    def embed_classes(self, classes: Any) -> np.ndarray:
+        """Text embeddings (K, D) float32 of ``classes`` (as ``classes=``), the input
+        ``class_embeddings`` of a ``--dynamic-classes`` ONNX export; see
+        :func:`denseclip.inference.embed_classes`."""
+        return embed_classes(self, classes).embeddings
 
     # -------------------------------------------------------------- preprocessing
     def prepare(self, image: Any) -> Prepared:

@@ -42,8 +42,8 @@ from ..runtime import reference_kernels
 
 EXPORT_PRECISIONS = ("fp32", "fp16")
 
-__all__ = ["ExportError", "SegmentorForExport", "export_onnx", "export_precision",
-           "export_predictor"]
+__all__ = ["ExportError", "SegmentorForExport", "check_exportable", "export_metadata",
+           "export_onnx", "export_precision", "export_predictor", "write_metadata"]
 
 
 class ExportError(ValueError):
@@ -139,12 +139,17 @@ def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | No
     proto = onnx.load(str(path))
     _set_class_dims(proto, [model.num_classes] + ([] if open_text is None
                                                   else [open_text.shape[1]]))
-    for key, value in {**(metadata or {}), "precision": stored}.items():
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = key, json.dumps(value)
+    write_metadata(proto, {**(metadata or {}), "precision": stored})
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
     return path
+
+
+def write_metadata(proto, metadata: dict[str, Any]) -> None:
+    """Store each value JSON-encoded in the ONNX model's ``metadata_props``."""
+    for key, value in metadata.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = key, json.dumps(value)
 
 
 def _set_class_dims(proto, sizes: list[int]) -> None:
@@ -162,21 +167,35 @@ def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17,
                      precision: str = "fp32") -> Path:
     """Export a predictor's model and class lists (trained and open) to ONNX, stored in
     ``precision`` (see :func:`export_precision`)."""
-    if not predictor.task_object.onnx_export:
-        raise ExportError(f"ONNX export supports segmentation presets; {predictor.cfg.name} "
-                          f"is a {predictor.task} model")
-    if predictor.cfg.model.zeroshot:
-        raise ExportError(f"{predictor.cfg.name} is a zero-shot preset: ONNX export supports "
-                          f"the trained segmentors (DenseCLIP and its baselines)")
+    check_exportable(predictor)
     open_text = None
     if predictor.open_class_names:
         guidance = predictor.guidance
         if guidance.prompting != "post":
             raise ExportError("open-vocabulary export needs post-model prompting")
         open_text = predictor.open_text_embeddings()
+    crop = [int(c) for c in predictor.cfg.evaluation.crop_size]
+    return export_onnx(predictor.model, path, open_text, example_size=(crop[0], crop[1]),
+                       opset=opset, metadata=export_metadata(predictor), precision=precision)
+
+
+def check_exportable(predictor: Predictor) -> None:
+    """Raise :class:`ExportError` unless the predictor holds a trained segmentor (the
+    presets ONNX export supports)."""
+    if not predictor.task_object.onnx_export:
+        raise ExportError(f"ONNX export supports segmentation presets; {predictor.cfg.name} "
+                          f"is a {predictor.task} model")
+    if predictor.cfg.model.zeroshot:
+        raise ExportError(f"{predictor.cfg.name} is a zero-shot preset: ONNX export supports "
+                          f"the trained segmentors (DenseCLIP and its baselines)")
+
+
+def export_metadata(predictor: Predictor) -> dict[str, Any]:
+    """What an exported segmentor stores in its ONNX metadata: the config's name, the class
+    lists, the normalisation (0..255 scale) and the test settings a runtime needs to
+    preprocess an image and slide windows over it as :class:`Predictor` does."""
     cfg = predictor.cfg
-    crop = [int(c) for c in cfg.evaluation.crop_size]
-    metadata = {
+    return {
         "config": cfg.name,
         "class_names": predictor.class_names,
         "open_class_names": predictor.open_class_names or [],
@@ -188,5 +207,3 @@ def export_predictor(predictor: Predictor, path: str | Path, opset: int = 17,
                        "stride": list(cfg.evaluation.stride)},
         "align_corners": cfg.model.align_corners,
     }
-    return export_onnx(predictor.model, path, open_text, example_size=(crop[0], crop[1]),
-                       opset=opset, metadata=metadata, precision=precision)
