@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 import torch
@@ -22,9 +22,6 @@ from ..classes import ClassListError, read_classes
 from ..runtime import run_mode
 from ..tasks.base import OpenVocabulary
 from ..tasks.results import PredictionError
-
-if TYPE_CHECKING:
-    from .predictor import Predictor
 
 __all__ = ["ClassEmbeddings", "OpenVocabulary", "embed_classes", "read_open_classes"]
 
@@ -69,9 +66,10 @@ class ClassEmbeddings:
         return path, names
 
 
-def embed_classes(predictor: Predictor, classes: Any) -> ClassEmbeddings:
+def embed_classes(predictor: Any, classes: Any) -> ClassEmbeddings:
     """The text embeddings of ``classes`` (a comma-separated string, a list of names or
-    ``{name: text to embed}``) with ``predictor``'s model: its text encoder behind its
+    ``{name: text to embed}``) with the model of ``predictor`` (a
+    :class:`~denseclip.inference.Predictor`): its text encoder behind its
     learned contexts, in the predictor's precision and kernels — exactly the embeddings
     ``Predictor(..., classes=classes)`` scores images with (before the context decoder
     refines them per image). Raises :class:`PredictionError` for a model without
