@@ -184,6 +184,10 @@ def test_classes_are_not_baked_into_a_dynamic_export(tmp_path, capsys):
     assert main(["export", "tiny_denseclip_res", "none", "--dynamic-classes", "--classes",
                  "a,b", "--out", str(tmp_path / "m.onnx")]) == 2
     assert "embed-classes" in capsys.readouterr().err
+    assert main(["export", "tiny_denseclip_res", "none", "--text-encoder", "--format",
+                 "safetensors", "--out", str(tmp_path / "dir")]) == 2
+    assert "--format onnx" in capsys.readouterr().err
+    assert not (tmp_path / "dir").exists()
 
 
 def test_pre_model_prompting_api_error(tmp_path):
@@ -261,3 +265,17 @@ def test_example_script_cannot_import_torch(tmp_path):
     proc = subprocess.run([sys.executable, "-c", NO_TORCH, str(script)],
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode != 0 and "torch" in proc.stderr
+
+
+def test_fp16_dynamic_export_takes_float32_embeddings(tiny, tmp_path):
+    predictor, _, full = tiny
+    half = session(export_dynamic_classes(predictor, tmp_path / "half.onnx", precision="fp16"))
+    assert [i.type for i in half.get_inputs()] == ["tensor(float16)", "tensor(float)"]
+    embeddings = predictor.embed_classes(LISTS[1])
+    x = torch.randn(1, 3, 64, 96)
+    (got,) = half.run(["open_scores"], {"images": x.half().numpy(),
+                                        "class_embeddings": embeddings})
+    (want,) = session(full).run(["open_scores"], {"images": x.numpy(),
+                                                  "class_embeddings": embeddings})
+    # fp16 keeps ~3 decimal digits: compare relative to the scores' range
+    assert np.abs(got.astype(np.float32) - want).max() <= 1e-2 * float(want.max() - want.min())
