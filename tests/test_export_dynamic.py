@@ -143,6 +143,21 @@ def test_text_encoder_onnx_equals_torch(tiny, tmp_path, capsys):
     assert any(predictor.cfg.model.text.vocab_size in s for s in initializers)
 
 
+def test_text_encoder_onnx_ensembles_the_templates(tmp_path):
+    templates = ["a photo of {}.", "{}", "a sketch of a {}."]
+    predictor = make_predictor(overrides=[f"model.text.templates={templates}"])
+    path = export_text_encoder(predictor, tmp_path / "text.onnx")
+    sess = session(path)
+    meta = {k: json.loads(v) for k, v in sess.get_modelmeta().custom_metadata_map.items()}
+    assert meta["templates"] == templates
+    names = ["cat", "grass", "traffic light"]
+    prompts = [t.format(n) for n in names for t in meta["templates"]]
+    tokens = open_clip.tokenize(prompts, context_length=meta["token_length"]).numpy()
+    (embeddings,) = sess.run(None, {"tokens": tokens})
+    assert embeddings.shape[0] == len(names)  # one ensembled embedding per class
+    assert np.abs(embeddings - predictor.embed_classes(names)).max() <= TOLERANCE
+
+
 def test_embed_classes_cli_writes_embeddings_and_names(tiny, tmp_path, capsys):
     predictor, checkpoint, _ = tiny
     classes = tmp_path / "mine.txt"

@@ -17,7 +17,9 @@ name new classes at run time. ``tokens`` are CLIP BPE ids: the start token 49406
 text's BPE tokens, the end token 49407, zero padding to L (the metadata's
 ``token_length``: ``text.context_length - text.n_ctx``). ``open_clip.tokenize(texts,
 context_length=L)`` produces exactly these for texts that fit (it truncates longer ones,
-which the model refuses).
+which the model refuses). A model with ``model.text.templates`` (the metadata's
+``templates``, T of them) takes the T prompts of each class in a row (``template.format(
+text)`` for each template) and returns one ensembled embedding per class.
 
 Only post-model prompting has image-independent text embeddings: pre-model prompting
 models, models without text guidance and non-segmentation presets raise
@@ -92,16 +94,17 @@ class SegmentorWithClassInput(SegmentorForExport):
 
 
 class TextEncoderForExport(nn.Module):
-    """The text encoder behind the learned contexts: ``forward(tokens)`` (K, L) → (K, D),
-    what :meth:`TextGuidance.embed` computes for those tokens."""
+    """The text encoder behind the learned contexts: ``forward(tokens)`` (K·T, L) → (K, D),
+    what :meth:`TextGuidance.embed` computes for those tokens (T = the number of
+    ``model.text.templates``, 1 without: the prompts of one class consecutive, as
+    :meth:`TextGuidance.prompts` orders them, ensembled in the graph)."""
 
     def __init__(self, guidance: TextGuidance) -> None:
         super().__init__()
-        self.encoder = guidance.text_encoder
-        self.contexts = guidance.contexts
+        self.guidance = guidance
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        return self.encoder(tokens, self.contexts)[0]
+        return self.guidance.encode(tokens, self.guidance.contexts)[0]
 
 
 def _save(onnx, proto, path: Path, metadata: dict[str, Any]) -> Path:
@@ -179,7 +182,7 @@ def export_text_encoder(predictor: Predictor, path: str | Path, opset: int = 17)
     guidance = post_model_guidance(predictor)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tokens = guidance.tokenize(["a", "b c", "d"])  # (3, L); any texts do
+    tokens = guidance.tokenize(["a", "b c", "d"])  # (3·T, L): the prompts; any texts do
     wrapper = TextEncoderForExport(guidance).eval()
     _trace(wrapper, (tokens,), path, ["tokens"], ["class_embeddings"],
            {"tokens": {0: CLASS_AXIS}, "class_embeddings": {0: CLASS_AXIS}}, opset)
@@ -190,5 +193,6 @@ def export_text_encoder(predictor: Predictor, path: str | Path, opset: int = 17)
                 "class_embedding_dim": int(guidance.text_encoder.embed_dim),
                 "tokenizer": "CLIP BPE (open_clip.tokenize(texts, context_length="
                              f"{length}))",
+                "templates": list(guidance.templates),
                 "precision": "fp32"}
     return _save(onnx, proto, path, metadata)
