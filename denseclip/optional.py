@@ -9,6 +9,7 @@ module             used for                         install
 =================  ===============================  ==============================
 ``pycocotools``    COCO masks, data and evaluation  ``pip install 'denseclip[coco]'``
 ``onnx``           ONNX export                      ``pip install 'denseclip[export]'``
+``onnxruntime``    int8 inference                   ``pip install 'denseclip[export]'``
 ``matplotlib``     figures of results               ``pip install 'denseclip[plot]'``
 ``timm``           timm backbones                   ``pip install timm``
 ``mlflow``         ``log.backends: [mlflow]``       ``pip install 'denseclip[mlflow]'``
@@ -25,8 +26,8 @@ from typing import Any
 
 __all__ = ["lazy_exports", "require"]
 
-EXTRAS = {"pycocotools": "coco", "onnx": "export", "matplotlib": "plot", "mlflow": "mlflow",
-          "wandb": "wandb"}
+EXTRAS = {"pycocotools": "coco", "onnx": "export", "onnxruntime": "export", "matplotlib": "plot",
+          "mlflow": "mlflow", "wandb": "wandb"}
 
 
 def require(module: str, purpose: str) -> ModuleType:

@@ -8,6 +8,9 @@ Two independent choices, both in the config:
   extension on Arm), fp16 on older CUDA GPUs, fp32 otherwise. Under autocast the
   convolutions and matrix products run in the low precision; norms, softmax, the losses
   and the pixel-text cosine stay in fp32. Training keeps its own ``amp`` setting.
+  ``int8`` (segmentation on CPUs, opt-in: ``auto`` never picks it, as it changes results
+  by more than rounding) runs a statically quantised copy of the model in ONNX Runtime
+  (:mod:`denseclip.inference.int8`); whatever PyTorch computes around it stays fp32.
 * ``kernels`` (``fast | reference``): ``fast`` runs the convolutional paths in
   ``channels_last`` memory format, attention through ``F.scaled_dot_product_attention``,
   BatchNorm folded into the preceding convolution at inference, and the text encoder's
@@ -35,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-PRECISIONS = ("fp32", "bf16", "fp16", "auto")
+PRECISIONS = ("fp32", "bf16", "fp16", "auto", "int8")
 KERNELS = ("fast", "reference")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -85,12 +88,18 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_precision(precision: str, device: str | torch.device) -> str:
-    """The concrete precision (``fp32``, ``bf16`` or ``fp16``) that ``precision`` means on
-    ``device``; ``auto`` picks the fastest native one. Raises ``ValueError`` for an unknown
-    name or a precision the device cannot run."""
+    """The concrete precision (``fp32``, ``bf16``, ``fp16`` or ``int8``) that ``precision``
+    means on ``device``; ``auto`` picks the fastest native floating-point one (never
+    int8). Raises ``ValueError`` for an unknown name or a precision the device cannot
+    run (int8: CPUs only)."""
     if precision not in PRECISIONS:
         raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     device = torch.device(device)
+    if precision == "int8":
+        if device.type != "cpu":
+            raise ValueError(f"precision=int8 runs on CPUs (ONNX Runtime); on {device} use "
+                             f"fp16, bf16 or fp32")
+        return precision
     if device.type == "cuda":
         bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported(
             including_emulation=False)
@@ -108,10 +117,10 @@ def resolve_precision(precision: str, device: str | torch.device) -> str:
 
 def autocast(precision: str, device: str | torch.device) -> contextlib.AbstractContextManager:
     """Autocast to ``precision`` (already resolved, or ``auto``) on ``device``; a no-op
-    context for fp32."""
+    context for fp32 and int8 (whose quantised model runs outside PyTorch)."""
     device = torch.device(device)
     resolved = resolve_precision(precision, device)
-    if resolved == "fp32":
+    if resolved in ("fp32", "int8"):
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=DTYPES[resolved])
 

@@ -122,6 +122,16 @@ def add_precision_argument(parser: argparse.ArgumentParser, default: str | None 
                              f"natively ({what}){note}")
 
 
+def add_int8_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--calibration DIR`` and ``--calibration-images N`` (for ``--precision int8``)."""
+    parser.add_argument("--calibration", metavar="DIR",
+                        help="--precision int8: calibrate on the images in this folder "
+                             "(default: the config's training split)")
+    parser.add_argument("--calibration-images", type=int, default=32, metavar="N",
+                        help="--precision int8: calibration images, evenly spaced "
+                             "(default 32)")
+
+
 # ---------------------------------------------------------------------- train, test, quickstart
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``denseclip train``."""
@@ -188,6 +198,7 @@ def add_test_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--compare-precision", metavar="PRECISION", choices=PRECISIONS,
                         help="evaluate again in this precision and print how far it moves "
                              "each metric")
+    add_int8_arguments(parser)
     add_max_pixels_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -235,6 +246,7 @@ def add_predict_arguments(parser: argparse.ArgumentParser) -> None:
                         help="also write <stem>_heatmap_<class>.png per open class (or per "
                              "trained class present, without open classes)")
     add_precision_argument(parser)
+    add_int8_arguments(parser)
     parser.add_argument("--score-thr", type=float, default=0.3,
                         help="detection: draw and list detections scoring at least this")
     add_max_pixels_argument(parser)
@@ -255,7 +267,8 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> None:
     add_class_arguments(parser, "also output score maps for these comma-separated classes")
     add_precision_argument(parser, "fp32", note="; the file stores fp32 or fp16 (auto "
                                                 "means fp32 for a portable file; bf16 is "
-                                                "refused)")
+                                                "refused; int8: quantised QDQ graph)")
+    add_int8_arguments(parser)
     parser.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
     what = parser.add_mutually_exclusive_group()
     what.add_argument("--dynamic-classes", action="store_true",

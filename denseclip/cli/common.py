@@ -12,6 +12,7 @@ from typing import Any
 
 from ..config import Config, ConfigError, load_config
 from ..inference import Predictor, read_open_classes
+from ..inference.int8 import DEFAULT_CALIBRATION_IMAGES, Calibration
 from ..weights import resolve
 from ..weights.checkpoint import CheckpointError, ClassMismatchError
 from ..weights.resolver import describe
@@ -86,6 +87,12 @@ def max_pixels_overrides(args: argparse.Namespace) -> list[str]:
     return [] if value is None else [f"data.max_image_pixels={value}"]
 
 
+def calibration_from_args(args: argparse.Namespace) -> Calibration:
+    """The int8 calibration of ``--calibration`` / ``--calibration-images``."""
+    return Calibration(getattr(args, "calibration", None),
+                       getattr(args, "calibration_images", DEFAULT_CALIBRATION_IMAGES))
+
+
 def predictor_from_args(args: argparse.Namespace, cfg: Config, command: str,
                         **kwargs: Any) -> Predictor:
     """A :class:`Predictor` for a command's ``checkpoint`` (see :func:`~denseclip.weights.resolve`;
@@ -99,7 +106,7 @@ def predictor_from_args(args: argparse.Namespace, cfg: Config, command: str,
         warnings.simplefilter("ignore", UserWarning)  # said below, as one line each
         try:
             predictor = Predictor(cfg, checkpoint, precision=getattr(args, "precision", None),
-                                  **kwargs)
+                                  calibration=calibration_from_args(args), **kwargs)
         except ClassMismatchError as e:
             raise CheckpointError(e.for_command(command)) from None
         predictor.set_classes(classes)

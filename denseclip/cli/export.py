@@ -12,12 +12,17 @@ import sys
 from ..config import Config
 from ..inference import PredictionError
 from ..tasks import build_model
-from ..tools.export import ExportError, export_precision, export_predictor
+from ..tools.export import ExportError, export_precision, export_predictor, export_predictor_int8
 from ..tools.export_onnx_dynamic import export_dynamic_classes, export_text_encoder
 from ..weights import resolve
 from ..weights.checkpoint import CheckpointError, load_checkpoint
 from ..weights.pretrained import save_pretrained
-from .common import checkpoint_message, model_config_only, predictor_from_args
+from .common import (
+    calibration_from_args,
+    checkpoint_message,
+    model_config_only,
+    predictor_from_args,
+)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -35,7 +40,14 @@ def run(args: argparse.Namespace) -> int:
             return 2
         return _export_safetensors(args, cfg)
     if args.dynamic_classes or args.text_encoder:
+        if args.precision == "int8":
+            print("denseclip export: error: --precision int8 exports the model with its "
+                  "trained classes; --dynamic-classes and --text-encoder take fp32 or fp16",
+                  file=sys.stderr)
+            return 2
         return _export_vocabulary_input(args, cfg)
+    if args.precision == "int8":
+        return _export_int8(args, cfg)
     try:
         stored = export_precision(args.precision)
         predictor = predictor_from_args(args, cfg, "export", device="cpu")
@@ -93,4 +105,19 @@ def _export_safetensors(args: argparse.Namespace, cfg: Config) -> int:
             return 2
     out = save_pretrained(model, args.out, cfg, metrics=args.metrics)
     print(f"wrote {out}: model.safetensors, config.yaml, classes.txt, README.md")
+    return 0
+
+
+def _export_int8(args: argparse.Namespace, cfg: Config) -> int:
+    """The ONNX file quantised to int8 (calibrated on ``--calibration``)."""
+    try:
+        float_args = argparse.Namespace(**{**vars(args), "precision": "fp32"})
+        predictor = predictor_from_args(float_args, cfg, "export", device="cpu")
+        path = export_predictor_int8(predictor, args.out, calibration_from_args(args),
+                                     args.opset)
+    except (ExportError, PredictionError, CheckpointError, FileNotFoundError) as e:
+        print(f"denseclip export: error: {checkpoint_message(e, 'export')}", file=sys.stderr)
+        return 2
+    outputs = "logits" + (", open_scores" if predictor.open_class_names else "")
+    print(f"wrote {path} (int8): images (B, 3, H, W) -> {outputs}")
     return 0

@@ -18,6 +18,7 @@ from ..weights import resolve
 from ..weights.checkpoint import CheckpointError, ClassMismatchError
 from ..weights.provenance import UntrainedPartsWarning
 from .common import (
+    calibration_from_args,
     load_cli_config,
     max_pixels_overrides,
     model_config_only,
@@ -57,7 +58,8 @@ def run_test(args: argparse.Namespace) -> int:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", UntrainedPartsWarning)
             metrics = test(cfg, checkpoint, aug_test=args.aug_test, out_dir=args.out_dir,
-                           env=env, progress=not args.no_progress, precision=args.precision)
+                           env=env, progress=not args.no_progress, precision=args.precision,
+                           calibration=calibration_from_args(args))
         for warning in caught:  # one line; other warnings as Python shows them
             if issubclass(warning.category, UntrainedPartsWarning):
                 warn_untrained(str(warning.message), "test")
@@ -67,7 +69,8 @@ def run_test(args: argparse.Namespace) -> int:
         other = None
         if args.compare_precision:
             other = test(cfg, checkpoint, aug_test=args.aug_test, env=env,
-                         progress=not args.no_progress, precision=args.compare_precision)
+                         progress=not args.no_progress, precision=args.compare_precision,
+                         calibration=calibration_from_args(args))
     except ClassMismatchError as e:
         raise CheckpointError(e.for_command("test")) from None
     finally:

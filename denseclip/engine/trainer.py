@@ -39,6 +39,7 @@ from torch import nn
 from ..config import Config, ConfigError, config_from_dict, save_config
 from ..data.samplers import build_train_loader
 from ..dist import DistEnv, barrier, init_distributed
+from ..inference.int8 import Calibration, quantize_model
 from ..models.build import fit_text_context
 from ..runtime import prepare_model, run_mode
 from ..tasks import build_model, get_task
@@ -538,13 +539,15 @@ def _save(path: Path, model, optimizer, scheduler, scaler, step: int, cfg: Confi
 
 def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
          out_dir: str | Path | None = None, env: DistEnv | None = None,
-         progress: bool = True, precision: str = "fp32") -> dict[str, Any]:
+         progress: bool = True, precision: str = "fp32",
+         calibration: Calibration | None = None) -> dict[str, Any]:
     """Evaluate ``checkpoint`` (any format :func:`load_checkpoint` accepts) on the
     validation split of ``cfg.data``: mIoU for segmentation, COCO AP for detection.
 
     ``precision`` is the inference precision (``fp32`` by default, so that reproduced
-    numbers are reproducible; ``auto``/``bf16``/``fp16`` as in :mod:`denseclip.runtime`);
-    the result's ``precision`` says which one ran.
+    numbers are reproducible; ``auto``/``bf16``/``fp16`` as in :mod:`denseclip.runtime`;
+    ``int8`` quantises the model, calibrated on ``calibration``, see
+    :mod:`denseclip.inference.int8`); the result's ``precision`` says which one ran.
 
     With ``out_dir``, the evaluation writes its files there (segmentation: label PNGs,
     ``metrics.json``, ``confusion_matrix.npy``; detection: ``bbox.json``/``segm.json``,
@@ -560,6 +563,7 @@ def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
         if untrained:
             warnings.warn(untrained, UntrainedPartsWarning, stacklevel=2)
     prepare_model(model.to(env.device), cfg.kernels).eval()
+    model = _int8_if_asked(model, cfg, precision, env, calibration)
     task = get_task(cfg)
     dataset = task.dataset(cfg.data.val_split, train=False)
     with run_mode(precision, cfg.kernels, env.device) as resolved:
@@ -572,3 +576,14 @@ def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
         if figures:
             _log.info("figures: %s", ", ".join(str(p) for p in figures))
     return metrics
+
+
+def _int8_if_asked(model: nn.Module, cfg: Config, precision: str, env: DistEnv,
+                   calibration: Calibration | None) -> nn.Module:
+    """``model`` quantised to int8 when ``precision`` is ``int8`` (on a CPU), else itself."""
+    if precision != "int8":
+        return model
+    if env.device.type != "cpu":
+        raise ConfigError(f"precision=int8 runs on CPUs; {env.device} was chosen "
+                          f"(pass --device cpu)")
+    return quantize_model(model, cfg, calibration)

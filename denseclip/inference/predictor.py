@@ -22,6 +22,7 @@ from ..weights.checkpoint import load_checkpoint
 from ..weights.provenance import UntrainedPartsWarning, untrained_message
 from ..weights.resolver import describe
 from .inputs import to_rgb
+from .int8 import OPEN_CLASSES_MESSAGE, Calibration, quantize_model
 from .open_vocab import embed_classes
 
 __all__ = ["Predictor"]
@@ -46,7 +47,10 @@ class Predictor:
         precision: ``fp32``, ``bf16``, ``fp16`` or ``auto`` (the fastest precision this
             hardware runs natively, see :mod:`denseclip.runtime`); ``None`` takes the
             config's ``precision`` (``auto`` by default). :attr:`precision` is the resolved
-            choice.
+            choice. ``int8`` (segmentation on the CPU, opt-in) quantises the model with
+            ONNX Runtime (:mod:`denseclip.inference.int8`), calibrated on ``calibration``
+            (a :class:`~denseclip.inference.int8.Calibration`; default: 32 images of the
+            config's training split); it scores the trained classes only.
 
     Segmentation follows the test pipeline: keep-ratio resize to ``data.test_scale``
     (OpenCV bilinear on the uint8 image, as mmcv), normalisation with
@@ -59,7 +63,8 @@ class Predictor:
 
     def __init__(self, config: str | Path | Config, checkpoint: str | Path | None = None,
                  device: str | torch.device = "cpu", classes: Any = None,
-                 batch_size: int = 8, precision: str | None = None) -> None:
+                 batch_size: int = 8, precision: str | None = None,
+                 calibration: Calibration | None = None) -> None:
         described = None if isinstance(config, Config) or checkpoint is not None \
             else describe(config)
         if described is not None:  # a work dir, our checkpoint or a saved model alone
@@ -79,22 +84,23 @@ class Predictor:
                 f"no checkpoint given for {cfg.name}: {what}, so predictions are meaningless",
                 UserWarning, stacklevel=2,
             )
-        self._setup(model, cfg, device, classes, batch_size, precision)
+        self._setup(model, cfg, device, classes, batch_size, precision, calibration)
 
     @classmethod
     def from_model(cls, model: nn.Module, config: str | Path | Config,
                    device: str | torch.device = "cpu", classes: Any = None,
-                   batch_size: int = 8, precision: str | None = None) -> Predictor:
+                   batch_size: int = 8, precision: str | None = None,
+                   calibration: Calibration | None = None) -> Predictor:
         """A predictor around a model you already have (its weights are used as they are;
         with ``kernels: fast`` its convolution weights move to channels_last in place)."""
         cfg = copy.deepcopy(config) if isinstance(config, Config) else load_config(config)
         self = cls.__new__(cls)
         self.load_report = None
-        self._setup(model, cfg, device, classes, batch_size, precision)
+        self._setup(model, cfg, device, classes, batch_size, precision, calibration)
         return self
 
     def _setup(self, model: nn.Module, cfg: Config, device, classes, batch_size: int,
-               precision: str | None) -> None:
+               precision: str | None, calibration: Calibration | None = None) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be positive, got {batch_size}")
         self.cfg = cfg
@@ -107,9 +113,15 @@ class Predictor:
         self.model = prepare_model(model.to(self.device), cfg.kernels).eval()
         self.batch_size = int(batch_size)
         self.class_names: list[str] = self.task_object.model_class_names(model)
+        if self.precision == "int8":
+            self.model = self._int8_model(calibration)
         self.open_vocabulary: OpenVocabulary | None = None
         self._warned: set[str] = set()
         self.set_classes(classes)
+
+    def _int8_model(self, calibration: Calibration | None) -> nn.Module:
+        """The model quantised to int8 (:func:`~denseclip.inference.int8.quantize_model`)."""
+        return quantize_model(self.model, self.cfg, calibration)
 
     # -------------------------------------------------------------- class lists
     @property
@@ -137,6 +149,8 @@ class Predictor:
         The trained class list behind the decode head is never changed."""
         if classes is None:
             self.open_vocabulary = None
+        elif self.precision == "int8":
+            raise PredictionError(OPEN_CLASSES_MESSAGE)
         else:
             self.open_vocabulary = self.task_object.open_vocabulary(self.model, classes)
         message = self.untrained_message()

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import copy
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 from torch import nn
 
 from ..inference import Predictor
+from ..inference.int8 import Calibration, calibration_batches, calibration_paths, quantize_onnx
 from ..models.segmentor import Segmentor
 from ..optional import require
 from ..runtime import reference_kernels
@@ -43,7 +45,8 @@ from ..runtime import reference_kernels
 EXPORT_PRECISIONS = ("fp32", "fp16")
 
 __all__ = ["ExportError", "SegmentorForExport", "check_exportable", "export_metadata",
-           "export_onnx", "export_precision", "export_predictor", "write_metadata"]
+           "export_onnx", "export_precision", "export_predictor", "export_predictor_int8",
+           "write_metadata"]
 
 
 class ExportError(ValueError):
@@ -94,7 +97,7 @@ def export_precision(precision: str) -> str:
     if precision == "bf16":
         raise ExportError("ONNX Runtime implements few operators in bf16: export fp32 (and "
                           "let the runtime reduce precision) or fp16")
-    raise ExportError(f"unknown precision {precision!r}; use fp32 or fp16")
+    raise ExportError(f"unknown precision {precision!r}; use fp32, fp16 or int8")
 
 
 def export_onnx(model: Segmentor, path: str | Path, open_text: torch.Tensor | None = None,
@@ -207,3 +210,19 @@ def export_metadata(predictor: Predictor) -> dict[str, Any]:
                        "stride": list(cfg.evaluation.stride)},
         "align_corners": cfg.model.align_corners,
     }
+
+
+def export_predictor_int8(predictor: Predictor, path: str | Path,
+                          calibration: Calibration | None = None, opset: int = 17) -> Path:
+    """Export a predictor's model (fp32, see :func:`export_predictor`) as an int8 QDQ graph
+    quantised by ONNX Runtime (:func:`denseclip.inference.int8.quantize_onnx`), calibrated
+    on ``calibration`` (default: the config's training split). Same inputs, outputs and
+    metadata as the float file, with ``precision`` "int8"; the outputs stay float32."""
+    calibration = calibration or Calibration()
+    batches = list(calibration_batches(predictor.cfg,
+                                       calibration_paths(predictor.cfg, calibration)))
+    with tempfile.TemporaryDirectory(prefix="denseclip-export-") as tmp:
+        float_graph = export_predictor(predictor, Path(tmp) / "fp32.onnx", opset, "fp32")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return quantize_onnx(float_graph, path, batches, {"precision": json.dumps("int8")})
