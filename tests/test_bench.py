@@ -20,7 +20,7 @@ from denseclip.tools.bench import (
 )
 
 QUICK = ["--size", "64", "64", "--batch", "1", "--repeats", "1", "--warmup", "0",
-         "--pipeline-images", "2"]
+         "--pipeline-images", "2", "--no-int8"]
 MODES = {"fp32", "fp32_fast", "fast"}
 RSS_SLACK = 16 * 2**20  # ru_maxrss may trail /proc/self/statm by a few pages
 

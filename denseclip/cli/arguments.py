@@ -366,6 +366,9 @@ def add_bench_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the sliding-window inference (segmentation)")
     parser.add_argument("--no-pipeline", dest="pipeline", action="store_false",
                         help="skip the data-pipeline throughput")
+    parser.add_argument("--no-int8", dest="int8", action="store_false",
+                        help="skip the int8 mode (segmentation on CPUs: ONNX Runtime, "
+                             "quantised and calibrated first)")
     parser.add_argument("--pipeline-images", type=int, default=16,
                         help="generated images the data pipeline is timed on (default 16)")
     parser.add_argument("--json", action="store_true", help="print one JSON line")

@@ -18,7 +18,8 @@ def run(args: argparse.Namespace) -> int:
     opts = BenchOptions(size=args.size, batch=args.batch, device=args.device,
                         precision=args.precision, repeats=args.repeats, warmup=args.warmup,
                         compile=args.compile, train=args.train, slide=args.slide,
-                        pipeline=args.pipeline, pipeline_images=args.pipeline_images)
+                        pipeline=args.pipeline, pipeline_images=args.pipeline_images,
+                        int8=args.int8)
     check_options(cfg, opts)  # bad sizes, counts or devices fail before the progress bar
     labels = measurement_labels(cfg, opts)
     with tqdm(total=len(labels), desc="bench", unit="step", disable=args.json,
@@ -46,7 +47,8 @@ def _cell(value: float | None, fmt: str) -> str:
 
 def format_table(result: dict[str, Any]) -> str:
     """A human-readable table of a :func:`run_benchmark` result: one row per measurement,
-    one column per mode, and the speed-ups fp32 / fast and fp32 / fp32_fast."""
+    one column per mode, and the speed-ups fp32 / fast, fp32 / fp32_fast (and fp32 / int8
+    with the int8 mode)."""
     modes = list(result["eval_forward_s"])
     rows: list[tuple[str, dict[str, float], str]] = [
         ("eval forward (s/batch)", result["eval_forward_s"], ".4f")]
@@ -55,8 +57,10 @@ def format_table(result: dict[str, Any]) -> str:
     if "slide_s_per_image" in result:
         slide = result["slide_s_per_image"]
         rows.append((f"slide inference (s/image, {slide['windows']} windows)",
-                     {m: slide[m] for m in ("fp32", "fast")}, ".4f"))
+                     {m: slide[m] for m in ("fp32", "fast", "int8") if m in slide}, ".4f"))
     rows.append(("peak memory (GiB)", result["peak_mem_gib"], ".2f"))
+    if result.get("int8_prepare_s") is not None:
+        rows.append(("int8: quantisation (s)", {"int8": result["int8_prepare_s"]}, ".2f"))
     if "compile_s" in result:
         for key, value in result["compile_s"].items():
             rows.append((f"compile: first {key.replace('_', ' ')} (s)", {"compiled": value},
@@ -65,7 +69,8 @@ def format_table(result: dict[str, Any]) -> str:
         rows.append(("data pipeline (images/s, 1 worker)",
                      {modes[0]: result["pipeline_images_per_s_per_worker"]}, ".1f"))
     label_width = max(len(label) for label, _, _ in rows) + 2
-    heads = [*modes, "fast vs fp32", "fp32_fast vs fp32"]
+    compared = ["fast", "fp32_fast"] + (["int8"] if "int8" in modes else [])
+    heads = [*modes, *(f"{m} vs fp32" for m in compared)]
     widths = [max(10, len(h) + 2) for h in heads]
     lines = [
         f"{result['preset']} ({result['task']}): batch {result['batch']} x "
@@ -73,7 +78,8 @@ def format_table(result: dict[str, Any]) -> str:
         f"device: {result['device']}, torch {result['torch']}",
         f"modes: fp32 = fp32 + reference kernels (NCHW); fp32_fast = fp32 + fast kernels "
         f"(channels_last); fast = {result['precision']} + fast kernels"
-        + ("; compiled = fast + torch.compile" if "compiled" in modes else ""),
+        + ("; compiled = fast + torch.compile" if "compiled" in modes else "")
+        + ("; int8 = ONNX Runtime, statically quantised" if "int8" in modes else ""),
         "",
         f"{'measurement':<{label_width}}" + "".join(f"{h:>{w}}" for h, w in
                                                     zip(heads, widths, strict=True)),
@@ -81,11 +87,9 @@ def format_table(result: dict[str, Any]) -> str:
     ]
     for label, values, fmt in rows:
         cells = [_cell(values.get(m), fmt) for m in modes]
-        ratios = ["", ""]
-        if label != "peak memory (GiB)" and "fp32" in values and "fast" in values:
-            ratios[0] = f"{ratio(values['fp32'], values['fast']):.2f}x"
-        if label != "peak memory (GiB)" and "fp32" in values and "fp32_fast" in values:
-            ratios[1] = f"{ratio(values['fp32'], values['fp32_fast']):.2f}x"
+        ratios = [f"{ratio(values['fp32'], values[m]):.2f}x"
+                  if label != "peak memory (GiB)" and values.get("fp32") is not None
+                  and values.get(m) is not None else "" for m in compared]
         lines.append(f"{label:<{label_width}}" + "".join(
             f"{c:>{w}}" for c, w in zip([*cells, *ratios], widths, strict=True)))
     lines.append("-" * (label_width + sum(widths)))
@@ -93,6 +97,8 @@ def format_table(result: dict[str, Any]) -> str:
                  f"{result['warmup']} warm-up call(s) (time.perf_counter)")
     lines.append(f"peak memory: {result['peak_mem_method']}; process max RSS (ru_maxrss) "
                  f"{result['peak_rss_gib']:.2f} GiB")
+    if "int8_note" in result:
+        lines.append(f"int8: {result['int8_note']}")
     if "pipeline_images_per_s_per_worker" in result:
         lines.append(f"data pipeline: the training transforms on generated "
                      f"{result['pipeline_data']} JPEGs, "

@@ -12,7 +12,13 @@ One model object is built once (``torch.manual_seed(0)``) and measured in each *
   and, in fp16, scales the loss with ``torch.amp.GradScaler`` as the trainer does;
 * ``compiled`` (only when asked) — the fast mode through ``torch.compile`` (backend
   ``cfg.compile_backend``); its first call (the compilation) is timed separately from the
-  steady state.
+  steady state;
+* ``int8`` (unless ``int8=False``) — the model quantised to int8 and run by ONNX Runtime
+  (:mod:`denseclip.inference.int8`), calibrated on the measured batch's own images (the
+  weights are random anyway); eval forward and sliding-window test only (int8 is
+  inference only: its training step is ``null``), the quantisation's time as
+  ``int8_prepare_s``. Where it does not apply (detection, a GPU, onnxruntime missing) its
+  figures are ``null`` and ``int8_note`` says why.
 
 :func:`prepare_model` switches the weights' memory format between modes. In each mode the
 model is called as a user calls it: an eval forward under ``torch.no_grad()`` (segmentors
@@ -68,7 +74,9 @@ from torch import nn
 from ..config import Config, ConfigError
 from ..data.generated import ADE20K_IMAGE
 from ..engine.optim import build_optimizer
+from ..inference.int8 import Calibration, quantize_model
 from ..models.seg_inference import slide_windows
+from ..optional import require
 from ..runtime import prepare_model, resolve_precision, run_mode
 from ..tasks import build_model, get_task
 from ..utils import keep_ratio_size
@@ -102,6 +110,7 @@ class BenchOptions:
     slide: bool = True
     pipeline: bool = True
     pipeline_images: int = 16
+    int8: bool = True
 
 
 # ------------------------------------------------------------------ memory
@@ -275,8 +284,13 @@ def measurement_labels(cfg: Config, opts: BenchOptions) -> list[str]:
         labels.append(f"{mode} eval forward")
         if opts.train:
             labels.append(f"{mode} train step")
+    int8 = opts.int8 and int8_applies(cfg)
+    if int8:
+        labels.append("int8 eval forward")
     if opts.slide and get_task(cfg).slide_inference:
         labels += ["fp32 slide inference", "fast slide inference"]
+        if int8:
+            labels.append("int8 slide inference")
     if opts.pipeline:
         labels.append("data pipeline")
     return labels
@@ -368,6 +382,51 @@ def _measure_slide(name: str, model: nn.Module, cfg: Config, precision: str, ker
     return time_calls(infer, opts.warmup, opts.repeats, device)["median"]
 
 
+# ------------------------------------------------------------------ int8
+INT8_TRAIN_NOTE = "int8 is inference only (ONNX Runtime): no training step"
+
+
+def int8_applies(cfg: Config) -> bool:
+    """Whether ``cfg``'s model has an int8 mode (the trained segmentors)."""
+    return get_task(cfg).onnx_export and not cfg.model.zeroshot
+
+
+def _int8_unavailable(cfg: Config, device: torch.device) -> str | None:
+    if not int8_applies(cfg):
+        return f"int8 covers the trained segmentation models, not {cfg.name}"
+    if device.type != "cpu":
+        return f"int8 runs on CPUs, not {device}"
+    try:
+        require("onnxruntime", "int8 inference")
+        require("onnx", "int8 inference")
+    except ImportError as e:
+        return str(e)
+    return None
+
+
+def _measure_int8(model: nn.Module, cfg: Config, images: torch.Tensor, opts: BenchOptions,
+                  device: torch.device, progress: Callable[[str], None]
+                  ) -> tuple[dict[str, Any], nn.Module]:
+    """Quantise ``model`` (calibrated on ``images``, one at a time) and time its eval
+    forward (peak memory: of the forward calls, not of the quantisation); returns the
+    figures and the quantised model (for the sliding window)."""
+    start = time.perf_counter()
+    prepare_model(model, "reference").eval()
+    batches = [images[i : i + 1].float().cpu().numpy() for i in range(len(images))]
+    int8 = quantize_model(model, cfg, Calibration(cache=False), batches=batches)
+    prepare_s = time.perf_counter() - start
+    _release(device)
+    with peak_memory(device) as mem:
+        def forward() -> None:
+            with torch.no_grad():
+                int8(images)
+
+        progress("int8 eval forward")
+        timed = time_calls(forward, opts.warmup, opts.repeats, device)
+        _release(device)
+    return {"eval": timed, "prepare_s": prepare_s, "peak_bytes": mem["bytes"]}, int8
+
+
 # ------------------------------------------------------------------ data pipeline
 def pipeline_speed(cfg: Config, num_images: int = 16, seed: int = 0) -> float:
     """Images per second of ``cfg``'s training data pipeline (decode, augmentations,
@@ -397,6 +456,22 @@ def ratio(a: float, b: float) -> float:
     return a / b if b > 0 else math.inf
 
 
+def _int8_results(result: dict[str, Any], measured: dict[str, Any] | None, note: str,
+                  keys: list[tuple[str, str]]) -> None:
+    """Add the ``int8`` entries (``None`` where not measured) and ``int8_note``."""
+    result["eval_forward_s"]["int8"] = None if measured is None else \
+        measured["eval"]["median"]
+    if "train_step_s" in result:
+        result["train_step_s"]["int8"] = None
+    result["peak_mem_gib"]["int8"] = None if measured is None else \
+        measured["peak_bytes"] / GIB
+    result["int8_prepare_s"] = None if measured is None else measured["prepare_s"]
+    result["int8_note"] = note
+    result["speedup_int8"] = {
+        key: None if result[field]["int8"] is None
+        else ratio(result[field]["fp32"], result[field]["int8"]) for key, field in keys}
+
+
 def run_benchmark(cfg: Config, opts: BenchOptions | None = None,
                   progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """Measure ``cfg``'s model in every mode (module docstring); ``progress`` is called
@@ -409,6 +484,10 @@ def run_benchmark(cfg: Config, opts: BenchOptions | None = None,
     "pipeline_data" (what the generated images imitate), "speedup": {"eval_forward",
     "train_step"} (fp32 / fast), "speedup_fp32_fast": {…} (fp32 / fp32_fast)}``, with
     ``"compile_s": {"eval_forward", "train_step"}`` (the first calls) under ``compile``;
+    under ``int8`` the mode ``int8`` in the per-mode dicts (``None`` where it does not
+    apply, always for the training step), ``slide_s_per_image["int8"]``,
+    ``"speedup_int8": {…}`` (fp32 / int8, ``None`` where not measured),
+    ``"int8_prepare_s"`` (export, calibration and quantisation) and ``"int8_note"``;
     times are seconds per call (per batch, for the model).
     Parts not measured (``train``, ``slide``, ``pipeline`` off, or slide for detectors)
     are left out. Raises :class:`ConfigError` for a bad size, count or device."""
@@ -443,13 +522,25 @@ def run_benchmark(cfg: Config, opts: BenchOptions | None = None,
                                for key, part in (("eval_forward", "eval"),
                                                  ("train_step", "train")) if part in
                                measured["compiled"]}
+    int8_measured = int8_model = None
+    if opts.int8:
+        note = _int8_unavailable(cfg, device)
+        if note is None:
+            int8_measured, int8_model = _measure_int8(model, cfg, inputs[0], opts, device,
+                                                      progress)
+            note = INT8_TRAIN_NOTE
+        _int8_results(result, int8_measured, note, keys)
     if opts.slide and get_task(cfg).slide_inference:
         result["slide_s_per_image"] = {
             name: _measure_slide(name, model, cfg, precision, kernels, opts, device, progress)
             for name, (precision, kernels) in (("fp32", modes["fp32"]),
                                                ("fast", modes["fast"]))}
+        if opts.int8:
+            result["slide_s_per_image"]["int8"] = None if int8_model is None else \
+                _measure_slide("int8", int8_model, cfg, "int8", "reference", opts, device,
+                               progress)
         result["slide_s_per_image"]["windows"] = slide_window_count(cfg)
-    del model, inputs
+    del model, inputs, int8_model
     _release(device)
     if opts.pipeline:
         progress("data pipeline")
