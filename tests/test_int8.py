@@ -233,7 +233,7 @@ def test_cli_bench_int8(capsys):
     table = format_table(r)
     assert "int8 vs fp32" in table and "int8: quantisation (s)" in table
     row = next(line for line in table.splitlines() if line.startswith("eval forward"))
-    fp32, int8, shown = row.split()[4], row.split()[7], row.split()[-1]
+    fp32, int8, shown = row.split()[3], row.split()[6], row.split()[-1]
     assert float(shown.rstrip("x")) == pytest.approx(float(fp32) / float(int8), rel=0.02,
                                                      abs=0.011)
 
