@@ -1,14 +1,14 @@
 """int8 inference on CPUs (``precision: int8``): ONNX Runtime static quantisation.
 
 A segmentor is traced to ONNX (reference kernels, the text features of its trained classes
-baked in as constants, the graph ending at the decode head's stride-4 logits), then
+baked in as constants: the eval forward, images to logits at the input size), then
 quantised statically by ONNX Runtime (``onnxruntime.quantization.quantize_static``):
 BatchNorm folded into the convolutions first (``quant_pre_process``), weights int8 per
 output channel, activations uint8 with ranges calibrated (min/max) on real images, QDQ
 format. ONNX Runtime fuses the QDQ pairs into integer kernels (``QLinearConv``,
 ``QLinearMatMul``...; VNNI/AMX instructions where the CPU has them). The nodes that
-produce the graph's outputs stay float, so the logits are never rounded to 8 bits; the
-final bilinear resize to the input size runs in PyTorch (:class:`Int8Segmentor`).
+produce the graph's outputs (the bilinear resize to the input size) and the nodes that feed
+them (the classifier) stay float, so the logits are never rounded to 8 bits.
 
 Calibration images (:class:`Calibration`) come from a folder, or by default from the
 training split of the config's dataset (``data.train_split``): ``images`` of them, evenly
@@ -41,7 +41,6 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from ..config import Config
@@ -176,7 +175,10 @@ def quantize_onnx(src: str | Path, dst: str | Path, batches: Sequence[np.ndarray
                                                            skip_symbolic_shape=True)
         graph = onnx.load(str(pre)).graph
         outputs = {o.name for o in graph.output}
-        keep_float = [n.name for n in graph.node if outputs & set(n.output)]
+        producers = {out: node for node in graph.node for out in node.output}
+        last = [n for n in graph.node if outputs & set(n.output)]
+        keep_float = sorted({n.name for n in last} | {producers[n.input[0]].name for n in last
+                                                     if n.input and n.input[0] in producers})
         with _quiet():
             quantization.quantize_static(
                 str(pre), str(dst), _Reader(batches),
@@ -195,9 +197,9 @@ def quantize_onnx(src: str | Path, dst: str | Path, batches: Sequence[np.ndarray
     return dst
 
 
-class _Stride4Logits(nn.Module):
-    """A segmentor's decode-head logits at stride 4, its trained classes' text features
-    as constants."""
+class _Logits(nn.Module):
+    """A segmentor's eval forward (logits at the input size), its trained classes' text
+    features as constants."""
 
     def __init__(self, model: Segmentor) -> None:
         super().__init__()
@@ -214,14 +216,14 @@ class _Stride4Logits(nn.Module):
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         dense = self.model.forward_features(images, text=self.text)
-        return self.model.head(self.model.neck(dense.features)).float()
+        return self.model.forward_head(dense.features, images.shape[-2:])
 
 
 def _float_graph(model: Segmentor, path: Path, example_size: Sequence[int]) -> Path:
-    wrapper = _Stride4Logits(model).eval()
+    wrapper = _Logits(model).eval()
     example = torch.zeros(1, 3, *example_size)
     axes = {"images": {0: "batch", 2: "height", 3: "width"},
-            "logits": {0: "batch", 2: "height4", 3: "width4"}}
+            "logits": {0: "batch", 2: "height", 3: "width"}}
     with torch.no_grad(), reference_kernels(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the tracer's notes on Python-level shape checks
         torch.onnx.export(wrapper, (example,), str(path), input_names=["images"],
@@ -318,6 +320,4 @@ class Int8Segmentor(SegInference, nn.Module):
             raise ValueError(f"images must be B x 3 x H x W, got {tuple(images.shape)}")
         array = images.detach().to("cpu", torch.float32).contiguous().numpy()
         (logits,) = self.session.run(["logits"], {"images": array})
-        out = torch.from_numpy(logits).to(images.device)
-        return F.interpolate(out, size=tuple(images.shape[-2:]), mode="bilinear",
-                             align_corners=self.align_corners)
+        return torch.from_numpy(logits).to(images.device)
