@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -162,6 +163,18 @@ def test_missing_calibration_data(trained, tmp_path):
         trained["data"])[0]), "--out", str(tmp_path / "out"), "--precision", "int8",
         f"data.root={tmp_path / 'nowhere'}", f"model.classes={trained['data']}/classes.txt"])
     assert code == 2
+
+
+def test_missing_onnxruntime_is_one_line(trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # as if not installed
+    with pytest.raises(Int8Error, match=r"pip install 'denseclip\[export\]'"):
+        quantize_model(Predictor(trained["cfg"], trained["checkpoint"]).model, trained["cfg"])
+    code = main(["predict", PRESET, str(trained["checkpoint"]), str(val_images(
+        trained["data"])[0]), "--out", str(tmp_path / "out"), "--precision", "int8",
+        *trained["overrides"]])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("denseclip predict: error: onnxruntime is needed for int8")
 
 
 def test_detection_refuses_int8():

@@ -79,6 +79,14 @@ class Calibration:
     cache: bool = True
 
 
+def _require(module: str):
+    """``module`` of the ``export`` extra, or :class:`Int8Error` saying what to install."""
+    try:
+        return require(module, "int8 inference")
+    except ImportError as e:
+        raise Int8Error(str(e)) from None
+
+
 def _evenly(items: Sequence[Any], count: int) -> list[Any]:
     if len(items) <= count:
         return list(items)
@@ -163,8 +171,8 @@ def quantize_onnx(src: str | Path, dst: str | Path, batches: Sequence[np.ndarray
     """Quantise the float ONNX graph ``src`` into ``dst`` (module docstring) with
     ``batches`` as calibration inputs; the metadata of ``src`` is kept, updated by
     ``metadata`` (values already JSON-encoded)."""
-    onnx = require("onnx", "int8 inference")
-    quantization = require("onnxruntime.quantization", "int8 inference")
+    onnx = _require("onnx")
+    quantization = _require("onnxruntime.quantization")
     if not batches:
         raise Int8Error("int8 calibration: no calibration inputs")
     dst = Path(dst)
@@ -243,7 +251,7 @@ def _digest(graph: bytes, batches: Sequence[np.ndarray], version: str) -> str:
 
 
 def _session(graph: bytes):
-    ort = require("onnxruntime", "int8 inference")
+    ort = _require("onnxruntime")
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
     options.inter_op_num_threads = 1
@@ -264,7 +272,7 @@ def quantize_model(model: nn.Module, cfg: Config, calibration: Calibration | Non
         raise Int8Error(f"int8 supports the trained segmentation models; {cfg.name} is a "
                         f"{cfg.model.task} model (use precision fp32, bf16 or fp16)")
     calibration = calibration or Calibration()
-    ort = require("onnxruntime", "int8 inference")
+    ort = _require("onnxruntime")
     if batches is None:
         batches = list(calibration_batches(cfg, calibration_paths(cfg, calibration)))
     was_training = model.training
