@@ -1,7 +1,9 @@
 """The fast kernels in training (:mod:`denseclip.runtime`): the cross-entropy of
 channels-last logits (:class:`denseclip.models.losses.RowCrossEntropy`, whose backward
-works in the buffer of its log-probabilities) against PyTorch's, and whole-model gradients
-of the fast mode against the reference.
+works in the buffer of its log-probabilities, and
+:class:`~denseclip.models.losses.UpsampledRowCrossEntropy`, which also resizes the logits
+in that buffer) against PyTorch's, and whole-model gradients of the fast mode against the
+reference.
 
 Bounds: the loss and its gradient in fp32 are the same function up to summation order
 (measured relative error ~1e-7, bound 1e-5); the fast kernels' gradients of a tiny
@@ -19,7 +21,7 @@ import torch.nn.functional as F
 
 import denseclip
 from denseclip.models import losses
-from denseclip.models.losses import RowCrossEntropy, cross_entropy
+from denseclip.models.losses import RowCrossEntropy, cross_entropy, upsampled_cross_entropy
 from denseclip.runtime import prepare_model, reference_kernels, run_mode
 from tests.test_fast_path import scenes
 
@@ -89,6 +91,38 @@ def test_fast_cross_entropy_rejects_a_class_out_of_range():
         cross_entropy(logits, target, IGNORE)
 
 
+@pytest.mark.parametrize(("average", "align_corners"), [("all", False), ("valid", True)])
+def test_fast_upsampled_cross_entropy_matches_pytorch(average, align_corners):
+    """Resize and loss in one buffer against F.interpolate + F.cross_entropy, on 150
+    classes (several blocks of rows for the in-place log-softmax)."""
+    small, _ = _maps(seed=1, classes=150, size=16)
+    target = _maps(seed=2, classes=150, size=64)[1]
+    grads = {}
+    for reference in (False, True):
+        small.grad = None
+        with reference_kernels(reference):
+            loss = upsampled_cross_entropy(small, target, IGNORE, average, align_corners)
+        loss.backward()
+        grads[reference] = (loss.detach(), small.grad.clone())
+    expected = F.cross_entropy(
+        F.interpolate(small.detach(), size=(64, 64), mode="bilinear",
+                      align_corners=align_corners), target, ignore_index=IGNORE,
+        reduction="none")
+    expected = expected.mean() if average == "all" else expected.sum() / (target != IGNORE).sum()
+    assert torch.equal(grads[True][0], expected)  # the reference is PyTorch's, bit for bit
+    torch.testing.assert_close(grads[False][0], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grads[False][1], grads[True][1], rtol=1e-4, atol=1e-8)
+    assert grads[True][1].abs().max() > 0
+
+
+def test_fast_upsampled_cross_entropy_refuses_a_second_backward():
+    small, _ = _maps(size=8)
+    loss = upsampled_cross_entropy(small, _maps(size=16)[1], IGNORE)
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="retain_graph"):
+        loss.backward()
+
+
 # ------------------------------------------------------------------ whole model
 @pytest.fixture(scope="module")
 def tiny():
@@ -133,10 +167,7 @@ def test_fast_loss_in_bf16_matches_pytorchs(tiny, monkeypatch):
     """The same bf16 model and kernels, with the fast loss and with PyTorch's."""
     fast, fast_losses = _gradients(tiny, "bf16", "fast")
 
-    def native(rows, target, ignore_index):
-        return F.cross_entropy(rows, target, ignore_index=ignore_index, reduction="none")
-
-    monkeypatch.setattr(losses.RowCrossEntropy, "apply", native)
+    monkeypatch.setattr(losses, "_rows_layout", lambda logits: False)  # PyTorch's loss
     plain, plain_losses = _gradients(tiny, "bf16", "fast")
     ref, _ = _gradients(tiny, "fp32", "reference")
     assert not torch.equal(plain, ref)  # bf16 did run

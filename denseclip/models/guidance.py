@@ -16,7 +16,7 @@ from torch import nn
 from ..runtime import fast_kernels, fp32_region
 from ..weights.pretrained import SavePretrained
 from .layers import attention
-from .losses import cross_entropy
+from .losses import upsampled_cross_entropy
 from .text_encoder import CLIPTextEncoder, tokenize
 
 
@@ -344,9 +344,8 @@ class TextGuidance(nn.Module):
         "identity head"), unweighted."""
         # channels_last with the fast kernels, for speed (see Segmentor.forward_head)
         fmt = torch.channels_last if fast_kernels() else torch.contiguous_format
-        logits = F.interpolate((score.float() / self.tau).contiguous(memory_format=fmt),
-                               size=target.shape[-2:], mode="bilinear", align_corners=False)
-        return cross_entropy(logits, target, ignore_index, average)
+        logits = (score.float() / self.tau).contiguous(memory_format=fmt)
+        return upsampled_cross_entropy(logits, target, ignore_index, average)
 
 
 # ------------------------------------------------------------------------------ fusion

@@ -11,7 +11,7 @@ from torch import nn
 from ..runtime import fast_kernels
 from .fpn import FPN, SemanticFPNHead
 from .guidance import DenseFeatures, GuidedModel, TextGuidance
-from .losses import cross_entropy
+from .losses import upsampled_cross_entropy
 from .official import OFFICIAL_SEGMENTATION_RENAMES
 from .registry import with_backbone_renames
 from .seg_inference import SegInference
@@ -108,17 +108,22 @@ class Segmentor(SegInference, GuidedModel, nn.Module):
         return F.interpolate(x, size=tuple(size), mode="bilinear",
                              align_corners=self.align_corners)
 
-    def forward_head(self, features: list[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
-        """FPN and decode head on fused backbone levels → logits (B, K, *size), float32
-        whatever the precision inside. With the fast kernels the eval output is contiguous
-        NCHW (a softmax or argmax over classes is several times slower on channels_last),
-        while in training it is channels_last: the bilinear resize's backward is ~5x faster
-        so, and the loss reads it as rows of classes (:func:`.losses.cross_entropy`)."""
-        logits = self.head(self.neck(features)).float()  # stride 4
+    def head_logits(self, features: list[torch.Tensor]) -> torch.Tensor:
+        """FPN and decode head on fused backbone levels → logits (B, K, h, w) at stride 4,
+        float32 whatever the precision inside. With the fast kernels the eval output is
+        contiguous NCHW (a softmax or argmax over classes is several times slower on
+        channels_last), while in training it is channels_last: the bilinear resize's
+        backward is ~5x faster so, and the loss reads it as rows of classes
+        (:func:`.losses.upsampled_cross_entropy`)."""
+        logits = self.head(self.neck(features)).float()
         if fast_kernels():
             logits = logits.contiguous(memory_format=torch.channels_last if self.training
                                        else torch.contiguous_format)
-        return self.upsample(logits, size)
+        return logits
+
+    def forward_head(self, features: list[torch.Tensor], size: Sequence[int]) -> torch.Tensor:
+        """:meth:`head_logits` resized bilinearly to ``size``: logits (B, K, *size)."""
+        return self.upsample(self.head_logits(features), size)
 
     def forward_scores(self, dense: DenseFeatures, size: Sequence[int], *,
                        text: torch.Tensor | None = None,
@@ -150,8 +155,9 @@ class Segmentor(SegInference, GuidedModel, nn.Module):
         if targets.ndim != 3 or targets.shape[0] != images.shape[0]:
             raise ValueError(f"targets must be (B, H, W) class indices, got {tuple(targets.shape)}")
         targets = targets.long()
-        logits = self.forward_head(dense.features, targets.shape[-2:])
-        losses = {"loss_seg": cross_entropy(logits, targets, self.ignore_index, self.loss_average)}
+        logits = self.head_logits(dense.features)
+        losses = {"loss_seg": upsampled_cross_entropy(logits, targets, self.ignore_index,
+                                                      self.loss_average, self.align_corners)}
         if dense.guided is not None:
             aux = self.guidance.identity_loss(dense.guided.score, targets, self.ignore_index,
                                               self.loss_average)
