@@ -294,3 +294,13 @@ def test_fp16_dynamic_export_takes_float32_embeddings(tiny, tmp_path):
                                                   "class_embeddings": embeddings})
     # fp16 keeps ~3 decimal digits: compare relative to the scores' range
     assert np.abs(got.astype(np.float32) - want).max() <= 1e-2 * float(want.max() - want.min())
+
+
+@pytest.mark.parametrize("flag", ["--dynamic-classes", "--text-encoder"])
+def test_int8_with_the_vocabulary_as_input_is_refused(tiny, tmp_path, capsys, flag):
+    _, checkpoint, _ = tiny
+    out = tmp_path / "m.onnx"
+    assert main(["export", "tiny_denseclip_res", str(checkpoint), flag, "--precision", "int8",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "int8" in err[0] and flag in err[0] and not out.exists()
