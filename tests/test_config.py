@@ -190,7 +190,7 @@ CHOICES = {
     "schedule.policy": ("poly", "step"),
     "evaluation.mode": ("slide", "whole"),
     "amp": ("none", "bf16", "fp16"),
-    "precision": ("fp32", "bf16", "fp16", "auto"),
+    "precision": ("fp32", "bf16", "fp16", "auto", "int8"),
     "kernels": ("fast", "reference"),
     "nonfinite_loss": ("stop", "skip"),
     "log.wandb_mode": ("auto", "online", "offline"),

@@ -65,8 +65,10 @@ STAND_INS = {
 #: a block containing the key must leave these files behind
 WRITES = {
     'render_overlay("photo.jpg"': ["overlay.png"],
-    "denseclip predict denseclip_fpn_res50_512x512_80k": ["out/photo_overlay.png",
-                                                         "out/photo_heatmap_cat.png"],
+    "denseclip_fpn_res50.pth photo.jpg --out out/": ["out/photo_overlay.png",
+                                                     "out/photo_heatmap_cat.png"],
+    "denseclip_fpn_res50.pth clip.mp4 --out out/": ["out/clip_overlay.mp4",
+                                                   "out/clip_frames/000011_labels.png"],
     "denseclip plot work_dirs/quickstart ": ["work_dirs/quickstart/plots/loss.png",
                                              "figures/loss.png"],
 }
