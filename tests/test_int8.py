@@ -258,3 +258,77 @@ def test_cli_bench_int8_null_for_detection(capsys):
     assert r["eval_forward_s"]["int8"] is None and r["train_step_s"]["int8"] is None
     assert r["speedup_int8"] == {"eval_forward": None, "train_step": None}
     assert "segmentation" in r["int8_note"]
+
+
+# ------------------------------------------------------------------ graph rewrites
+def _small_graph(pads=(0, 0, 0, 0)):
+    """Two convolutions sharing one (zero) bias, as ONNX Runtime's constant sharing leaves
+    them, an average pool, a classifier and an upsampling: ``1 x 4 x 16 x 16`` images in,
+    ``logits`` out."""
+    from onnx import TensorProto, helper, numpy_helper
+    rng = np.random.default_rng(0)
+    inits = [numpy_helper.from_array(rng.normal(size=(8, 4, 3, 3)).astype(np.float32), "w1"),
+             numpy_helper.from_array(rng.normal(size=(8, 8, 1, 1)).astype(np.float32), "w2"),
+             numpy_helper.from_array(rng.normal(size=(3, 8, 1, 1)).astype(np.float32), "w3"),
+             numpy_helper.from_array(np.zeros(8, np.float32), "zeros"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales")]
+    nodes = [helper.make_node("Conv", ["images", "w1", "zeros"], ["a"], name="conv1",
+                              pads=[1, 1, 1, 1]),
+             helper.make_node("Relu", ["a"], ["b"], name="relu1"),
+             helper.make_node("Conv", ["b", "w2", "zeros"], ["c"], name="conv2"),
+             helper.make_node("Relu", ["c"], ["d"], name="relu2"),
+             helper.make_node("AveragePool", ["d"], ["e"], name="pool", kernel_shape=[2, 2],
+                              strides=[2, 2], pads=list(pads)),
+             helper.make_node("Conv", ["e", "w3"], ["f"], name="classifier"),
+             helper.make_node("Resize", ["f", "", "scales"], ["logits"], name="upsample",
+                              mode="linear")]
+    graph = helper.make_graph(
+        nodes, "small", [helper.make_tensor_value_info("images", TensorProto.FLOAT,
+                                                       [1, 4, 16, 16])],
+        [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    import onnx
+    return onnx.shape_inference.infer_shapes(model)
+
+
+def _run(model, x):
+    return ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, {"images": x})[0]
+
+
+def test_graph_rewrites_keep_the_function():
+    from denseclip.inference.int8 import _pools_as_convs, _unshare_biases
+    x = np.random.default_rng(1).normal(size=(1, 4, 16, 16)).astype(np.float32)
+    model = _small_graph()
+    before = _run(model, x)
+    assert _unshare_biases(model) and _pools_as_convs(model)
+    convs = [n for n in model.graph.node if n.op_type == "Conv"]
+    assert [n.name for n in convs] == ["conv1", "conv2", "pool", "classifier"]
+    assert len({n.input[2] for n in convs[:2]}) == 2  # a bias each
+    assert not any(n.op_type == "AveragePool" for n in model.graph.node)
+    assert np.allclose(_run(model, x), before, atol=1e-5)
+    assert not _unshare_biases(model) and not _pools_as_convs(model)  # nothing left to do
+    padded = _small_graph(pads=(1, 1, 1, 1))  # not a plain depthwise convolution: left
+    assert not _pools_as_convs(padded)
+    assert any(n.op_type == "AveragePool" for n in padded.graph.node)
+
+
+def test_quantised_small_graph_runs_integer_kernels(tmp_path):
+    import onnx
+
+    from denseclip.inference.int8 import quantize_onnx
+    rng = np.random.default_rng(2)
+    onnx.save(_small_graph(), str(tmp_path / "float.onnx"))
+    batches = [rng.normal(size=(1, 4, 16, 16)).astype(np.float32) for _ in range(4)]
+    quantize_onnx(tmp_path / "float.onnx", tmp_path / "int8.onnx", batches)
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    session = ort.InferenceSession(str(tmp_path / "int8.onnx"), options,
+                                   providers=["CPUExecutionProvider"])
+    x = batches[0]
+    ref = _run(_small_graph(), x)
+    assert np.abs(session.run(None, {"images": x})[0] - ref).max() < 0.1 * np.abs(ref).max()
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    # both convolutions and the pool in int8; the classifier (it feeds the output) in float
+    assert ops.count("QLinearConv") == 3 and "QLinearAveragePool" not in ops
+    assert sum(op == "Conv" for op in ops) == 1
