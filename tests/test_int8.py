@@ -27,14 +27,19 @@ from denseclip.inference.int8 import (
     Calibration,
     Int8Error,
     Int8Segmentor,
+    _pools_as_convs,
+    _unshare_biases,
     calibration_batches,
     calibration_paths,
     quantize_model,
+    quantize_onnx,
 )
 from denseclip.runtime import PRECISIONS, resolve_precision
 from denseclip.tasks import build_model
 
 ort = pytest.importorskip("onnxruntime")  # the export extra, installed with the tests
+onnx = pytest.importorskip("onnx")
+TensorProto, helper, numpy_helper = onnx.TensorProto, onnx.helper, onnx.numpy_helper
 
 PRESET = "tiny_denseclip_res"
 ITERS = 40
@@ -265,7 +270,6 @@ def _small_graph(pads=(0, 0, 0, 0)):
     """Two convolutions sharing one (zero) bias, as ONNX Runtime's constant sharing leaves
     them, an average pool, a classifier and an upsampling: ``1 x 4 x 16 x 16`` images in,
     ``logits`` out."""
-    from onnx import TensorProto, helper, numpy_helper
     rng = np.random.default_rng(0)
     inits = [numpy_helper.from_array(rng.normal(size=(8, 4, 3, 3)).astype(np.float32), "w1"),
              numpy_helper.from_array(rng.normal(size=(8, 8, 1, 1)).astype(np.float32), "w2"),
@@ -287,7 +291,6 @@ def _small_graph(pads=(0, 0, 0, 0)):
                                                        [1, 4, 16, 16])],
         [helper.make_tensor_value_info("logits", TensorProto.FLOAT, None)], inits)
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    import onnx
     return onnx.shape_inference.infer_shapes(model)
 
 
@@ -297,7 +300,6 @@ def _run(model, x):
 
 
 def test_graph_rewrites_keep_the_function():
-    from denseclip.inference.int8 import _pools_as_convs, _unshare_biases
     x = np.random.default_rng(1).normal(size=(1, 4, 16, 16)).astype(np.float32)
     model = _small_graph()
     before = _run(model, x)
@@ -314,9 +316,6 @@ def test_graph_rewrites_keep_the_function():
 
 
 def test_quantised_small_graph_runs_integer_kernels(tmp_path):
-    import onnx
-
-    from denseclip.inference.int8 import quantize_onnx
     rng = np.random.default_rng(2)
     onnx.save(_small_graph(), str(tmp_path / "float.onnx"))
     batches = [rng.normal(size=(1, 4, 16, 16)).astype(np.float32) for _ in range(4)]

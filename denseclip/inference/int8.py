@@ -242,7 +242,8 @@ def _pools_as_convs(model) -> bool:
     """Each unpadded ``AveragePool`` as the depthwise convolution it equals (weights
     ``1 / kernel area``): ONNX Runtime's int8 average pool is several times slower than its
     int8 depthwise convolution. Returns whether the graph changed."""
-    from onnx import helper, numpy_helper
+    onnx = _require("onnx")
+    helper, numpy_helper = onnx.helper, onnx.numpy_helper
     graph = model.graph
     shapes = {v.name: [d.dim_value for d in v.type.tensor_type.shape.dim]
               for v in list(graph.value_info) + list(graph.input)}
