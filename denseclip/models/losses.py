@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -11,6 +13,27 @@ from ..runtime import fast_kernels
 _ONCE = ("the fast cross-entropy's graph was already run backward (retain_graph is not "
          "supported with kernels=fast)")
 
+
+
+def _picked_nll(logp: torch.Tensor, target: torch.Tensor,
+                ignore_index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row negative log-likelihood of ``target`` in ``logp`` (N, K) (0 where ignored),
+    the (N, 1) class index gathered and the valid-row mask."""
+    valid = target != ignore_index
+    index = target.masked_fill(~valid, 0).unsqueeze(1)
+    loss = logp.gather(1, index).squeeze(1).neg_().masked_fill_(~valid, 0.0)
+    return loss, index, valid
+
+
+def _row_gradient(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+    """The cross-entropy's gradient w.r.t. the rows, ``(softmax - onehot) · grad``, written
+    into the saved log-probabilities (so the graph runs backward once)."""
+    if ctx.consumed:
+        raise RuntimeError(_ONCE)
+    ctx.consumed = True
+    logp, index, valid = ctx.saved_tensors
+    g = grad.masked_fill(~valid, 0.0).unsqueeze(1)
+    return logp.exp_().mul_(g).scatter_add_(1, index, -g)
 
 class RowCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy of ``rows`` (N, K) against ``target`` (N,), 0 at
@@ -28,9 +51,7 @@ class RowCrossEntropy(torch.autograd.Function):
     def forward(ctx, rows: torch.Tensor, target: torch.Tensor,  # type: ignore[override]
                 ignore_index: int) -> torch.Tensor:
         logp = torch.log_softmax(rows, dim=1)
-        valid = target != ignore_index
-        index = target.masked_fill(~valid, 0).unsqueeze(1)
-        loss = logp.gather(1, index).squeeze(1).neg_().masked_fill_(~valid, 0.0)
+        loss, index, valid = _picked_nll(logp, target, ignore_index)
         ctx.save_for_backward(logp, index, valid)
         ctx.consumed = False
         return loss
@@ -38,13 +59,7 @@ class RowCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        if ctx.consumed:
-            raise RuntimeError(_ONCE)
-        ctx.consumed = True
-        logp, index, valid = ctx.saved_tensors
-        g = grad.masked_fill(~valid, 0.0).unsqueeze(1)
-        out = logp.exp_().mul_(g)
-        return out.scatter_add_(1, index, -g), None, None
+        return _row_gradient(ctx, grad), None, None
 
 
 class UpsampledRowCrossEntropy(torch.autograd.Function):
@@ -63,9 +78,7 @@ class UpsampledRowCrossEntropy(torch.autograd.Function):
         rows = up.permute(0, 2, 3, 1).reshape(-1, up.shape[1])  # a view: up is channels-last
         logp = torch.log_softmax(rows, dim=1, out=rows)
         del up
-        valid = target != ignore_index
-        index = target.masked_fill(~valid, 0).unsqueeze(1)
-        loss = logp.gather(1, index).squeeze(1).neg_().masked_fill_(~valid, 0.0)
+        loss, index, valid = _picked_nll(logp, target, ignore_index)
         ctx.save_for_backward(logp, index, valid)
         ctx.shapes = (tuple(logits.shape), tuple(size), align_corners)
         ctx.consumed = False
@@ -74,12 +87,7 @@ class UpsampledRowCrossEntropy(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        if ctx.consumed:
-            raise RuntimeError(_ONCE)
-        ctx.consumed = True
-        rows, index, valid = ctx.saved_tensors
-        g = grad.masked_fill(~valid, 0.0).unsqueeze(1)
-        rows.exp_().mul_(g).scatter_add_(1, index, -g)
+        rows = _row_gradient(ctx, grad)
         input_size, size, align_corners = ctx.shapes
         (B, K), (H, W) = input_size[:2], size
         grad_up = rows.view(B, H, W, K).permute(0, 3, 1, 2)  # channels-last (B, K, H, W)
