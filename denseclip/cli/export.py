@@ -46,12 +46,17 @@ def run(args: argparse.Namespace) -> int:
                   file=sys.stderr)
             return 2
         return _export_vocabulary_input(args, cfg)
-    if args.precision == "int8":
-        return _export_int8(args, cfg)
     try:
-        stored = export_precision(args.precision)
-        predictor = predictor_from_args(args, cfg, "export", device="cpu")
-        path = export_predictor(predictor, args.out, args.opset, precision=stored)
+        if args.precision == "int8":  # quantised from the fp32 model, calibrated first
+            stored = "int8"
+            float_args = argparse.Namespace(**{**vars(args), "precision": "fp32"})
+            predictor = predictor_from_args(float_args, cfg, "export", device="cpu")
+            path = export_predictor_int8(predictor, args.out, calibration_from_args(args),
+                                         args.opset)
+        else:
+            stored = export_precision(args.precision)
+            predictor = predictor_from_args(args, cfg, "export", device="cpu")
+            path = export_predictor(predictor, args.out, args.opset, precision=stored)
     except (ExportError, PredictionError, CheckpointError, FileNotFoundError) as e:
         print(f"denseclip export: error: {checkpoint_message(e, 'export')}", file=sys.stderr)
         return 2
@@ -107,17 +112,3 @@ def _export_safetensors(args: argparse.Namespace, cfg: Config) -> int:
     print(f"wrote {out}: model.safetensors, config.yaml, classes.txt, README.md")
     return 0
 
-
-def _export_int8(args: argparse.Namespace, cfg: Config) -> int:
-    """The ONNX file quantised to int8 (calibrated on ``--calibration``)."""
-    try:
-        float_args = argparse.Namespace(**{**vars(args), "precision": "fp32"})
-        predictor = predictor_from_args(float_args, cfg, "export", device="cpu")
-        path = export_predictor_int8(predictor, args.out, calibration_from_args(args),
-                                     args.opset)
-    except (ExportError, PredictionError, CheckpointError, FileNotFoundError) as e:
-        print(f"denseclip export: error: {checkpoint_message(e, 'export')}", file=sys.stderr)
-        return 2
-    outputs = "logits" + (", open_scores" if predictor.open_class_names else "")
-    print(f"wrote {path} (int8): images (B, 3, H, W) -> {outputs}")
-    return 0

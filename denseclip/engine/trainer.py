@@ -41,7 +41,7 @@ from ..data.samplers import build_train_loader
 from ..dist import DistEnv, barrier, init_distributed
 from ..inference.int8 import Calibration, quantize_model
 from ..models.build import fit_text_context
-from ..runtime import prepare_model, run_mode
+from ..runtime import prepare_model, resolve_precision, run_mode
 from ..tasks import build_model, get_task
 from ..utils import unwrap_model
 from ..weights.checkpoint import (
@@ -563,7 +563,8 @@ def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
         if untrained:
             warnings.warn(untrained, UntrainedPartsWarning, stacklevel=2)
     prepare_model(model.to(env.device), cfg.kernels).eval()
-    model = _int8_if_asked(model, cfg, precision, env, calibration)
+    if resolve_precision(precision, env.device) == "int8":  # CPUs only (a clear error)
+        model = quantize_model(model, cfg, calibration)
     task = get_task(cfg)
     dataset = task.dataset(cfg.data.val_split, train=False)
     with run_mode(precision, cfg.kernels, env.device) as resolved:
@@ -577,13 +578,3 @@ def test(cfg: Config, checkpoint: str | Path, aug_test: bool = False,
             _log.info("figures: %s", ", ".join(str(p) for p in figures))
     return metrics
 
-
-def _int8_if_asked(model: nn.Module, cfg: Config, precision: str, env: DistEnv,
-                   calibration: Calibration | None) -> nn.Module:
-    """``model`` quantised to int8 when ``precision`` is ``int8`` (on a CPU), else itself."""
-    if precision != "int8":
-        return model
-    if env.device.type != "cpu":
-        raise ConfigError(f"precision=int8 runs on CPUs; {env.device} was chosen "
-                          f"(pass --device cpu)")
-    return quantize_model(model, cfg, calibration)
